@@ -1,0 +1,332 @@
+"""The in-process API: `open_runtime()` → `Runtime.chat()` / `Runtime.complete()`.
+
+The HTTP server uses exactly this path. Example::
+
+    async with open_runtime(model="path/to/mlx-model") as rt:
+        async for event in rt.chat([{"role": "user", "content": "hi"}], max_tokens=32):
+            ...
+
+Who owns what: the supervisor owns the executor actor and its inbox; the `Dispatcher` owns
+the table request id → session channel and is the only reader of the executor's event
+channel; each `Session` owns its text state. Sessions talk to the executor only with
+messages (`Submit`, `Abort`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from omlx_actors.config import RuntimeConfig
+from omlx_actors.engine import executor
+from omlx_actors.engine.core import EngineSettings
+from omlx_actors.engine.messages import (
+    Abort,
+    EngineEvent,
+    EngineInfo,
+    EngineStats,
+    EngineStatsQuery,
+    Finished,
+    FinishReason,
+    InjectFault,
+    Ping,
+    Pong,
+    SamplingParams,
+    Submit,
+)
+from omlx_actors.errors import DuplicateRequestId, EngineUnavailable, ModelNotFound, QueueFull
+from omlx_actors.runtime import (
+    ActorError,
+    Address,
+    InboxFull,
+    Overflow,
+    RestartPolicy,
+    ShutdownMode,
+    open_inbox,
+    open_supervisor,
+)
+from omlx_actors.session import GenerationRequest, Session, coerce_stop
+
+log = logging.getLogger(__name__)
+
+# Finished events the dispatcher remembers for inspection (tests, debugging); older ones
+# are forgotten.
+RECENT_FINISHED = 1024
+
+# The executor's inbox. Its handler never awaits, so it is only full if the trio loop is
+# starved; a Submit then waits (WAIT) up to `submit_timeout_s`, an Abort falls back to a
+# background cast (see Runtime.abort_nowait). 1024 covers a burst of that many requests.
+EXECUTOR_INBOX_CAPACITY = 1024
+
+
+class Dispatcher:
+    """Routes engine events to sessions by request id. Never blocks on a session: each
+    session's channel is sized to hold its whole request (see `Session._channel_capacity`).
+
+    Register/unregister are plain methods: they run on the trio thread between awaits, so
+    the table has one owner at a time without any lock.
+    """
+
+    def __init__(self) -> None:
+        self._routes: dict[str, trio.MemorySendChannel[EngineEvent]] = {}
+        self.undeliverable = 0  # events for requests nobody listens to any more
+        self.recent_finished: deque[Finished] = deque(maxlen=RECENT_FINISHED)
+
+    def register(self, request_id: str, capacity: int) -> trio.MemoryReceiveChannel:
+        if request_id in self._routes:
+            raise DuplicateRequestId(f"request id {request_id!r} is already in use", param="request_id")
+        send, receive = trio.open_memory_channel[EngineEvent](capacity)
+        self._routes[request_id] = send
+        return receive
+
+    def unregister(self, request_id: str) -> None:
+        send = self._routes.pop(request_id, None)
+        if send is not None:
+            send.close()
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    async def run(self, events: trio.MemoryReceiveChannel[EngineEvent]) -> None:
+        """Serve until the executor's event channel closes; then fail whoever is left."""
+        try:
+            async for event in events:
+                if isinstance(event, Finished):
+                    self.recent_finished.append(event)
+                send = self._routes.get(event.request_id)
+                if send is None:
+                    self.undeliverable += 1
+                    continue
+                try:
+                    send.send_nowait(event)
+                except trio.WouldBlock:  # a sizing bug: say so, and end that request
+                    log.error("session channel of %s is full; failing it", event.request_id)
+                    self.unregister(event.request_id)
+                except trio.BrokenResourceError:
+                    self.unregister(event.request_id)
+                if isinstance(event, Finished):
+                    self.unregister(event.request_id)
+        finally:
+            for request_id in list(self._routes):
+                self.fail(request_id, "EngineStopped", "the engine stopped")
+
+    def fail(self, request_id: str, error_type: str, error: str) -> None:
+        send = self._routes.get(request_id)
+        if send is not None:
+            try:
+                send.send_nowait(
+                    Finished(
+                        request_id=request_id,
+                        reason=FinishReason.ERROR,
+                        prompt_tokens=0,
+                        completion_tokens=0,
+                        error=error,
+                        error_type=error_type,
+                    )
+                )
+            except (trio.WouldBlock, trio.BrokenResourceError):
+                pass
+            self.unregister(request_id)
+
+
+@attrs.define
+class Runtime:
+    """A running engine and its front. Get one from `open_runtime`."""
+
+    config: RuntimeConfig
+    info: EngineInfo
+    tokenizer: Any
+    model_path: Path
+    is_demo: bool
+    dispatcher: Dispatcher
+    _executor: Address
+    _nursery: trio.Nursery
+    accepting: bool = True
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        max_tokens: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        sampling: SamplingParams | None = None,
+        ignore_eos: bool = False,
+        request_id: str | None = None,
+        **sampling_kwargs: Any,
+    ) -> Session:
+        """A session for a chat. Sampling settings come as `sampling=` or as keyword
+        arguments of `SamplingParams` (temperature=, top_p=, seed=, logprobs=, ...)."""
+        return Session(
+            self,
+            GenerationRequest(
+                messages=tuple(dict(m) for m in messages),
+                tools=tuple(tools) if tools else None,
+                max_tokens=max_tokens,
+                stop=coerce_stop(stop),
+                sampling=sampling or SamplingParams(**sampling_kwargs),
+                ignore_eos=ignore_eos,
+                request_id=request_id,
+            ),
+        )
+
+    def complete(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        sampling: SamplingParams | None = None,
+        ignore_eos: bool = False,
+        request_id: str | None = None,
+        **sampling_kwargs: Any,
+    ) -> Session:
+        """A session for a raw prompt (text, or token ids)."""
+        return Session(
+            self,
+            GenerationRequest(
+                prompt=prompt if isinstance(prompt, str) else tuple(prompt),
+                max_tokens=max_tokens,
+                stop=coerce_stop(stop),
+                sampling=sampling or SamplingParams(**sampling_kwargs),
+                ignore_eos=ignore_eos,
+                request_id=request_id,
+            ),
+        )
+
+    # -- what sessions use ---------------------------------------------------------------------
+
+    @property
+    def max_context(self) -> int:
+        return self.info.max_context or self.config.fallback_context_length
+
+    @property
+    def pending_requests(self) -> int:
+        return len(self.dispatcher)
+
+    @property
+    def admission_limit(self) -> int:
+        return self.config.max_batch_size + self.config.max_waiting_requests
+
+    async def submit(self, submit: Submit) -> None:
+        if not self.accepting:
+            raise EngineUnavailable("the server is shutting down")
+        try:
+            await self._executor.call(submit, timeout=self.config.submit_timeout_s)
+        except executor.DuplicateRequest as exc:
+            raise DuplicateRequestId(str(exc), param="request_id") from exc
+        except InboxFull as exc:
+            raise QueueFull("the engine's inbox is full; retry shortly") from exc
+        except ActorError as exc:
+            raise EngineUnavailable(f"the engine is unavailable: {exc}") from exc
+
+    def abort_nowait(self, request_id: str) -> None:
+        """Abort without waiting (safe in a cancelled scope). If the inbox is momentarily
+        full, a background task delivers the abort instead: it is never dropped."""
+        if not self._executor.cast_nowait(Abort(request_id=request_id)):
+            self._nursery.start_soon(self._executor.cast, Abort(request_id=request_id))
+
+    # -- engine introspection --------------------------------------------------------------
+
+    async def ping(self, timeout: float = 1.0) -> Pong:
+        return await self._executor.call(Ping(), timeout=timeout)
+
+    async def stats(self, timeout: float = 1.0) -> EngineStats:
+        return await self._executor.call(EngineStatsQuery(), timeout=timeout)
+
+    async def inject_fault(self, error: str = "injected out-of-memory") -> None:
+        """Make the next engine step fail as an out-of-memory would (tests, scenarios)."""
+        await self._executor.call(InjectFault(error=error), timeout=5.0)
+
+
+def resolve_model(config: RuntimeConfig) -> tuple[Path, bool]:
+    """The model directory to load, and whether it is the random-weight demo.
+
+    A local directory is used as is; anything else goes through mlx-lm's hub resolution
+    (which works offline for already-downloaded repos). None builds/uses the demo model.
+    """
+    from omlx_actors.models import ensure_demo_model, is_demo_model
+
+    if config.model is None:
+        path = ensure_demo_model(config.demo_model, cache_dir=config.model_cache_dir)
+        return Path(path), True
+    local = Path(config.model).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise ModelNotFound(f"{local} has no config.json: not an mlx-lm model directory")
+        return local, is_demo_model(local)
+    try:
+        import omlx_actors.backend  # noqa: F401 - BLAS before mlx_lm imports mlx
+        from mlx_lm.utils import _download
+
+        return Path(_download(config.model)), False
+    except Exception as exc:  # noqa: BLE001 - any resolution failure means "not found"
+        raise ModelNotFound(f"model {config.model!r} not found locally or on the hub: {exc}") from exc
+
+
+@asynccontextmanager
+async def open_runtime(
+    model: str | Path | None = None, *, config: RuntimeConfig | None = None, **overrides: Any
+) -> AsyncIterator[Runtime]:
+    """Start the engine (model loaded on its MLX thread) and yield a ready `Runtime`.
+
+    On exit: with `shutdown_mode="drain"` running requests finish first (bounded by
+    `drain_timeout_s`, then aborted); with "abort" they end at once with `abort`/`error`.
+    """
+    if config is None:
+        config = RuntimeConfig(model=None if model is None else str(model), **overrides)
+    elif model is not None or overrides:
+        config = attrs.evolve(config, **({"model": str(model)} if model is not None else {}), **overrides)
+    path, is_demo = await trio.to_thread.run_sync(resolve_model, config)
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = await trio.to_thread.run_sync(load_tokenizer, path)
+    settings = EngineSettings(
+        model_path=str(path),
+        completion_batch_size=config.max_batch_size,
+        prefill_batch_size=config.prefill_batch_size,
+        prefill_step_size=config.prefill_step_size,
+    )
+    events_send, events_recv = trio.open_memory_channel[EngineEvent](executor.ENGINE_EVENT_BACKLOG)
+    address, inbox = open_inbox("executor", EXECUTOR_INBOX_CAPACITY, Overflow.WAIT)
+    dispatcher = Dispatcher()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dispatcher.run, events_recv)
+        async with open_supervisor("engine", cleanup_timeout=config.drain_timeout_s) as sup:
+            # No restarts: a crashed executor has lost its batch, and its sessions are failed
+            # by its own cleanup; restarting with in-flight resume is the isolation issue's.
+            info = await sup.start(
+                "executor",
+                executor.run,
+                inbox,
+                settings,
+                events_send,
+                policy=RestartPolicy(max_restarts=0, within=1.0),
+            )
+            runtime = Runtime(
+                config=config,
+                info=info,
+                tokenizer=tokenizer,
+                model_path=path,
+                is_demo=is_demo,
+                dispatcher=dispatcher,
+                executor=address,
+                nursery=nursery,
+            )
+            try:
+                yield runtime
+            finally:
+                runtime.accepting = False
+                mode = ShutdownMode.DRAIN if config.shutdown_mode == "drain" else ShutdownMode.ABORT
+                with trio.CancelScope(shield=True):
+                    await sup.shutdown(mode)
+        events_send.close()

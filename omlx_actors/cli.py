@@ -1,0 +1,87 @@
+"""`omlx-actors`: serve, bench, build-demo.
+
+Flags become one `RuntimeConfig`; nothing below reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from omlx_actors.config import RuntimeConfig
+
+
+def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="mlx-lm model directory or Hugging Face repo id "
+                        "(default: the built-in random-weight demo model)")
+    p.add_argument("--demo-model", default="demo-150m",
+                   help="which demo model to build/serve when --model is not given "
+                        "(demo-150m, tiny-llama, tiny-hybrid)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together")
+    p.add_argument("--prefill-batch-size", type=int, default=8, help="prompts prefilled together")
+    p.add_argument("--prefill-step-size", type=int, default=512, help="tokens per prefill chunk")
+    p.add_argument("--max-waiting", type=int, default=256,
+                   help="requests that may wait beyond the batch before 429")
+    p.add_argument("--default-max-tokens", type=int, default=512)
+
+
+def runtime_config(args: argparse.Namespace, **extra) -> RuntimeConfig:
+    try:
+        return RuntimeConfig(
+            model=args.model,
+            demo_model=args.demo_model,
+            max_batch_size=args.max_batch_size,
+            prefill_batch_size=args.prefill_batch_size,
+            prefill_step_size=args.prefill_step_size,
+            max_waiting_requests=args.max_waiting,
+            default_max_tokens=args.default_max_tokens,
+            **extra,
+        )
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"omlx-actors: invalid setting: {exc}") from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="omlx-actors", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the OpenAI/Anthropic-compatible HTTP server")
+    _add_runtime_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+
+    bench = sub.add_parser("bench", help="throughput/TTFT: this runtime vs a bare BatchGenerator loop")
+    _add_runtime_flags(bench)
+    bench.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--max-tokens", type=int, default=64)
+    bench.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+    build = sub.add_parser("build-demo", help="build a random-weight demo model directory")
+    build.add_argument("name", help="demo-150m, tiny-llama or tiny-hybrid")
+    build.add_argument("dest", type=Path)
+    build.add_argument("--overwrite", action="store_true")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from omlx_actors.server import serve_main
+
+        return serve_main(runtime_config(args), host=args.host, port=args.port)
+    if args.command == "bench":
+        from omlx_actors.bench import bench_main
+
+        return bench_main(args, runtime_config(args))
+    if args.command == "build-demo":
+        from omlx_actors.models import build_demo_model
+
+        path = build_demo_model(args.name, args.dest, overwrite=args.overwrite)
+        print(f"built random-weight demo model {args.name} at {path}")
+        return 0
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The runtime's configuration: one typed object, built once and passed down.
+
+No module reads the environment itself; the CLI builds a `RuntimeConfig` from flags.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+
+def _positive(instance, attribute, value) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class RuntimeConfig:
+    """Settings of one runtime (engine + front).
+
+    `model`: a local mlx-lm model directory or a Hugging Face repo id; None serves the
+    built-in random-weight demo model (`demo_model`), built once into the user cache.
+    """
+
+    model: str | None = None
+    demo_model: str = "demo-150m"
+    model_cache_dir: Path | None = None
+    # Rows decoded together; mlx-lm's BatchGenerator `completion_batch_size`.
+    max_batch_size: int = attrs.field(default=32, validator=_positive)
+    # Prompts prefilled together, and the tokens per prefill chunk.
+    prefill_batch_size: int = attrs.field(default=8, validator=_positive)
+    prefill_step_size: int = attrs.field(default=512, validator=_positive)
+    # Requests admitted beyond the batch wait in the engine; past this many waiting the
+    # front answers 429 with Retry-After instead of queueing without bound.
+    max_waiting_requests: int = attrs.field(default=256, validator=_positive)
+    default_max_tokens: int = attrs.field(default=512, validator=_positive)
+    # Upper bound for any request's prompt + max_tokens when the model config names none.
+    fallback_context_length: int = attrs.field(default=32768, validator=_positive)
+    # How long a caller waits for the executor to accept a submission.
+    submit_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    # Shutdown: "drain" lets running requests finish, "abort" ends them at once.
+    shutdown_mode: str = attrs.field(
+        default="drain", validator=attrs.validators.in_(("drain", "abort"))
+    )
+    drain_timeout_s: float = attrs.field(default=30.0, validator=_positive)

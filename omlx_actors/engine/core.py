@@ -1,0 +1,497 @@
+"""The engine core: the only code that runs MLX. It lives on one `MlxWorker` thread.
+
+It owns the model, the generation stream and an `mlx_lm` `BatchGenerator`, and loops:
+apply queued commands (admit, abort, stop) → run one `BatchGenerator.next()` step → hand a
+`StepOutput` of plain data back to the trio side → clear the buffer cache when the deferred
+window allows. The trio side (`executor.py`) never calls into this object; they exchange
+`CoreCommand`s through a `queue.SimpleQueue` and `CoreOutput`s through a bounded
+`queue.Queue`, with a doorbell (`notify`) that wakes the trio loop without blocking.
+
+Every method here asserts it runs on the MLX thread (`assert_on_mlx_thread`).
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Union
+
+import attrs
+
+from omlx_actors.backend import load_mlx
+from omlx_actors.engine.lifetime import ClearSchedule, RetiredRefs
+from omlx_actors.engine.messages import (
+    EngineInfo,
+    FinishReason,
+    SamplingParams,
+    Submit,
+    TokenChoice,
+    TokenLogprob,
+)
+from omlx_actors.engine.mlx_thread import assert_on_mlx_thread
+
+mx = load_mlx()
+
+# ---------------------------------------------------------------------------------------
+# Commands into the core (trio side → MLX thread). Internal to the engine: they carry the
+# executor's `slot` numbers, not request ids, so a reused request id can never be confused
+# with an aborted request of the same id whose removal is still in flight.
+
+
+@attrs.frozen
+class CoreSubmit:
+    slot: int
+    submit: Submit
+    received_at: float  # time.monotonic() when the executor received it
+
+
+@attrs.frozen
+class CoreAbort:
+    slot: int
+
+
+@attrs.frozen
+class CoreStop:
+    """Finish: abort every live request (each reported as finished with ABORT), release the
+    model, synchronize, clear the buffer cache, report `CoreStopped`."""
+
+
+@attrs.frozen
+class CoreFault:
+    """Test/fault-injection hook: make the next step raise `error` (an out-of-memory, say)."""
+
+    error: str
+
+
+CoreCommand = Union[CoreSubmit, CoreAbort, CoreStop, CoreFault]
+
+# ---------------------------------------------------------------------------------------
+# Outputs of the core (MLX thread → trio side), all plain data.
+
+
+@attrs.frozen
+class CoreReady:
+    info: EngineInfo
+
+
+@attrs.frozen
+class CoreLoadFailed:
+    error_type: str
+    error: str
+
+
+@attrs.frozen
+class SlotFinished:
+    slot: int
+    step: int  # the engine step at which it left the batch
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    error_type: str | None = None
+    error: str | None = None
+
+
+@attrs.frozen
+class StepOutput:
+    step: int
+    admitted: tuple[tuple[int, float], ...]  # (slot, seconds queued)
+    progress: tuple[tuple[int, int, int], ...]  # (slot, done, total) prefill chunks
+    tokens: tuple[tuple[int, TokenChoice], ...]  # (slot, token) in batch order
+    finished: tuple[SlotFinished, ...]
+    running: int
+    waiting: int
+    active_memory: int
+    cache_memory: int
+    peak_memory: int
+    buffer_cache_clears: int
+    prompt_tokens_processed: int
+    generation_tokens: int
+
+
+@attrs.frozen
+class CoreStopped:
+    pass
+
+
+CoreOutput = Union[CoreReady, CoreLoadFailed, StepOutput, CoreStopped]
+
+# ---------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class EngineSettings:
+    """What the core needs to build its batch. Plain data, so it can cross a process."""
+
+    model_path: str
+    completion_batch_size: int = 32
+    prefill_batch_size: int = 8
+    prefill_step_size: int = 512
+    clear_delay_steps: int = 2
+
+
+@attrs.define
+class _Live:
+    """MLX-thread bookkeeping of one admitted request."""
+
+    slot: int
+    uid: int
+    prompt_tokens: int
+    sampling: SamplingParams
+    completion_tokens: int = 0
+    prefill_started: bool = False
+
+
+def _make_seeded_sampler(p: SamplingParams) -> Callable[[Any], Any]:
+    """A sampler with its own PRNG key chain, so a seeded request draws the same tokens
+    whatever its batch mates are (mlx-lm's samplers draw from MLX's global state)."""
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+    key = mx.random.key(p.seed)
+    state = {"key": key}
+
+    def sampler(logprobs):
+        if 0 < p.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, p.top_p)
+        if p.min_p:
+            logprobs = apply_min_p(logprobs, p.min_p)
+        if p.top_k > 0:
+            logprobs = apply_top_k(logprobs, p.top_k)
+        state["key"], sub = mx.random.split(state["key"])
+        return mx.random.categorical(logprobs * (1 / p.temperature), key=sub)
+
+    return sampler
+
+
+class EngineCore:
+    """Runs on the MLX thread from `run()` to its return. Not thread-safe by design: only
+    its own thread touches it; the trio side talks to it through `commands` / `outputs`."""
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        commands: queue.SimpleQueue[CoreCommand],
+        outputs: queue.Queue[CoreOutput],
+        notify: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self._commands = commands
+        self._outputs = outputs
+        self._notify = notify
+        self._live: dict[int, _Live] = {}  # slot -> live request
+        self._slot_of_uid: dict[int, int] = {}
+        self._step = 0
+        self._clear = ClearSchedule(delay=settings.clear_delay_steps)
+        self._retired = RetiredRefs()
+        self._buffer_cache_clears = 0
+        self._prompt_tokens_processed = 0
+        self._generation_tokens = 0
+        self._stopping = False
+        self._pending_fault: str | None = None
+        self._samplers: dict[SamplingParams, Callable[[Any], Any]] = {}
+        self._stop_sequences: dict[tuple[int, ...], Any] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """The whole life of the engine on this thread. Never raises: failures are outputs."""
+        assert_on_mlx_thread("EngineCore.run")
+        try:
+            info = self._load()
+        except Exception as exc:  # noqa: BLE001 - reported to the trio side as a value
+            self._emit(CoreLoadFailed(type(exc).__name__, str(exc)))
+            return
+        self._emit(CoreReady(info))
+        try:
+            while not self._stopping:
+                self._apply_commands(block=not self._live)
+                if self._stopping:
+                    break
+                if self._live:
+                    self._run_step()
+                elif self._clear.clear_at is not None:
+                    # Idle: no step will run to reach the deadline; after a synchronize
+                    # nothing can still be reading the buffers.
+                    self._clear_buffer_cache()
+        finally:
+            self._teardown()
+            self._emit(CoreStopped())
+
+    def _load(self) -> EngineInfo:
+        from mlx_lm.generate import BatchGenerator
+        from mlx_lm.utils import load_model
+
+        # A stream of this thread's own: mlx-lm's module-level `generation_stream` belongs to
+        # whichever thread imported mlx_lm first.
+        self._stream = mx.new_stream(mx.default_device())
+        path = Path(self.settings.model_path)
+        with mx.stream(self._stream):
+            self._model, config = load_model(path)
+        text_config = config.get("text_config", config)
+        eos = config.get("eos_token_id", [])
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        self._eos_ids = eos_ids
+        self._gen = BatchGenerator(
+            self._model,
+            stream=self._stream,
+            completion_batch_size=self.settings.completion_batch_size,
+            prefill_batch_size=self.settings.prefill_batch_size,
+            prefill_step_size=self.settings.prefill_step_size,
+        )
+        return EngineInfo(
+            model_path=str(path),
+            model_type=str(config.get("model_type", "unknown")),
+            vocab_size=int(text_config.get("vocab_size", 0)),
+            max_context=text_config.get("max_position_embeddings"),
+            eos_token_ids=eos_ids,
+            device="gpu" if mx.default_device() == mx.gpu else "cpu",
+        )
+
+    def _teardown(self) -> None:
+        assert_on_mlx_thread("EngineCore._teardown")
+        gen = getattr(self, "_gen", None)
+        uids = self._live_uids()
+        finished = tuple(self._finish(live, FinishReason.ABORT) for live in list(self._live.values()))
+        if gen is not None and uids:
+            gen.remove(uids)
+        if finished:
+            self._emit(self._step_output((), (), (), finished))
+        self._gen = None
+        self._model = None
+        self._samplers.clear()
+        self._stop_sequences.clear()
+        if hasattr(self, "_stream"):
+            self._clear_buffer_cache()
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def _apply_commands(self, *, block: bool) -> None:
+        """Drain the command queue; when idle, wait for the first command (no busy loop)."""
+        pending_finished: list[SlotFinished] = []
+        admitted: list[tuple[int, float]] = []
+        while True:
+            try:
+                command = self._commands.get(block=block)
+            except queue.Empty:
+                break
+            block = False
+            match command:
+                case CoreSubmit():
+                    admitted.append(self._admit(command))
+                case CoreAbort(slot=slot):
+                    live = self._live.get(slot)
+                    if live is not None:
+                        self._gen.remove([live.uid])
+                        pending_finished.append(self._finish(live, FinishReason.ABORT))
+                case CoreStop():
+                    self._stopping = True
+                case CoreFault(error=error):
+                    self._pending_fault = error
+                case _:
+                    raise TypeError(f"unknown core command {command!r}")
+        if pending_finished or admitted:
+            # Aborts and admissions are reported at once, not with the next step, so a
+            # cancelled request is confirmed gone even if no step follows.
+            self._emit(self._step_output(tuple(admitted), (), (), tuple(pending_finished)))
+
+    def _admit(self, command: CoreSubmit) -> tuple[int, float]:
+        from mlx_lm.generate import StopSequences
+        from mlx_lm.sample_utils import make_logits_processors
+
+        submit = command.submit
+        p = submit.sampling
+        stops = self._stop_sequences.get(submit.stop_token_ids)
+        if stops is None:
+            stops = StopSequences([[t] for t in submit.stop_token_ids] or None)
+            self._stop_sequences[submit.stop_token_ids] = stops
+        processors = []
+        if p.needs_logits_processors:
+            processors = make_logits_processors(
+                dict(p.logit_bias) or None,
+                p.repetition_penalty,
+                presence_penalty=p.presence_penalty,
+                frequency_penalty=p.frequency_penalty,
+            )
+        # list(...) copies: BatchGenerator extends the lists it is given in place.
+        (uid,) = self._gen.insert(
+            [list(submit.prompt_tokens)],
+            max_tokens=[submit.max_tokens],
+            samplers=[self._sampler_for(p)],
+            logits_processors=[processors],
+            stop_sequences=[stops],
+        )
+        self._live[command.slot] = _Live(
+            slot=command.slot, uid=uid, prompt_tokens=len(submit.prompt_tokens), sampling=p
+        )
+        self._slot_of_uid[uid] = command.slot
+        return command.slot, time.monotonic() - command.received_at
+
+    def _sampler_for(self, p: SamplingParams) -> Callable[[Any], Any] | None:
+        """None (the batch's shared greedy sampler) for greedy requests; one shared sampler
+        per distinct unseeded setting, so same-setting rows sample in one batched call."""
+        if p.is_greedy:
+            return None
+        if p.seed is not None:
+            return _make_seeded_sampler(p)
+        key = attrs.evolve(p, logprobs=False, top_logprobs=0, logit_bias=())
+        sampler = self._samplers.get(key)
+        if sampler is None:
+            from mlx_lm.sample_utils import make_sampler
+
+            sampler = make_sampler(
+                p.temperature,
+                top_p=p.top_p if p.top_p < 1.0 else 0.0,
+                min_p=p.min_p,
+                top_k=p.top_k,
+            )
+            self._samplers[key] = sampler
+        return sampler
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def _run_step(self) -> None:
+        assert_on_mlx_thread("EngineCore._run_step")
+        try:
+            if self._pending_fault is not None:
+                error, self._pending_fault = self._pending_fault, None
+                raise MemoryError(error)
+            prompt_responses, generation_responses = self._gen.next()
+        except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not us
+            self._fail_step(exc)
+            return
+        self._step += 1
+        progress: list[tuple[int, int, int]] = []
+        for r in prompt_responses:
+            slot = self._slot_of_uid.get(r.uid)
+            if slot is None:
+                continue
+            done, total = r.progress
+            progress.append((slot, int(done), int(total)))
+            if r.end_of_prompt:
+                self._prompt_tokens_processed += int(total)
+        tokens: list[tuple[int, TokenChoice]] = []
+        finished: list[SlotFinished] = []
+        for r in generation_responses:
+            slot = self._slot_of_uid.get(r.uid)
+            if slot is None:
+                continue
+            live = self._live[slot]
+            live.completion_tokens += 1
+            tokens.append((slot, self._token_choice(live, r.token, r.logprobs)))
+            if r.finish_reason is not None:
+                reason = FinishReason.LENGTH if r.finish_reason == "length" else FinishReason.STOP
+                # The extracted cache may still be read by the step in flight: keep it until
+                # the deferred clear (rule 3 in lifetime.py). The cache index will take it here.
+                self._retired.retire(self._step, r.prompt_cache)
+                finished.append(self._finish(live, reason))
+        self._generation_tokens += len(tokens)
+        if self._clear.due(self._step):
+            self._clear_buffer_cache()
+        self._emit(self._step_output((), tuple(progress), tuple(tokens), tuple(finished)))
+
+    def _token_choice(self, live: _Live, token: int, logprobs: Any) -> TokenChoice:
+        p = live.sampling
+        if not p.logprobs:
+            return TokenChoice(token=int(token))
+        top: tuple[TokenLogprob, ...] = ()
+        if p.top_logprobs > 0:
+            k = min(p.top_logprobs, logprobs.shape[-1])
+            ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
+            values = logprobs[ids]
+            pairs = sorted(zip(ids.tolist(), values.tolist()), key=lambda t: -t[1])
+            top = tuple(TokenLogprob(token=int(i), logprob=float(v)) for i, v in pairs)
+        return TokenChoice(token=int(token), logprob=float(logprobs[token].item()), top=top)
+
+    def _fail_step(self, exc: Exception) -> None:
+        """A step raised (an out-of-memory, say): fail the requests in the batch, release
+        their caches, synchronize, clear, and keep serving."""
+        from mlx_lm.generate import BatchGenerator
+
+        failed = []
+        uids = self._live_uids()
+        for live in list(self._live.values()):
+            failed.append(
+                self._finish(live, FinishReason.ERROR, type(exc).__name__, str(exc) or repr(exc))
+            )
+        try:
+            if uids:
+                self._gen.remove(uids)
+        except Exception:  # noqa: BLE001 - the batch may be inconsistent after a fault
+            pass
+        # A fresh generator: a step that raised may have left the batch half-updated.
+        self._retired.retire(self._step, self._gen)
+        self._gen = BatchGenerator(
+            self._model,
+            stream=self._stream,
+            completion_batch_size=self.settings.completion_batch_size,
+            prefill_batch_size=self.settings.prefill_batch_size,
+            prefill_step_size=self.settings.prefill_step_size,
+        )
+        self._clear_buffer_cache()
+        self._emit(self._step_output((), (), (), tuple(failed)))
+
+    def _finish(
+        self,
+        live: _Live,
+        reason: FinishReason,
+        error_type: str | None = None,
+        error: str | None = None,
+    ) -> SlotFinished:
+        del self._live[live.slot]
+        self._slot_of_uid.pop(live.uid, None)
+        self._clear.note_finished(self._step)
+        return SlotFinished(
+            slot=live.slot,
+            step=self._step,
+            reason=reason,
+            prompt_tokens=live.prompt_tokens,
+            completion_tokens=live.completion_tokens,
+            error_type=error_type,
+            error=error,
+        )
+
+    def _live_uids(self) -> list[int]:
+        return [live.uid for live in self._live.values()]
+
+    # -- memory ------------------------------------------------------------------------------
+
+    def _clear_buffer_cache(self) -> None:
+        """Rule 1 of lifetime.py: synchronize the generation stream, then drop retired
+        references and clear MLX's buffer cache, on this thread only."""
+        assert_on_mlx_thread("EngineCore._clear_buffer_cache")
+        mx.synchronize(self._stream)
+        self._retired.release()
+        mx.clear_cache()
+        self._clear.mark_cleared()
+        self._buffer_cache_clears += 1
+
+    # -- output ------------------------------------------------------------------------------
+
+    def _step_output(self, admitted, progress, tokens, finished) -> StepOutput:
+        for slot in [p[0] for p in progress] + [t[0] for t in tokens]:
+            live = self._live.get(slot)
+            if live is not None:
+                live.prefill_started = True
+        waiting = sum(1 for live in self._live.values() if not live.prefill_started)
+        return StepOutput(
+            step=self._step,
+            admitted=admitted,
+            progress=progress,
+            tokens=tokens,
+            finished=finished,
+            running=len(self._live) - waiting,
+            waiting=waiting,
+            active_memory=mx.get_active_memory(),
+            cache_memory=mx.get_cache_memory(),
+            peak_memory=mx.get_peak_memory(),
+            buffer_cache_clears=self._buffer_cache_clears,
+            prompt_tokens_processed=self._prompt_tokens_processed,
+            generation_tokens=self._generation_tokens,
+        )
+
+    def _emit(self, output: CoreOutput) -> None:
+        # Blocks when the trio side is STEP_BACKLOG outputs behind: there is no point
+        # computing tokens faster than they can be delivered.
+        self._outputs.put(output)
+        self._notify()

@@ -1,0 +1,353 @@
+"""The GPU executor actor: the trio face of the engine core.
+
+It owns the request table (request id → slot) and one `EngineCore` running on an MLX worker
+thread. Its inbox takes `Submit`, `Abort`, `Ping` and `EngineStatsQuery`; its output is a
+stream of `EngineEvent`s on the `events` channel, which the front's dispatcher routes to
+sessions by request id. The trio loop never waits on MLX: commands go to the MLX thread
+through a queue, and step outputs come back through a bounded queue plus a doorbell rung
+with `TrioToken.run_sync_soon` (non-blocking for the MLX thread).
+
+Ordering contract: an `Abort` handled by this actor takes effect for every step output the
+pump has not yet delivered - tokens of the step in flight are dropped for the aborted
+request, and its `Finished(ABORT)` is sent once the MLX thread confirms the removal.
+
+Cancellation contract: when `run` is cancelled or crashes, every request it knew of gets a
+`Finished(ERROR)` event (sent without blocking, in a shielded finally), so no session waits
+forever; the core is told to stop, and its thread parks for reuse.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+
+import attrs
+import trio
+
+from omlx_actors.engine.core import (
+    CoreAbort,
+    CoreFault,
+    CoreLoadFailed,
+    CoreReady,
+    CoreStop,
+    CoreStopped,
+    CoreSubmit,
+    EngineCore,
+    EngineSettings,
+    StepOutput,
+)
+from omlx_actors.engine.messages import (
+    Abort,
+    Admitted,
+    EngineEvent,
+    EngineInfo,
+    EngineStats,
+    EngineStatsQuery,
+    Finished,
+    FinishReason,
+    InjectFault,
+    Ping,
+    PrefillProgress,
+    Pong,
+    Submit,
+    TokenDelta,
+)
+from omlx_actors.engine.mlx_thread import acquire_worker
+from omlx_actors.runtime import ActorError, Inbox, unknown_message
+
+# Step outputs the MLX thread may run ahead of the trio side before `queue.put` blocks it.
+# 8 steps is ~0.1-0.5 s of decoding on a CPU and plenty to ride out a busy trio loop; more
+# would only let tokens pile up that no client has read yet.
+STEP_BACKLOG = 8
+
+# Events the executor may queue for the dispatcher. The dispatcher never blocks (each session
+# channel holds a whole request's worth), so this only fills if the dispatcher task is
+# starved; then the pump waits (backpressure through STEP_BACKLOG to the MLX thread).
+ENGINE_EVENT_BACKLOG = 4096
+
+# How long a stopping executor waits for the MLX thread to finish its step and release the
+# model before giving up on it (the thread keeps going and parks; only the wait is bounded).
+CORE_STOP_TIMEOUT = 30.0
+
+# A draining executor checks this often whether its last request has finished.
+DRAIN_POLL_INTERVAL = 0.01
+
+
+class EngineLoadFailed(ActorError):
+    """The model could not be loaded; the executor never became ready."""
+
+
+class DuplicateRequest(ActorError):
+    """A `Submit` reused the id of a request that is still running."""
+
+
+class EngineStopping(ActorError):
+    """The executor is shutting down and admits nothing new."""
+
+
+@attrs.define
+class _Request:
+    request_id: str
+    slot: int
+    prompt_tokens: int
+    aborted: bool = False
+    delivered: int = 0
+
+
+@attrs.define
+class ExecutorState:
+    """The executor's trio-side bookkeeping (pure: no trio, no MLX)."""
+
+    by_id: dict[str, _Request] = attrs.field(factory=dict)
+    by_slot: dict[int, _Request] = attrs.field(factory=dict)
+    slots: itertools.count = attrs.field(factory=lambda: itertools.count(1))
+    last: StepOutput | None = None
+    last_step_at: float | None = None
+    stopping: bool = False
+
+    def add(self, submit: Submit) -> _Request:
+        request = _Request(submit.request_id, next(self.slots), len(submit.prompt_tokens))
+        self.by_id[request.request_id] = request
+        self.by_slot[request.slot] = request
+        return request
+
+    def remove(self, request: _Request) -> None:
+        self.by_slot.pop(request.slot, None)
+        if self.by_id.get(request.request_id) is request:
+            del self.by_id[request.request_id]
+
+
+async def run(
+    inbox: Inbox,
+    settings: EngineSettings,
+    events: trio.MemorySendChannel[EngineEvent],
+    *,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Load the model on an MLX thread, report `EngineInfo` as the readiness value, then
+    serve the inbox until it is closed (drain) or this task is cancelled (abort).
+
+    On drain (inbox closed), running requests finish normally before the core stops.
+    """
+    commands: queue.SimpleQueue = queue.SimpleQueue()
+    outputs: queue.Queue = queue.Queue(maxsize=STEP_BACKLOG)
+    doorbell_send, doorbell_recv = trio.open_memory_channel[None](1)
+    token = trio.lowlevel.current_trio_token()
+
+    def ring() -> None:  # runs on the trio thread, scheduled by the MLX thread
+        try:
+            doorbell_send.send_nowait(None)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            pass  # already ringing, or we are gone: either way nothing to add
+
+    def notify() -> None:  # runs on the MLX thread; never blocks it
+        try:
+            token.run_sync_soon(ring)
+        except trio.RunFinishedError:
+            pass
+
+    core = EngineCore(settings, commands, outputs, notify)
+    acquire_worker().run_job(core.run)
+    state = ExecutorState()
+    core_stopped = trio.Event()
+
+    def next_outputs():
+        while True:
+            try:
+                yield outputs.get_nowait()
+            except queue.Empty:
+                return
+
+    async def pump() -> None:
+        async for _ in doorbell_recv:
+            for output in next_outputs():
+                match output:
+                    case StepOutput():
+                        await _deliver(state, output, events)
+                    case CoreStopped():
+                        core_stopped.set()
+                        return
+
+    try:
+        # Readiness: wait for the model to load (or fail) before accepting work.
+        info: EngineInfo | None = None
+        while info is None:
+            await doorbell_recv.receive()
+            for output in next_outputs():
+                match output:
+                    case CoreReady(info=ready):
+                        info = ready
+                    case CoreLoadFailed(error_type=error_type, error=error):
+                        core_stopped.set()  # the core returned without a CoreStopped
+                        raise EngineLoadFailed(
+                            "executor", f"{settings.model_path}: {error_type}: {error}"
+                        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            task_status.started(info)
+            async for envelope in inbox:
+                _handle(envelope, state, commands)
+            # Drain: the inbox was closed. Let running requests finish, then stop the core.
+            state.stopping = True
+            while state.by_slot:
+                await trio.sleep(DRAIN_POLL_INTERVAL)
+            commands.put(CoreStop())
+            await core_stopped.wait()
+    finally:
+        commands.put(CoreStop())
+        with trio.CancelScope(shield=True):
+            # The MLX thread blocks on a full output queue: keep draining it until the core
+            # says it stopped, so its thread can park for reuse. Bounded, then given up.
+            with trio.move_on_after(CORE_STOP_TIMEOUT):
+                while not core_stopped.is_set():
+                    for output in next_outputs():
+                        if isinstance(output, CoreStopped):
+                            core_stopped.set()
+                    if not core_stopped.is_set():
+                        await doorbell_recv.receive()
+            for request in list(state.by_slot.values()):
+                _finish_nowait(
+                    events,
+                    request,
+                    FinishReason.ERROR,
+                    "EngineStopped",
+                    "the engine stopped before the request finished",
+                )
+            state.by_slot.clear()
+            state.by_id.clear()
+
+
+def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue) -> None:
+    """One inbox message. Never awaits: the inbox is served as fast as it arrives."""
+    match envelope.message:
+        case Submit() as submit:
+            if state.stopping:
+                envelope.fail(EngineStopping("executor", "the engine is stopping"))
+            elif submit.request_id in state.by_id:
+                envelope.fail(
+                    DuplicateRequest("executor", f"request {submit.request_id!r} is still running")
+                )
+            else:
+                request = state.add(submit)
+                commands.put(CoreSubmit(request.slot, submit, time.monotonic()))
+                envelope.reply(None)
+        case Abort(request_id=request_id):
+            request = state.by_id.get(request_id)
+            if request is not None and not request.aborted:
+                request.aborted = True
+                commands.put(CoreAbort(request.slot))
+            envelope.reply(None)
+        case Ping():
+            envelope.reply(_pong(state))
+        case EngineStatsQuery():
+            envelope.reply(_stats(state))
+        case InjectFault(error=error):
+            commands.put(CoreFault(error))
+            envelope.reply(None)
+        case other:
+            unknown_message("executor", other)
+
+
+async def _deliver(
+    state: ExecutorState, output: StepOutput, events: trio.MemorySendChannel[EngineEvent]
+) -> None:
+    """Turn one step's output into events, dropping anything for aborted requests."""
+    state.last = output
+    state.last_step_at = time.monotonic()
+    for slot, queued_s in output.admitted:
+        request = state.by_slot.get(slot)
+        if request is not None and not request.aborted:
+            await events.send(Admitted(request_id=request.request_id, queued_s=queued_s))
+    for slot, done, total in output.progress:
+        request = state.by_slot.get(slot)
+        if request is not None and not request.aborted:
+            await events.send(PrefillProgress(request_id=request.request_id, done=done, total=total))
+    by_slot: dict[int, list] = {}
+    for slot, choice in output.tokens:
+        by_slot.setdefault(slot, []).append(choice)
+    for slot, choices in by_slot.items():
+        request = state.by_slot.get(slot)
+        if request is None or request.aborted:
+            continue
+        request.delivered += len(choices)
+        await events.send(
+            TokenDelta(request_id=request.request_id, tokens=tuple(choices), step=output.step)
+        )
+    for done in output.finished:
+        request = state.by_slot.get(done.slot)
+        if request is None:
+            continue
+        state.remove(request)
+        reason = FinishReason.ABORT if request.aborted else done.reason
+        await events.send(
+            Finished(
+                request_id=request.request_id,
+                reason=reason,
+                prompt_tokens=done.prompt_tokens,
+                completion_tokens=request.delivered,
+                step=done.step,
+                error=done.error,
+                error_type=done.error_type,
+            )
+        )
+
+
+def _finish_nowait(events, request: _Request, reason: FinishReason, error_type: str, error: str):
+    try:
+        events.send_nowait(
+            Finished(
+                request_id=request.request_id,
+                reason=reason,
+                prompt_tokens=request.prompt_tokens,
+                completion_tokens=request.delivered,
+                error=error,
+                error_type=error_type,
+            )
+        )
+    except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+        pass  # the dispatcher fails its sessions itself when the executor is gone
+
+
+def _pong(state: ExecutorState) -> Pong:
+    last = state.last
+    age = None if state.last_step_at is None else time.monotonic() - state.last_step_at
+    return Pong(
+        steps=last.step if last else 0,
+        last_step_age=age,
+        running=last.running if last else 0,
+        waiting=last.waiting if last else 0,
+    )
+
+
+def _stats(state: ExecutorState) -> EngineStats:
+    last = state.last
+    if last is None:
+        return EngineStats(
+            steps=0, running=0, waiting=0, prompt_tokens_processed=0, generation_tokens=0,
+            buffer_cache_clears=0, active_memory_bytes=0, cache_memory_bytes=0,
+            peak_memory_bytes=0,
+        )
+    return EngineStats(
+        steps=last.step,
+        running=last.running,
+        waiting=last.waiting,
+        prompt_tokens_processed=last.prompt_tokens_processed,
+        generation_tokens=last.generation_tokens,
+        buffer_cache_clears=last.buffer_cache_clears,
+        active_memory_bytes=last.active_memory,
+        cache_memory_bytes=last.cache_memory,
+        peak_memory_bytes=last.peak_memory,
+    )
+
+
+__all__ = [
+    "CORE_STOP_TIMEOUT",
+    "ENGINE_EVENT_BACKLOG",
+    "STEP_BACKLOG",
+    "DuplicateRequest",
+    "EngineLoadFailed",
+    "EngineStopping",
+    "ExecutorState",
+    "run",
+]

@@ -1,0 +1,226 @@
+"""The engine's wire: what the front sends the executor, and what the executor sends back.
+
+Everything here is plain data (ints, floats, strings, tuples, enums, nested frozen attrs
+classes) so the engine can move into its own process without its callers changing: no
+callbacks, no channels, no MLX arrays. `omlx_actors.runtime.wire` round-trips every type
+below (see tests/engine/test_messages.py).
+
+Commands (front → executor inbox):  Submit, Abort, Ping, EngineStatsQuery, InjectFault
+Events (executor → front dispatcher): Admitted, PrefillProgress, TokenDelta, Finished
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Union
+
+import attrs
+
+# ---------------------------------------------------------------------------------------
+# Request parameters
+
+
+@attrs.frozen(kw_only=True)
+class SamplingParams:
+    """How to pick each next token. The defaults are greedy decoding.
+
+    `seed` makes a sampled request reproducible on its own, independent of its batch mates.
+    `logit_bias` is a tuple of (token id, bias) pairs so the value stays hashable.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_logits_processors(self) -> bool:
+        return bool(
+            self.logit_bias
+            or self.repetition_penalty
+            or self.presence_penalty
+            or self.frequency_penalty
+        )
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # a stop token (EOS) or, decided by the session, a stop string
+    LENGTH = "length"  # max_tokens reached
+    ABORT = "abort"  # the front aborted it (client gone, stop string, shutdown)
+    ERROR = "error"  # the engine failed it; `Finished.error` says why
+
+
+# ---------------------------------------------------------------------------------------
+# Commands
+
+
+@attrs.frozen(kw_only=True)
+class Submit:
+    """Admit a request. `prompt_tokens` must be non-empty; `stop_token_ids` end it with
+    reason STOP (the token that stopped it is delivered, so the session can see it)."""
+
+    request_id: str
+    prompt_tokens: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class Abort:
+    """Remove a request from the batch. Tokens of the step in flight are not delivered for
+    it; a `Finished(reason=ABORT)` follows once the MLX thread has removed it."""
+
+    request_id: str
+
+
+@attrs.frozen(kw_only=True)
+class Ping:
+    """Liveness probe; answered by the executor's trio side without waiting for MLX."""
+
+
+@attrs.frozen(kw_only=True)
+class EngineStatsQuery:
+    """Ask for an `EngineStats` snapshot."""
+
+
+@attrs.frozen(kw_only=True)
+class InjectFault:
+    """Fault injection (tests, scenarios; off unless sent): the next engine step raises
+    `MemoryError(error)`, failing the requests in that step as an out-of-memory would."""
+
+    error: str = "injected out-of-memory"
+
+
+EngineCommand = Union[Submit, Abort, Ping, EngineStatsQuery, InjectFault]
+
+# ---------------------------------------------------------------------------------------
+# Replies
+
+
+@attrs.frozen(kw_only=True)
+class Pong:
+    """`steps` counts completed engine steps; `last_step_age` is seconds since the last one
+    finished (None before the first). With `running > 0`, a growing age means the engine is
+    stuck even though the web server answers."""
+
+    steps: int
+    last_step_age: float | None
+    running: int
+    waiting: int
+
+
+@attrs.frozen(kw_only=True)
+class EngineStats:
+    steps: int
+    running: int
+    waiting: int
+    prompt_tokens_processed: int
+    generation_tokens: int
+    buffer_cache_clears: int
+    active_memory_bytes: int
+    cache_memory_bytes: int
+    peak_memory_bytes: int
+
+
+@attrs.frozen(kw_only=True)
+class EngineInfo:
+    """What the executor reports once its model is loaded (the readiness handshake value)."""
+
+    model_path: str
+    model_type: str
+    vocab_size: int
+    max_context: int | None
+    eos_token_ids: tuple[int, ...]
+    device: str
+
+
+# ---------------------------------------------------------------------------------------
+# Events
+
+
+@attrs.frozen(kw_only=True)
+class Admitted:
+    """The request entered the MLX thread's batch (prefill may still be pending)."""
+
+    request_id: str
+    queued_s: float  # from Submit received to admission on the MLX thread
+
+
+@attrs.frozen(kw_only=True)
+class PrefillProgress:
+    """A prefill chunk of this request finished: `done` of `total` prompt tokens."""
+
+    request_id: str
+    done: int
+    total: int
+
+
+@attrs.frozen(kw_only=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+
+
+@attrs.frozen(kw_only=True)
+class TokenChoice:
+    """One generated token with, when asked, its logprob and the top alternatives."""
+
+    token: int
+    logprob: float | None = None
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class TokenDelta:
+    """New tokens for one request from one engine step (usually exactly one)."""
+
+    request_id: str
+    tokens: tuple[TokenChoice, ...]
+    step: int
+
+
+@attrs.frozen(kw_only=True)
+class Finished:
+    """The last event of a request. `completion_tokens` counts every token delivered;
+    `step` is the engine step at which the request left the batch."""
+
+    request_id: str
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    step: int = 0
+    error: str | None = None
+    error_type: str | None = None
+
+
+EngineEvent = Union[Admitted, PrefillProgress, TokenDelta, Finished]
+
+ALL_MESSAGE_TYPES = (
+    SamplingParams,
+    Submit,
+    Abort,
+    Ping,
+    EngineStatsQuery,
+    InjectFault,
+    Pong,
+    EngineStats,
+    EngineInfo,
+    Admitted,
+    PrefillProgress,
+    TokenLogprob,
+    TokenChoice,
+    TokenDelta,
+    Finished,
+)

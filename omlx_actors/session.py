@@ -1,0 +1,486 @@
+"""A request session: one per request, owning its text state.
+
+A session turns a chat or a prompt into tokens (chat template, tools), validates limits,
+submits to the executor, and turns the token stream back into typed events: text deltas
+(mlx-lm's streaming detokenizer), tool calls (mlx-lm's tool parsers), logprobs, prefill
+progress (for keep-alives), and a final `Done` with finish reason, usage and timings. Stop
+strings are applied here, including one split across tokens.
+
+A session runs in the task of whoever iterates it (an HTTP handler, embedding code): it is
+an actor whose mailbox is its event channel from the dispatcher. Its contract:
+
+- `start()` does every check that can refuse the request and raises a `RequestError`
+  before anything is streamed; after it returns, the request is in the engine.
+- Iterating yields events until `Done`. If the consumer is cancelled, or leaves early and
+  calls `aclose()` (or exits `async with`), the request is aborted in the engine - without
+  blocking, so it is safe inside a cancelled scope - and unregistered from the dispatcher.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Union
+
+import attrs
+import trio
+
+from omlx_actors.engine.messages import (
+    Abort,
+    Admitted,
+    Finished,
+    FinishReason,
+    PrefillProgress,
+    SamplingParams,
+    Submit,
+    TokenChoice,
+    TokenDelta,
+)
+from omlx_actors.errors import (
+    ContextLengthExceeded,
+    DuplicateRequestId,
+    EngineUnavailable,
+    InvalidRequest,
+    QueueFull,
+)
+from omlx_actors.text import ParsedToolCall, StopStringMatcher, ToolCallScanner
+
+if TYPE_CHECKING:
+    from omlx_actors.api import Runtime
+
+# Prompts longer than this many characters are tokenized on a worker thread so a 100k-token
+# prompt does not stall the event loop (tokenizers release the GIL).
+TOKENIZE_OFF_LOOP_CHARS = 20_000
+
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+
+# ---------------------------------------------------------------------------------------
+# Events a session yields
+
+
+@attrs.frozen(kw_only=True)
+class TextDelta:
+    text: str
+    tokens: tuple[TokenChoice, ...] = ()  # the tokens behind this text, logprobs included
+
+
+@attrs.frozen(kw_only=True)
+class ToolCall:
+    id: str
+    index: int
+    name: str
+    arguments: str
+
+
+@attrs.frozen(kw_only=True)
+class Progress:
+    """Prefill progress: `done` of `total` prompt tokens processed."""
+
+    done: int
+    total: int
+
+
+@attrs.frozen(kw_only=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@attrs.frozen(kw_only=True)
+class Timings:
+    queued_s: float | None
+    ttft_s: float | None  # submit → first token
+    total_s: float
+    mean_itl_s: float | None  # mean inter-token latency
+
+
+@attrs.frozen(kw_only=True)
+class Done:
+    finish_reason: str  # stop | length | tool_calls | abort | error
+    usage: Usage
+    timings: Timings
+    error: str | None = None
+    error_type: str | None = None
+
+
+SessionEvent = Union[TextDelta, ToolCall, Progress, Done]
+
+# ---------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class GenerationRequest:
+    """What a caller asks for, before tokenization. Either `messages` (chat) or `prompt`."""
+
+    messages: tuple[dict[str, Any], ...] | None = None
+    prompt: str | tuple[int, ...] | None = None
+    tools: tuple[dict[str, Any], ...] | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    sampling: SamplingParams = SamplingParams()
+    ignore_eos: bool = False
+    request_id: str | None = None
+
+
+def validate_sampling(p: SamplingParams) -> None:
+    """Raise `InvalidRequest` naming the offending parameter."""
+    if not 0.0 <= p.temperature <= 100.0:
+        raise InvalidRequest("temperature must be between 0 and 100", param="temperature")
+    if not 0.0 < p.top_p <= 1.0:
+        raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
+    if p.top_k < 0:
+        raise InvalidRequest("top_k must be >= 0", param="top_k")
+    if not 0.0 <= p.min_p <= 1.0:
+        raise InvalidRequest("min_p must be in [0, 1]", param="min_p")
+    if not 0 <= p.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(p, name)
+        if value is not None and not -2.0 <= value <= 2.0:
+            raise InvalidRequest(f"{name} must be in [-2, 2]", param=name)
+    if p.repetition_penalty is not None and not 0.0 < p.repetition_penalty <= 10.0:
+        raise InvalidRequest("repetition_penalty must be in (0, 10]", param="repetition_penalty")
+
+
+class Session:
+    """One request's life on the front side. Build with `Runtime.chat` / `Runtime.complete`."""
+
+    def __init__(self, runtime: Runtime, request: GenerationRequest) -> None:
+        self._rt = runtime
+        self._request = request
+        self.request_id = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
+        self.prompt_tokens: tuple[int, ...] = ()
+        self.max_tokens = 0
+        self._events: trio.MemoryReceiveChannel | None = None
+        self._started = False
+        self._finished = False
+        self._closed = False
+        self._engine_done = False  # the engine sent Finished: nothing left to abort
+        self._pending: list[Any] = []
+        self._completion_tokens = 0
+        self.completion_token_ids: list[int] = []  # every token the engine delivered
+        self._tool_calls: list[ParsedToolCall] = []
+        self._t_submit = 0.0
+        self._queued_s: float | None = None
+        self._t_first: float | None = None
+        self._t_last: float | None = None
+
+    # -- preparing (all refusals happen here) --------------------------------------------------
+
+    async def start(self) -> None:
+        """Tokenize, validate and submit. Raises a `RequestError` and leaves nothing behind
+        if the request is refused; idempotent once it succeeded."""
+        if self._started:
+            return
+        rt = self._rt
+        req = self._request
+        validate_sampling(req.sampling)
+        if len(req.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+        if any(not isinstance(s, str) or not s for s in req.stop):
+            raise InvalidRequest("stop strings must be non-empty strings", param="stop")
+        self.prompt_tokens = await self._tokenize()
+        if not self.prompt_tokens:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        vocab = rt.info.vocab_size
+        if vocab and any(not 0 <= t < vocab for t in self.prompt_tokens):
+            raise InvalidRequest(f"token ids must be in [0, {vocab})", param="prompt")
+        for token, _ in req.sampling.logit_bias:
+            if vocab and not 0 <= token < vocab:
+                raise InvalidRequest(f"logit_bias token {token} is outside the vocabulary", param="logit_bias")
+        context = rt.max_context
+        room = context - len(self.prompt_tokens)
+        if room <= 0:
+            raise ContextLengthExceeded(
+                f"the prompt has {len(self.prompt_tokens)} tokens; this model's context is "
+                f"{context} tokens",
+                param="messages" if req.messages is not None else "prompt",
+            )
+        max_tokens = req.max_tokens if req.max_tokens is not None else rt.config.default_max_tokens
+        if max_tokens <= 0:
+            raise InvalidRequest("max_tokens must be >= 1", param="max_tokens")
+        if max_tokens > room:
+            if req.max_tokens is not None:
+                raise ContextLengthExceeded(
+                    f"prompt ({len(self.prompt_tokens)} tokens) + max_tokens ({max_tokens}) "
+                    f"exceeds this model's context of {context} tokens",
+                    param="max_tokens",
+                )
+            max_tokens = room
+        self.max_tokens = max_tokens
+        if rt.pending_requests >= rt.admission_limit:
+            raise QueueFull(
+                f"{rt.pending_requests} requests are already queued or running; retry shortly"
+            )
+        stop_ids = () if req.ignore_eos else rt.info.eos_token_ids
+        self._events = rt.dispatcher.register(self.request_id, self._channel_capacity())
+        self._t_submit = time.monotonic()
+        try:
+            await rt.submit(
+                Submit(
+                    request_id=self.request_id,
+                    prompt_tokens=self.prompt_tokens,
+                    max_tokens=max_tokens,
+                    sampling=req.sampling,
+                    stop_token_ids=tuple(stop_ids),
+                )
+            )
+        except BaseException:
+            rt.dispatcher.unregister(self.request_id)
+            self._closed = True
+            raise
+        self._started = True
+        tok = rt.tokenizer
+        self._detokenizer = tok.detokenizer
+        self._stop_ids = frozenset(stop_ids)
+        self._stops = StopStringMatcher(tuple(req.stop))
+        self._scanner: ToolCallScanner | None = None
+        if req.tools and getattr(tok, "has_tool_calling", False):
+            self._scanner = ToolCallScanner(
+                start=tok.tool_call_start, end=tok.tool_call_end, parse=tok.tool_parser,
+                tools=list(req.tools),
+            )
+
+    def _channel_capacity(self) -> int:
+        # One event per step at most for tokens, one per prefill chunk, plus Admitted and
+        # Finished: the dispatcher can always deliver without waiting.
+        chunks = len(self.prompt_tokens) // self._rt.config.prefill_step_size + 2
+        return self.max_tokens + chunks + 4
+
+    async def _tokenize(self) -> tuple[int, ...]:
+        req = self._request
+        tok = self._rt.tokenizer
+        if req.messages is not None:
+            if not req.messages:
+                raise InvalidRequest("messages must not be empty", param="messages")
+
+            def render() -> list[int]:
+                text = tok.apply_chat_template(
+                    list(req.messages),
+                    tools=list(req.tools) if req.tools else None,
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
+                return tok.encode(text, add_special_tokens=False)
+
+            size = sum(len(str(m.get("content", ""))) for m in req.messages)
+        elif isinstance(req.prompt, str):
+
+            def render() -> list[int]:
+                return tok.encode(req.prompt)
+
+            size = len(req.prompt)
+        elif req.prompt is not None:
+            return tuple(int(t) for t in req.prompt)
+        else:
+            raise InvalidRequest("either messages or prompt is required", param="messages")
+        try:
+            if size > TOKENIZE_OFF_LOOP_CHARS:
+                ids = await trio.to_thread.run_sync(render)
+            else:
+                ids = render()
+        except Exception as exc:  # noqa: BLE001 - template/tokenizer failures are the input's
+            raise InvalidRequest(f"could not tokenize the input: {exc}", param="messages") from exc
+        return tuple(int(t) for t in ids)
+
+    # -- streaming ---------------------------------------------------------------------------
+
+    def __aiter__(self) -> Session:
+        return self
+
+    async def __anext__(self) -> SessionEvent:
+        if not self._started:
+            await self.start()
+        try:
+            while not self._pending:
+                if self._finished:
+                    raise StopAsyncIteration
+                assert self._events is not None
+                try:
+                    event = await self._events.receive()
+                except trio.EndOfChannel:
+                    self._finish_with(
+                        FinishReason.ERROR, "EngineStopped", "the engine stopped unexpectedly"
+                    )
+                    continue
+                self._on_event(event)
+            return self._pending.pop(0)
+        except BaseException as exc:
+            if not isinstance(exc, StopAsyncIteration):
+                self.close()  # cancelled or failed: the engine must not keep our request
+            raise
+
+    def _on_event(self, event: Any) -> None:
+        match event:
+            case Admitted(queued_s=queued_s):
+                self._queued_s = queued_s
+            case PrefillProgress(done=done, total=total):
+                self._pending.append(Progress(done=done, total=total))
+            case TokenDelta(tokens=tokens):
+                self._on_tokens(tokens)
+            case Finished(reason=reason, error=error, error_type=error_type):
+                self._engine_done = True
+                if not self._finished:
+                    self._finish_with(reason, error_type, error)
+            case other:
+                raise TypeError(f"session got unknown event {other!r}")
+
+    def _on_tokens(self, tokens: tuple[TokenChoice, ...]) -> None:
+        now = time.monotonic()
+        if self._t_first is None:
+            self._t_first = now
+        self._t_last = now
+        if self._finished:
+            return
+        for choice in tokens:
+            self._completion_tokens += 1
+            self.completion_token_ids.append(choice.token)
+            if choice.token in self._stop_ids:
+                continue  # the stop token ends the request; it is not text
+            self._detokenizer.add_token(choice.token)
+            self._emit_text(self._detokenizer.last_segment, (choice,))
+            if self._finished:
+                return
+
+    def _emit_text(self, piece: str, tokens: tuple[TokenChoice, ...]) -> None:
+        if self._scanner is not None:
+            piece, calls = self._scanner.feed(piece)
+            for call in calls:
+                self._tool_calls.append(call)
+                self._pending.append(
+                    ToolCall(
+                        id=f"call_{uuid.uuid4().hex[:24]}",
+                        index=call.index,
+                        name=call.name,
+                        arguments=call.arguments,
+                    )
+                )
+        text, stopped = self._stops.feed(piece)
+        if text or (tokens and self._request.sampling.logprobs):
+            self._pending.append(TextDelta(text=text, tokens=tokens))
+        if stopped:
+            self._finish_with(FinishReason.STOP, None, None, abort_engine=True)
+
+    def _finish_with(
+        self,
+        reason: FinishReason,
+        error_type: str | None,
+        error: str | None,
+        *,
+        abort_engine: bool = False,
+    ) -> None:
+        if reason in (FinishReason.STOP, FinishReason.LENGTH) and not abort_engine:
+            self._detokenizer.finalize()
+            self._emit_text(self._detokenizer.last_segment, ())
+        if not self._stops.stopped:
+            tail = self._scanner.flush() if self._scanner is not None else ""
+            text = self._stops.feed(tail)[0] + self._stops.flush()
+            if text:
+                self._pending.append(TextDelta(text=text))
+        if self._finished:
+            return
+        self._finished = True
+        finish_reason = reason.value
+        if self._tool_calls and reason in (FinishReason.STOP, FinishReason.LENGTH):
+            finish_reason = "tool_calls"
+        now = time.monotonic()
+        itl = None
+        if self._t_first is not None and self._t_last is not None and self._completion_tokens > 1:
+            itl = (self._t_last - self._t_first) / (self._completion_tokens - 1)
+        self._pending.append(
+            Done(
+                finish_reason=finish_reason,
+                usage=Usage(
+                    prompt_tokens=len(self.prompt_tokens),
+                    completion_tokens=self._completion_tokens,
+                ),
+                timings=Timings(
+                    queued_s=self._queued_s,
+                    ttft_s=None if self._t_first is None else self._t_first - self._t_submit,
+                    total_s=now - self._t_submit,
+                    mean_itl_s=itl,
+                ),
+                error=error,
+                error_type=error_type,
+            )
+        )
+        if abort_engine and not self._engine_done:
+            self._engine_done = True
+            self._rt.abort_nowait(self.request_id)
+        self._release()
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Abort the request if it is still running and forget it. Never blocks; safe in a
+        cancelled scope; idempotent."""
+        if self._started and not self._engine_done:
+            self._finished = True
+            self._engine_done = True
+            self._rt.abort_nowait(self.request_id)
+        self._release()
+
+    def _release(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._rt.dispatcher.unregister(self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Session:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- convenience -------------------------------------------------------------------------
+
+    async def collect(self) -> tuple[str, list[ToolCall], Done]:
+        """Run to the end; return the whole text, the tool calls and the final event."""
+        parts: list[str] = []
+        calls: list[ToolCall] = []
+        done: Done | None = None
+        async with self:
+            async for event in self:
+                match event:
+                    case TextDelta(text=text):
+                        parts.append(text)
+                    case ToolCall():
+                        calls.append(event)
+                    case Done():
+                        done = event
+        assert done is not None
+        return "".join(parts), calls, done
+
+
+def coerce_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    return tuple(stop)
+
+
+__all__ = [
+    "Done",
+    "DuplicateRequestId",
+    "EngineUnavailable",
+    "GenerationRequest",
+    "Progress",
+    "Session",
+    "SessionEvent",
+    "TextDelta",
+    "Timings",
+    "ToolCall",
+    "Usage",
+    "coerce_stop",
+]
