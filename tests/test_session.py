@@ -1,0 +1,162 @@
+"""Sessions through the in-process API with the real tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import trio
+
+from omlx_actors.api import open_runtime
+from omlx_actors.errors import ContextLengthExceeded, InvalidRequest
+from omlx_actors.session import Done, Progress, TextDelta
+
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi."}]
+
+
+async def test_chat_applies_the_template_and_reports_usage_and_timings(tiny_llama):
+    async with open_runtime(tiny_llama) as rt:
+        session = rt.chat(CHAT, max_tokens=10, ignore_eos=True)
+        text, calls, done = await session.collect()
+        expected_prompt = rt.tokenizer.encode(
+            rt.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )
+    assert list(session.prompt_tokens) == expected_prompt
+    assert done.finish_reason == "length"
+    assert done.usage.prompt_tokens == len(expected_prompt)
+    assert done.usage.completion_tokens == 10
+    assert done.timings.ttft_s is not None and done.timings.ttft_s > 0
+    assert done.timings.total_s >= done.timings.ttft_s
+    assert text == rt.tokenizer.decode(session.completion_token_ids)
+
+
+async def test_stop_string_inside_the_output_ends_it_there(tiny_llama):
+    async with open_runtime(tiny_llama) as rt:
+        full, _, _ = await rt.complete("The quick brown fox", max_tokens=40, ignore_eos=True).collect()
+        assert len(full) > 12
+        stop = full[8:11]
+        stopped, _, done = await rt.complete("The quick brown fox", max_tokens=40, ignore_eos=True,
+                                             stop=[stop]).collect()
+        assert stopped == full[: full.index(stop)]
+        assert done.finish_reason == "stop"
+        # The session aborted the engine request at the stop string: it leaves the batch.
+        with trio.fail_after(2):
+            while (await rt.stats()).running:
+                await trio.sleep(0.01)
+
+
+async def test_eos_token_ends_the_request_with_stop_and_is_not_rendered(tiny_llama):
+    async with open_runtime(tiny_llama) as rt:
+        eos = rt.info.eos_token_ids[0]
+        session = rt.complete("hello", max_tokens=30, logit_bias=((eos, 100.0),))
+        text, _, done = await session.collect()
+    assert done.finish_reason == "stop"
+    assert session.completion_token_ids == [eos]
+    assert text == ""
+
+
+async def test_logprobs_are_reported_per_token_with_sorted_top_alternatives(tiny_llama):
+    async with open_runtime(tiny_llama) as rt:
+        session = rt.complete("logprobs please", max_tokens=8, ignore_eos=True, logprobs=True,
+                              top_logprobs=4)
+        choices = []
+        async with session:
+            async for event in session:
+                if isinstance(event, TextDelta):
+                    choices.extend(event.tokens)
+    assert [c.token for c in choices] == session.completion_token_ids
+    for c in choices:
+        assert c.logprob is not None and c.logprob <= 0
+        assert len(c.top) == 4
+        assert [t.logprob for t in c.top] == sorted((t.logprob for t in c.top), reverse=True)
+        # Greedy: the chosen token is the most likely one.
+        assert c.top[0].token == c.token
+        assert math.isclose(c.top[0].logprob, c.logprob, rel_tol=1e-5, abs_tol=1e-6)
+
+
+async def test_seeded_sampling_is_reproducible_alone_and_inside_a_batch(tiny_llama):
+    async with open_runtime(tiny_llama) as rt:
+        async def sample(seed):
+            s = rt.complete("sample me", max_tokens=16, ignore_eos=True, temperature=1.0, seed=seed)
+            await s.collect()
+            return s.completion_token_ids
+
+        alone = await sample(11)
+        results = {}
+
+        async def run(i):
+            results[i] = await sample(11 if i == 0 else 100 + i)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(6):
+                nursery.start_soon(run, i)
+    assert results[0] == alone
+    assert alone != results[1]
+
+
+async def test_prefill_progress_is_reported_per_chunk(tiny_llama):
+    async with open_runtime(tiny_llama, prefill_step_size=64) as rt:
+        prompt = [(i * 13) % 400 + 10 for i in range(300)]
+        session = rt.complete(prompt, max_tokens=2, ignore_eos=True)
+        progress = []
+        async with session:
+            async for event in session:
+                if isinstance(event, Progress):
+                    progress.append((event.done, event.total))
+                if isinstance(event, Done):
+                    assert event.finish_reason == "length"
+    assert progress[0] == (64, 300)
+    assert progress[-1][0] >= 299 and all(total == 300 for _, total in progress)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_logprobs": 50}, "top_logprobs"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stop": [""]}, "stop"),
+        ({"logit_bias": ((10_000, 1.0),)}, "logit_bias"),
+    ],
+)
+async def test_invalid_parameters_are_refused_before_anything_runs(tiny_llama, kwargs, param):
+    async with open_runtime(tiny_llama) as rt:
+        with pytest.raises(InvalidRequest) as info:
+            await rt.complete("hi", **kwargs).start()
+        assert info.value.param == param
+        assert info.value.status == 400
+        assert len(rt.dispatcher) == 0
+        assert (await rt.stats()).steps == 0
+
+
+async def test_prompt_longer_than_the_context_is_refused_with_context_length_exceeded(tiny_llama):
+    async with open_runtime(tiny_llama) as rt:
+        too_long = [5] * (rt.max_context + 1)
+        with pytest.raises(ContextLengthExceeded):
+            await rt.complete(too_long, max_tokens=1).start()
+        with pytest.raises(ContextLengthExceeded) as info:
+            await rt.complete([5] * (rt.max_context - 4), max_tokens=10).start()
+        assert info.value.param == "max_tokens"
+
+
+async def test_hybrid_model_generates_identically_alone_and_batched(tiny_hybrid):
+    async with open_runtime(tiny_hybrid) as rt:
+        prompts = [f"hybrid prompt {i} with some words" for i in range(4)]
+        alone = []
+        for p in prompts:
+            s = rt.complete(p, max_tokens=12, ignore_eos=True)
+            await s.collect()
+            alone.append(s.completion_token_ids)
+        batched = {}
+
+        async def run(i):
+            s = rt.complete(prompts[i], max_tokens=12, ignore_eos=True)
+            await s.collect()
+            batched[i] = s.completion_token_ids
+
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(run, i)
+    assert [batched[i] for i in range(4)] == alone

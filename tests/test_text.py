@@ -1,0 +1,76 @@
+"""Stop strings and tool-call extraction on plain text, in arbitrary splits."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+from mlx_lm.tool_parsers import json_tools
+
+from omlx_actors.text import StopStringMatcher, ToolCallScanner
+
+
+def _feed_all(matcher, pieces):
+    out = []
+    for piece in pieces:
+        text, stopped = matcher.feed(piece)
+        out.append(text)
+        if stopped:
+            return "".join(out), True
+    return "".join(out) + matcher.flush(), False
+
+
+def test_stop_string_split_across_pieces_is_found_and_nothing_after_it_leaks():
+    text, stopped = _feed_all(StopStringMatcher(("STOP",)), ["hello S", "T", "OP and more"])
+    assert (text, stopped) == ("hello ", True)
+
+
+def test_text_that_only_looks_like_a_stop_prefix_is_released_at_the_end():
+    text, stopped = _feed_all(StopStringMatcher(("STOP",)), ["hello S", "TO"])
+    assert (text, stopped) == ("hello STO", False)
+
+
+def test_earliest_of_several_stop_strings_wins():
+    text, stopped = _feed_all(StopStringMatcher(("b", "xyz")), ["axyzb"])
+    assert (text, stopped) == ("a", True)
+
+
+@given(st.text(alphabet="abcS TOP", max_size=40), st.lists(st.integers(0, 40), max_size=8))
+def test_any_split_gives_the_same_result_as_the_whole_text(text, cuts):
+    cuts = sorted({min(c, len(text)) for c in cuts})
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    expected_index = text.find("STOP")
+    expected = (text[:expected_index], True) if expected_index >= 0 else (text, False)
+    assert _feed_all(StopStringMatcher(("STOP",)), pieces) == expected
+
+
+def _scanner():
+    return ToolCallScanner(start=json_tools.tool_call_start, end=json_tools.tool_call_end,
+                           parse=json_tools.parse_tool_call)
+
+
+def test_tool_call_split_across_pieces_is_parsed_with_mlx_lm_parser():
+    scanner = _scanner()
+    pieces = ["Sure. <tool", '_call>{"name": "get_weather", ', '"arguments": {"city": "Oslo"}}',
+              "</tool_call> done"]
+    texts, calls = [], []
+    for piece in pieces:
+        text, new_calls = scanner.feed(piece)
+        texts.append(text)
+        calls += new_calls
+    texts.append(scanner.flush())
+    assert "".join(texts) == "Sure.  done"
+    assert [(c.name, c.arguments, c.index) for c in calls] == [
+        ("get_weather", '{"city": "Oslo"}', 0)
+    ]
+
+
+def test_malformed_tool_call_is_kept_as_text_not_lost():
+    scanner = _scanner()
+    text, calls = scanner.feed("<tool_call>not json</tool_call>")
+    assert calls == []
+    assert text == "<tool_call>not json</tool_call>"
+
+
+def test_unterminated_tool_call_is_flushed_as_text():
+    scanner = _scanner()
+    text, calls = scanner.feed('x<tool_call>{"name": "f"')
+    assert (text, calls) == ("x", [])
+    assert scanner.flush() == '<tool_call>{"name": "f"'
