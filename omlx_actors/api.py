@@ -15,6 +15,7 @@ messages (`Submit`, `Abort`).
 from __future__ import annotations
 
 import logging
+import sys
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -248,27 +249,41 @@ class Runtime:
         await self._executor.call(InjectFault(error=error), timeout=5.0)
 
 
-def resolve_model(config: RuntimeConfig) -> tuple[Path, bool]:
+async def resolve_model(config: RuntimeConfig) -> tuple[Path, bool]:
     """The model directory to load, and whether it is the random-weight demo.
 
     A local directory is used as is; anything else goes through mlx-lm's hub resolution
-    (which works offline for already-downloaded repos). None builds/uses the demo model.
+    (which works offline for already-downloaded repos). None builds/uses the demo model -
+    built in a child process, because building runs MLX and MLX belongs to the executor's
+    thread in this process.
     """
-    from omlx_actors.models import ensure_demo_model, is_demo_model
+    from omlx_actors.models import demo_model_path, is_demo_model
 
     if config.model is None:
-        path = ensure_demo_model(config.demo_model, cache_dir=config.model_cache_dir)
-        return Path(path), True
+        path = demo_model_path(config.demo_model, config.model_cache_dir)
+        if not is_demo_model(path):
+            log.warning("building the random-weight demo model %s once into %s",
+                        config.demo_model, path)
+            script = ("import sys; from omlx_actors.models import ensure_demo_model; "
+                      "ensure_demo_model(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)")
+            args = [sys.executable, "-c", script, config.demo_model]
+            if config.model_cache_dir is not None:
+                args.append(str(config.model_cache_dir))
+            await trio.run_process(args)
+        return path, True
     local = Path(config.model).expanduser()
     if local.is_dir():
         if not (local / "config.json").exists():
             raise ModelNotFound(f"{local} has no config.json: not an mlx-lm model directory")
         return local, is_demo_model(local)
-    try:
-        import omlx_actors.backend  # noqa: F401 - BLAS before mlx_lm imports mlx
+
+    def download() -> Path:
         from mlx_lm.utils import _download
 
-        return Path(_download(config.model)), False
+        return Path(_download(config.model))
+
+    try:
+        return await trio.to_thread.run_sync(download), False
     except Exception as exc:  # noqa: BLE001 - any resolution failure means "not found"
         raise ModelNotFound(f"model {config.model!r} not found locally or on the hub: {exc}") from exc
 
@@ -286,7 +301,7 @@ async def open_runtime(
         config = RuntimeConfig(model=None if model is None else str(model), **overrides)
     elif model is not None or overrides:
         config = attrs.evolve(config, **({"model": str(model)} if model is not None else {}), **overrides)
-    path, is_demo = await trio.to_thread.run_sync(resolve_model, config)
+    path, is_demo = await resolve_model(config)
     from mlx_lm.utils import load_tokenizer
 
     tokenizer = await trio.to_thread.run_sync(load_tokenizer, path)

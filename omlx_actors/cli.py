@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--max-tokens", type=int, default=64)
+    bench.add_argument("--repeat", type=int, default=3,
+                       help="alternating runs per level; the median run of each side is kept")
     bench.add_argument("--json", type=Path, default=None, help="also write the results here")
 
     build = sub.add_parser("build-demo", help="build a random-weight demo model directory")
