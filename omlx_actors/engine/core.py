@@ -205,15 +205,17 @@ class EngineCore:
         self._emit(CoreReady(info))
         try:
             while not self._stopping:
-                self._apply_commands(block=not self._live)
+                # Wait for work only when there is nothing to do, a pending clear included.
+                self._apply_commands(block=not self._live and self._clear.clear_at is None)
                 if self._stopping:
                     break
                 if self._live:
                     self._run_step()
                 elif self._clear.clear_at is not None:
                     # Idle: no step will run to reach the deadline; after a synchronize
-                    # nothing can still be reading the buffers.
+                    # nothing can still be reading the buffers. Report the memory it freed.
                     self._clear_buffer_cache()
+                    self._emit(self._step_output((), (), (), ()))
         finally:
             self._teardown()
             self._emit(CoreStopped())
