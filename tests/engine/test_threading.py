@@ -76,15 +76,43 @@ async def test_buffer_cache_is_cleared_only_after_the_stream_is_synchronized(tin
     assert "synchronize" in calls
 
 
-async def test_event_loop_answers_a_ping_within_50ms_while_a_long_prefill_runs(model_root):
+@pytest.fixture(scope="module")
+def heavier_model(model_root):
+    """A model slow enough on this CPU that one prefill chunk takes a while."""
     from omlx_actors.models import build_demo_model, get_spec
 
     spec = get_spec("tiny-llama").with_(
         name="prefill-heavy", hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
         num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=4096,
     )
-    path = build_demo_model(spec, model_root / "prefill-heavy", overwrite=True)
-    async with open_runtime(path, prefill_step_size=4096) as rt:
+    return build_demo_model(spec, model_root / "prefill-heavy", overwrite=True)
+
+
+async def test_event_loop_heartbeat_stays_prompt_while_decoding(heavier_model):
+    async with open_runtime(heavier_model) as rt:
+        lags: list[float] = []
+        async with trio.open_nursery() as nursery:
+
+            async def decode():
+                async with trio.open_nursery() as inner:
+                    for i in range(8):
+                        inner.start_soon(lambda i=i: rt.complete(f"decode {i}", max_tokens=60,
+                                                                 ignore_eos=True).collect())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(decode)
+            while True:
+                start = time.monotonic()
+                await trio.sleep(0.005)
+                lags.append(time.monotonic() - start - 0.005)
+    lags.sort()
+    p99 = lags[int(0.99 * (len(lags) - 1))]
+    assert len(lags) > 50
+    assert p99 < 0.025, lags[-10:]
+
+
+async def test_event_loop_answers_a_ping_within_50ms_while_a_long_prefill_runs(heavier_model):
+    async with open_runtime(heavier_model, prefill_step_size=4096) as rt:
         prompt = [(i * 37) % 500 + 5 for i in range(3000)]
         session = rt.complete(prompt, max_tokens=1, ignore_eos=True)
         latencies: list[float] = []
