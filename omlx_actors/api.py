@@ -25,6 +25,9 @@ from typing import Any
 import attrs
 import trio
 
+from omlx_actors.cache import actor as cache_actor
+from omlx_actors.cache.actor import CacheStats, CacheStatsQuery, Lookup, Release
+from omlx_actors.cache.blocks import block_hashes
 from omlx_actors.config import RuntimeConfig
 from omlx_actors.engine import executor
 from omlx_actors.engine.core import EngineSettings
@@ -149,6 +152,7 @@ class Runtime:
     dispatcher: Dispatcher
     _executor: Address
     _nursery: trio.Nursery
+    cache_index: Address | None = None
     accepting: bool = True
 
     # -- requests ----------------------------------------------------------------------------
@@ -230,6 +234,39 @@ class Runtime:
         except ActorError as exc:
             raise EngineUnavailable(f"the engine is unavailable: {exc}") from exc
 
+    @property
+    def prefix_cache_enabled(self) -> bool:
+        return self.cache_index is not None and self.info.cache_namespace is not None
+
+    async def lookup_prefix(self, request_id: str, prompt_tokens: Sequence[int]) -> tuple[str, ...]:
+        """The longest cached prefix of the prompt, as block hashes pinned for this request.
+        Never the whole prompt: the last prompt token is always prefilled."""
+        if not self.prefix_cache_enabled:
+            return ()
+        hashes = block_hashes(prompt_tokens[:-1], self.info.block_size, self.info.cache_namespace)
+        if not hashes:
+            return ()
+        try:
+            result = await self.cache_index.call(
+                Lookup(request_id=request_id, hashes=tuple(hashes)), timeout=self.config.submit_timeout_s
+            )
+        except ActorError as exc:  # the cache is an optimisation: serve without it
+            log.warning("prefix cache lookup failed (%s); prefilling in full", exc)
+            return ()
+        return tuple(result.matched)
+
+    def release_prefix(self, request_id: str) -> None:
+        """Unpin a request's blocks when it never reached the engine (never blocks)."""
+        if self.cache_index is not None and not self.cache_index.cast_nowait(
+            Release(request_id=request_id)
+        ):
+            self._nursery.start_soon(self.cache_index.cast, Release(request_id=request_id))
+
+    async def cache_stats(self, timeout: float = 1.0) -> CacheStats | None:
+        if self.cache_index is None:
+            return None
+        return await self.cache_index.call(CacheStatsQuery(), timeout=timeout)
+
     def abort_nowait(self, request_id: str) -> None:
         """Abort without waiting (safe in a cancelled scope). If the inbox is momentarily
         full, a background task delivers the abort instead: it is never dropped."""
@@ -310,13 +347,26 @@ async def open_runtime(
         completion_batch_size=config.max_batch_size,
         prefill_batch_size=config.prefill_batch_size,
         prefill_step_size=config.prefill_step_size,
+        block_size=config.block_size if config.prefix_cache_bytes > 0 else 0,
     )
     events_send, events_recv = trio.open_memory_channel[EngineEvent](executor.ENGINE_EVENT_BACKLOG)
     address, inbox = open_inbox("executor", EXECUTOR_INBOX_CAPACITY, Overflow.WAIT)
+    cache_address = None
+    if config.prefix_cache_bytes > 0:
+        cache_address, cache_inbox = open_inbox(
+            "cache-index", cache_actor.CACHE_INBOX_CAPACITY, Overflow.WAIT
+        )
     dispatcher = Dispatcher()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(dispatcher.run, events_recv)
         async with open_supervisor("engine", cleanup_timeout=config.drain_timeout_s) as sup:
+            if cache_address is not None:
+                # Not restarted: a fresh index would not know the blocks the engine still
+                # holds, which then could never be evicted. A crash escalates instead.
+                await sup.start(
+                    "cache-index", cache_actor.run, cache_inbox, config.prefix_cache_bytes, address,
+                    policy=RestartPolicy(max_restarts=0, within=1.0),
+                )
             # No restarts: a crashed executor has lost its batch, and its sessions are failed
             # by its own cleanup; restarting with in-flight resume is the isolation issue's.
             info = await sup.start(
@@ -325,6 +375,7 @@ async def open_runtime(
                 inbox,
                 settings,
                 events_send,
+                cache_address,
                 policy=RestartPolicy(max_restarts=0, within=1.0),
             )
             runtime = Runtime(
@@ -336,6 +387,7 @@ async def open_runtime(
                 dispatcher=dispatcher,
                 executor=address,
                 nursery=nursery,
+                cache_index=cache_address,
             )
             try:
                 yield runtime

@@ -44,3 +44,9 @@ class RuntimeConfig:
         default="drain", validator=attrs.validators.in_(("drain", "abort"))
     )
     drain_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    # Prefix cache in memory: tokens per block, and the byte budget for cached blocks
+    # (0 turns the prefix cache off).
+    block_size: int = attrs.field(default=256, validator=_positive)
+    prefix_cache_bytes: int = attrs.field(
+        default=2 * 1024**3, validator=attrs.validators.ge(0)
+    )

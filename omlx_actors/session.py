@@ -171,6 +171,7 @@ class Session:
         self._queued_s: float | None = None
         self._t_first: float | None = None
         self._t_last: float | None = None
+        self._cached_tokens = 0
 
     # -- preparing (all refusals happen here) --------------------------------------------------
 
@@ -223,6 +224,7 @@ class Session:
         self._events = rt.dispatcher.register(self.request_id, self._channel_capacity())
         self._t_submit = time.monotonic()
         try:
+            cached_blocks = await rt.lookup_prefix(self.request_id, self.prompt_tokens)
             await rt.submit(
                 Submit(
                     request_id=self.request_id,
@@ -230,10 +232,12 @@ class Session:
                     max_tokens=max_tokens,
                     sampling=req.sampling,
                     stop_token_ids=tuple(stop_ids),
+                    cached_blocks=cached_blocks,
                 )
             )
         except BaseException:
             rt.dispatcher.unregister(self.request_id)
+            rt.release_prefix(self.request_id)
             self._closed = True
             raise
         self._started = True
@@ -327,6 +331,7 @@ class Session:
                 self._on_tokens(tokens)
             case Finished(reason=reason, error=error, error_type=error_type):
                 self._engine_done = True
+                self._cached_tokens = event.cached_tokens
                 if not self._finished:
                     self._finish_with(reason, error_type, error)
             case other:
@@ -400,6 +405,7 @@ class Session:
                 usage=Usage(
                     prompt_tokens=len(self.prompt_tokens),
                     completion_tokens=self._completion_tokens,
+                    cached_tokens=self._cached_tokens,
                 ),
                 timings=Timings(
                     queued_s=self._queued_s,

@@ -21,6 +21,9 @@ from typing import Any, Union
 import attrs
 
 from omlx_actors.backend import load_mlx
+from omlx_actors.cache.blocks import cache_namespace
+from omlx_actors.cache.index import Eviction, StoredBlock
+from omlx_actors.engine.block_store import BlockStore, cache_layout
 from omlx_actors.engine.lifetime import ClearSchedule, RetiredRefs
 from omlx_actors.engine.messages import (
     EngineInfo,
@@ -59,13 +62,20 @@ class CoreStop:
 
 
 @attrs.frozen
+class CoreDropBlocks:
+    """The cache index evicted these blocks: drop their tensors (generation-checked)."""
+
+    evictions: tuple[Eviction, ...]
+
+
+@attrs.frozen
 class CoreFault:
     """Test/fault-injection hook: make the next step raise `error` (an out-of-memory, say)."""
 
     error: str
 
 
-CoreCommand = Union[CoreSubmit, CoreAbort, CoreStop, CoreFault]
+CoreCommand = Union[CoreSubmit, CoreAbort, CoreStop, CoreFault, CoreDropBlocks]
 
 # ---------------------------------------------------------------------------------------
 # Outputs of the core (MLX thread → trio side), all plain data.
@@ -89,6 +99,7 @@ class SlotFinished:
     reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
     error_type: str | None = None
     error: str | None = None
 
@@ -108,6 +119,8 @@ class StepOutput:
     buffer_cache_clears: int
     prompt_tokens_processed: int
     generation_tokens: int
+    stored: tuple[StoredBlock, ...] = ()  # blocks newly in the block store, for the index
+    block_store_bytes: int = 0
 
 
 @attrs.frozen
@@ -129,6 +142,8 @@ class EngineSettings:
     prefill_batch_size: int = 8
     prefill_step_size: int = 512
     clear_delay_steps: int = 2
+    # Prefix cache: tokens per block, 0 disables saving and restoring blocks.
+    block_size: int = 256
 
 
 @attrs.define
@@ -141,6 +156,20 @@ class _Live:
     sampling: SamplingParams
     completion_tokens: int = 0
     prefill_started: bool = False
+    cached_tokens: int = 0
+    # Block indexes whose end boundary the prefill stops at (hybrid models), in order.
+    boundaries: list[int] = attrs.field(factory=list)
+
+
+def model_identity(path: Path) -> str:
+    """What names a model for the prefix cache: its config and weight files' sizes. Two
+    directories with the same files share cached blocks; any change gives a new namespace."""
+    import hashlib
+
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:24]
 
 
 def _make_seeded_sampler(p: SamplingParams) -> Callable[[Any], Any]:
@@ -191,6 +220,8 @@ class EngineCore:
         self._pending_fault: str | None = None
         self._samplers: dict[SamplingParams, Callable[[Any], Any]] = {}
         self._stop_sequences: dict[tuple[int, ...], Any] = {}
+        self._store: BlockStore | None = None
+        self._stored: list[StoredBlock] = []  # saved since the last output
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -221,7 +252,6 @@ class EngineCore:
             self._emit(CoreStopped())
 
     def _load(self) -> EngineInfo:
-        from mlx_lm.generate import BatchGenerator
         from mlx_lm.utils import load_model
 
         # A stream of this thread's own: mlx-lm's module-level `generation_stream` belongs to
@@ -234,13 +264,13 @@ class EngineCore:
         eos = config.get("eos_token_id", [])
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         self._eos_ids = eos_ids
-        self._gen = BatchGenerator(
-            self._model,
-            stream=self._stream,
-            completion_batch_size=self.settings.completion_batch_size,
-            prefill_batch_size=self.settings.prefill_batch_size,
-            prefill_step_size=self.settings.prefill_step_size,
-        )
+        self._gen = self._new_generator()
+        layout = cache_layout(self._model)
+        namespace = cache_namespace(model_identity(path), layout, max(self.settings.block_size, 1))
+        if self.settings.block_size > 0:
+            self._store = BlockStore(layout, self.settings.block_size, namespace)
+            if not self._store.enabled:
+                self._store = None  # a cache type we cannot slice or snapshot
         return EngineInfo(
             model_path=str(path),
             model_type=str(config.get("model_type", "unknown")),
@@ -248,6 +278,20 @@ class EngineCore:
             max_context=text_config.get("max_position_embeddings"),
             eos_token_ids=eos_ids,
             device="gpu" if mx.default_device() == mx.gpu else "cpu",
+            cache_layout=layout,
+            cache_namespace=namespace if self._store is not None else None,
+            block_size=self.settings.block_size if self._store is not None else 0,
+        )
+
+    def _new_generator(self):
+        from mlx_lm.generate import BatchGenerator
+
+        return BatchGenerator(
+            self._model,
+            stream=self._stream,
+            completion_batch_size=self.settings.completion_batch_size,
+            prefill_batch_size=self.settings.prefill_batch_size,
+            prefill_step_size=self.settings.prefill_step_size,
         )
 
     def _teardown(self) -> None:
@@ -261,6 +305,8 @@ class EngineCore:
             self._emit(self._step_output((), (), (), finished))
         self._gen = None
         self._model = None
+        if self._store is not None:
+            self._store.clear()
         self._samplers.clear()
         self._stop_sequences.clear()
         if hasattr(self, "_stream"):
@@ -272,6 +318,7 @@ class EngineCore:
         """Drain the command queue; when idle, wait for the first command (no busy loop)."""
         pending_finished: list[SlotFinished] = []
         admitted: list[tuple[int, float]] = []
+        dropped = False
         while True:
             try:
                 command = self._commands.get(block=block)
@@ -284,15 +331,21 @@ class EngineCore:
                 case CoreAbort(slot=slot):
                     live = self._live.get(slot)
                     if live is not None:
-                        self._gen.remove([live.uid])
+                        caches = self._gen.remove([live.uid], return_prompt_caches=self._store is not None)
+                        if live.uid in caches:
+                            self._save_blocks(live, caches[live.uid][1], caches[live.uid][0])
                         pending_finished.append(self._finish(live, FinishReason.ABORT))
+                case CoreDropBlocks(evictions=evictions):
+                    if self._store is not None:
+                        for e in evictions:
+                            dropped |= self._store.drop(e.hash, e.generation)
                 case CoreStop():
                     self._stopping = True
                 case CoreFault(error=error):
                     self._pending_fault = error
                 case _:
                     raise TypeError(f"unknown core command {command!r}")
-        if pending_finished or admitted:
+        if pending_finished or admitted or self._stored or dropped:
             # Aborts and admissions are reported at once, not with the next step, so a
             # cancelled request is confirmed gone even if no step follows.
             self._emit(self._step_output(tuple(admitted), (), (), tuple(pending_finished)))
@@ -315,19 +368,52 @@ class EngineCore:
                 presence_penalty=p.presence_penalty,
                 frequency_penalty=p.frequency_penalty,
             )
+        tokens = submit.prompt_tokens
+        cache, cached = None, 0
+        if self._store is not None and submit.cached_blocks:
+            cache, cached = self._store.build_cache(submit.cached_blocks)
+        # A request always prefills at least its last prompt token.
+        if cached >= len(tokens):
+            cache, cached = None, 0
+        boundaries, segments = self._segments(tokens, cached)
         # list(...) copies: BatchGenerator extends the lists it is given in place.
-        (uid,) = self._gen.insert(
-            [list(submit.prompt_tokens)],
+        (uid,) = self._gen.insert_segments(
+            [segments],
             max_tokens=[submit.max_tokens],
+            caches=[cache] if cache is not None else None,
+            all_tokens=[list(tokens[:cached])],
             samplers=[self._sampler_for(p)],
             logits_processors=[processors],
             stop_sequences=[stops],
         )
         self._live[command.slot] = _Live(
-            slot=command.slot, uid=uid, prompt_tokens=len(submit.prompt_tokens), sampling=p
+            slot=command.slot,
+            uid=uid,
+            prompt_tokens=len(tokens),
+            sampling=p,
+            cached_tokens=cached,
+            boundaries=boundaries,
         )
         self._slot_of_uid[uid] = command.slot
         return command.slot, time.monotonic() - command.received_at
+
+    def _segments(self, tokens: tuple[int, ...], cached: int) -> tuple[list[int], list[list[int]]]:
+        """The prompt after the cached prefix, cut at block boundaries when recurrent state
+        must be snapshotted there (hybrid models); one segment otherwise."""
+        rest = list(tokens[cached:])
+        store = self._store
+        if store is None or not store.hybrid:
+            return [], [rest]
+        size = store.block_size
+        boundaries, segments, start = [], [], cached
+        # The last prompt token is prefilled with the first decode step, so a boundary at
+        # the very end of the prompt is reached in generation, not here.
+        for end in range((cached // size + 1) * size, len(tokens), size):
+            segments.append(list(tokens[start:end]))
+            boundaries.append(end // size - 1)
+            start = end
+        segments.append(list(tokens[start:]))
+        return boundaries, segments
 
     def _sampler_for(self, p: SamplingParams) -> Callable[[Any], Any] | None:
         """None (the batch's shared greedy sampler) for greedy requests; one shared sampler
@@ -372,6 +458,8 @@ class EngineCore:
             progress.append((slot, int(done), int(total)))
             if r.end_of_prompt:
                 self._prompt_tokens_processed += int(total)
+            elif r.end_of_segment:
+                self._snapshot_prefill_boundary(self._live[slot], r.uid)
         tokens: list[tuple[int, TokenChoice]] = []
         finished: list[SlotFinished] = []
         for r in generation_responses:
@@ -386,11 +474,52 @@ class EngineCore:
                 # The extracted cache may still be read by the step in flight: keep it until
                 # the deferred clear (rule 3 in lifetime.py). The cache index will take it here.
                 self._retired.retire(self._step, r.prompt_cache)
+                self._save_blocks(live, r.all_tokens, r.prompt_cache)
                 finished.append(self._finish(live, reason))
         self._generation_tokens += len(tokens)
+        if self._store is not None and self._store.hybrid:
+            self._snapshot_generation_boundaries()
         if self._clear.due(self._step):
             self._clear_buffer_cache()
         self._emit(self._step_output((), tuple(progress), tuple(tokens), tuple(finished)))
+
+    # -- prefix blocks ------------------------------------------------------------------------
+    # These reach into BatchGenerator's batches (`_prompt_batch`, `_generation_batch`): mlx-lm
+    # 0.32.2 (pinned) offers no public way to read one row's cache at a segment boundary.
+
+    def _snapshot_prefill_boundary(self, live: _Live, uid: int) -> None:
+        if self._store is None or not live.boundaries:
+            return
+        block_index = live.boundaries.pop(0)
+        batch = self._gen._prompt_batch
+        idx = batch.uids.index(uid)
+        self._store.snapshot(live.slot, block_index, self._row_cache(batch.prompt_cache, idx))
+
+    def _snapshot_generation_boundaries(self) -> None:
+        batch = self._gen._generation_batch
+        size = self._store.block_size
+        for idx, uid in enumerate(batch.uids):
+            held = len(batch.tokens[idx])  # tokens in this row's cache
+            slot = self._slot_of_uid.get(uid)
+            if slot is not None and held % size == 0:
+                self._store.snapshot(slot, held // size - 1, self._row_cache(batch.prompt_cache, idx))
+
+    def _row_cache(self, batch_cache: list[Any], idx: int) -> list[Any]:
+        """Row `idx` of a batch cache, recurrent layers only (KV blocks are sliced at save)."""
+        from omlx_actors.engine.block_store import ARRAYS
+
+        layout = self._store.layout
+        return [c.extract(idx) if kind == ARRAYS else None for c, kind in zip(batch_cache, layout)]
+
+    def _save_blocks(self, live: _Live, tokens: list[int] | None, cache: list[Any] | None) -> None:
+        if self._store is None:
+            return
+        if tokens and cache:
+            self._stored.extend(
+                self._store.save(live.slot, tokens, cache, skip=live.cached_tokens // self._store.block_size)
+            )
+        else:
+            self._store.forget_request(live.slot)
 
     def _token_choice(self, live: _Live, token: int, logprobs: Any) -> TokenChoice:
         p = live.sampling
@@ -408,8 +537,6 @@ class EngineCore:
     def _fail_step(self, exc: Exception) -> None:
         """A step raised (an out-of-memory, say): fail the requests in the batch, release
         their caches, synchronize, clear, and keep serving."""
-        from mlx_lm.generate import BatchGenerator
-
         failed = []
         uids = self._live_uids()
         for live in list(self._live.values()):
@@ -423,13 +550,10 @@ class EngineCore:
             pass
         # A fresh generator: a step that raised may have left the batch half-updated.
         self._retired.retire(self._step, self._gen)
-        self._gen = BatchGenerator(
-            self._model,
-            stream=self._stream,
-            completion_batch_size=self.settings.completion_batch_size,
-            prefill_batch_size=self.settings.prefill_batch_size,
-            prefill_step_size=self.settings.prefill_step_size,
-        )
+        self._gen = self._new_generator()
+        if self._store is not None:
+            for live in failed:
+                self._store.forget_request(live.slot)
         self._clear_buffer_cache()
         self._emit(self._step_output((), (), (), tuple(failed)))
 
@@ -443,12 +567,15 @@ class EngineCore:
         del self._live[live.slot]
         self._slot_of_uid.pop(live.uid, None)
         self._clear.note_finished(self._step)
+        if self._store is not None and reason in (FinishReason.ERROR,):
+            self._store.forget_request(live.slot)
         return SlotFinished(
             slot=live.slot,
             step=self._step,
             reason=reason,
             prompt_tokens=live.prompt_tokens,
             completion_tokens=live.completion_tokens,
+            cached_tokens=live.cached_tokens,
             error_type=error_type,
             error=error,
         )
@@ -490,7 +617,13 @@ class EngineCore:
             buffer_cache_clears=self._buffer_cache_clears,
             prompt_tokens_processed=self._prompt_tokens_processed,
             generation_tokens=self._generation_tokens,
+            stored=self._take_stored(),
+            block_store_bytes=self._store.nbytes if self._store is not None else 0,
         )
+
+    def _take_stored(self) -> tuple[StoredBlock, ...]:
+        stored, self._stored = tuple(self._stored), []
+        return stored
 
     def _emit(self, output: CoreOutput) -> None:
         # Blocks when the trio side is STEP_BACKLOG outputs behind: there is no point

@@ -25,8 +25,10 @@ import time
 import attrs
 import trio
 
+from omlx_actors.cache.actor import DropBlocks, Release, Stored
 from omlx_actors.engine.core import (
     CoreAbort,
+    CoreDropBlocks,
     CoreFault,
     CoreLoadFailed,
     CoreReady,
@@ -54,7 +56,7 @@ from omlx_actors.engine.messages import (
     TokenDelta,
 )
 from omlx_actors.engine.mlx_thread import acquire_worker
-from omlx_actors.runtime import ActorError, Inbox, unknown_message
+from omlx_actors.runtime import ActorError, Address, Inbox, unknown_message
 
 # Step outputs the MLX thread may run ahead of the trio side before `queue.put` blocks it.
 # 8 steps is ~0.1-0.5 s of decoding on a CPU and plenty to ride out a busy trio loop; more
@@ -122,6 +124,7 @@ async def run(
     inbox: Inbox,
     settings: EngineSettings,
     events: trio.MemorySendChannel[EngineEvent],
+    cache_index: Address | None = None,
     *,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -129,6 +132,10 @@ async def run(
     serve the inbox until it is closed (drain) or this task is cancelled (abort).
 
     On drain (inbox closed), running requests finish normally before the core stops.
+    With a `cache_index`, blocks the core stored are reported to it (`Stored`), finished
+    requests release their pinned blocks (`Release`), and its `DropBlocks` evictions are
+    passed on to the core. Those casts wait for room (never dropped): the index never
+    blocks on us, so the wait is bounded by its own work.
     """
     commands: queue.SimpleQueue = queue.SimpleQueue()
     outputs: queue.Queue = queue.Queue(maxsize=STEP_BACKLOG)
@@ -164,7 +171,7 @@ async def run(
             for output in next_outputs():
                 match output:
                     case StepOutput():
-                        await _deliver(state, output, events)
+                        await _deliver(state, output, events, cache_index)
                     case CoreStopped():
                         core_stopped.set()
                         return
@@ -207,6 +214,8 @@ async def run(
                     if not core_stopped.is_set():
                         await doorbell_recv.receive()
             for request in list(state.by_slot.values()):
+                if cache_index is not None:
+                    cache_index.cast_nowait(Release(request_id=request.request_id))
                 _finish_nowait(
                     events,
                     request,
@@ -245,15 +254,23 @@ def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue) -> None
         case InjectFault(error=error):
             commands.put(CoreFault(error))
             envelope.reply(None)
+        case DropBlocks(evictions=evictions):
+            commands.put(CoreDropBlocks(tuple(evictions)))
+            envelope.reply(None)
         case other:
             unknown_message("executor", other)
 
 
 async def _deliver(
-    state: ExecutorState, output: StepOutput, events: trio.MemorySendChannel[EngineEvent]
+    state: ExecutorState,
+    output: StepOutput,
+    events: trio.MemorySendChannel[EngineEvent],
+    cache_index: Address | None,
 ) -> None:
     """Turn one step's output into events, dropping anything for aborted requests."""
     state.last = output
+    if cache_index is not None and output.stored:
+        await cache_index.cast(Stored(blocks=output.stored))
     state.last_step_at = time.monotonic()
     for slot, queued_s in output.admitted:
         request = state.by_slot.get(slot)
@@ -279,6 +296,8 @@ async def _deliver(
         if request is None:
             continue
         state.remove(request)
+        if cache_index is not None:
+            await cache_index.cast(Release(request_id=request.request_id))
         reason = FinishReason.ABORT if request.aborted else done.reason
         await events.send(
             Finished(
@@ -287,6 +306,7 @@ async def _deliver(
                 prompt_tokens=done.prompt_tokens,
                 completion_tokens=request.delivered,
                 step=done.step,
+                cached_tokens=done.cached_tokens,
                 error=done.error,
                 error_type=done.error_type,
             )
@@ -338,6 +358,7 @@ def _stats(state: ExecutorState) -> EngineStats:
         active_memory_bytes=last.active_memory,
         cache_memory_bytes=last.cache_memory,
         peak_memory_bytes=last.peak_memory,
+        prefix_cache_bytes=last.block_store_bytes,
     )
 
 

@@ -75,6 +75,9 @@ class Submit:
     max_tokens: int
     sampling: SamplingParams = SamplingParams()
     stop_token_ids: tuple[int, ...] = ()
+    # Prefix blocks the cache index matched and pinned for this request (a hash chain from
+    # the start of the prompt); the engine restores them instead of prefilling.
+    cached_blocks: tuple[str, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -132,6 +135,7 @@ class EngineStats:
     active_memory_bytes: int
     cache_memory_bytes: int
     peak_memory_bytes: int
+    prefix_cache_bytes: int = 0  # block tensors held by the engine for the prefix cache
 
 
 @attrs.frozen(kw_only=True)
@@ -144,6 +148,9 @@ class EngineInfo:
     max_context: int | None
     eos_token_ids: tuple[int, ...]
     device: str
+    cache_layout: tuple[str, ...] = ()
+    cache_namespace: str | None = None  # None: the prefix cache is off for this model
+    block_size: int = 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,6 +208,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     step: int = 0
+    cached_tokens: int = 0
     error: str | None = None
     error_type: str | None = None
 
