@@ -231,3 +231,53 @@ def bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
         args.json.write_text(json.dumps([[a.as_dict(), b.as_dict()] for a, b in results], indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+async def _ttft(rt, prompt: list[int], max_tokens: int):
+    start = time.perf_counter()
+    session = rt.complete(prompt, max_tokens=max_tokens, ignore_eos=True)
+    first = None
+    done = None
+    async with session:
+        async for event in session:
+            if first is None and session.completion_token_ids:
+                first = time.perf_counter() - start
+            done = event
+    return first, session.completion_token_ids, done
+
+
+def cache_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
+    """Second turn of a conversation with a long history vs its cold first turn."""
+    from omlx_actors.api import open_runtime
+    from omlx_actors.session import Done
+
+    async def main() -> dict[str, Any]:
+        async with open_runtime(config=config) as rt:
+            vocab = rt.info.vocab_size
+            (warmup,) = make_prompts(1, 64, vocab, offset=999)
+            await _ttft(rt, warmup, 2)
+            (history,) = make_prompts(1, args.history_tokens, vocab, offset=7)
+            cold_ttft, answer, _ = await _ttft(rt, history, args.max_tokens)
+            (new_turn,) = make_prompts(1, args.new_tokens, vocab, offset=8)
+            turn2 = history + answer + new_turn
+            warm_ttft, _, done = await _ttft(rt, turn2, args.max_tokens)
+            assert isinstance(done, Done)
+            return {
+                "history_tokens": len(history),
+                "turn2_prompt_tokens": len(turn2),
+                "cold_ttft_s": cold_ttft,
+                "warm_ttft_s": warm_ttft,
+                "ratio": warm_ttft / cold_ttft,
+                "cached_tokens": done.usage.cached_tokens,
+                "block_size": rt.info.block_size,
+            }
+
+    result = trio.run(main)
+    print(f"history {result['history_tokens']} tokens; turn 2 prompt {result['turn2_prompt_tokens']} tokens")
+    print(f"cold first-turn TTFT  {result['cold_ttft_s'] * 1000:9.1f} ms")
+    print(f"warm second-turn TTFT {result['warm_ttft_s'] * 1000:9.1f} ms  "
+          f"(cached_tokens {result['cached_tokens']}, block size {result['block_size']})")
+    print(f"ratio warm/cold = {result['ratio']:.3f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0

@@ -25,6 +25,9 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests that may wait beyond the batch before 429")
     p.add_argument("--default-max-tokens", type=int, default=512)
+    p.add_argument("--block-size", type=int, default=256, help="prefix cache block size (tokens)")
+    p.add_argument("--prefix-cache-bytes", type=int, default=2 * 1024**3,
+                   help="memory budget of the prefix cache (0 turns it off)")
 
 
 def runtime_config(args: argparse.Namespace, **extra) -> RuntimeConfig:
@@ -37,6 +40,8 @@ def runtime_config(args: argparse.Namespace, **extra) -> RuntimeConfig:
             prefill_step_size=args.prefill_step_size,
             max_waiting_requests=args.max_waiting,
             default_max_tokens=args.default_max_tokens,
+            block_size=args.block_size,
+            prefix_cache_bytes=args.prefix_cache_bytes,
             **extra,
         )
     except (ValueError, TypeError) as exc:
@@ -51,6 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     _add_runtime_flags(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None,
+                       help="require this key (Authorization: Bearer KEY or x-api-key) on /v1/*")
+    serve.add_argument("--protect-health", action="store_true",
+                       help="with --api-key, also require the key on /health and /metrics")
+    serve.add_argument("--shutdown", choices=("drain", "abort"), default="drain",
+                       help="on SIGINT/SIGTERM: let in-flight requests finish, or abort them")
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds a drain may take before the rest is aborted")
+    serve.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024,
+                       help="larger request bodies get 413")
+    serve.add_argument("--keepalive", type=float, default=5.0,
+                       help="seconds of silence before a stream gets a keep-alive")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model id /v1/models reports (default: the model's name)")
 
     bench = sub.add_parser("bench", help="throughput/TTFT: this runtime vs a bare BatchGenerator loop")
     _add_runtime_flags(bench)
@@ -61,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="alternating runs per level; the median run of each side is kept")
     bench.add_argument("--json", type=Path, default=None, help="also write the results here")
 
+    cache_bench = sub.add_parser(
+        "bench-cache", help="TTFT of a long conversation's second turn vs its cold first turn")
+    _add_runtime_flags(cache_bench)
+    cache_bench.add_argument("--history-tokens", type=int, default=4000)
+    cache_bench.add_argument("--new-tokens", type=int, default=50)
+    cache_bench.add_argument("--max-tokens", type=int, default=16)
+    cache_bench.add_argument("--json", type=Path, default=None)
+
     build = sub.add_parser("build-demo", help="build a random-weight demo model directory")
     build.add_argument("name", help="demo-150m, tiny-llama or tiny-hybrid")
     build.add_argument("dest", type=Path)
@@ -68,13 +95,27 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "serve":
+        from omlx_actors.http.settings import HttpSettings
         from omlx_actors.server import serve_main
 
-        return serve_main(runtime_config(args), host=args.host, port=args.port)
+        config = runtime_config(args, shutdown_mode=args.shutdown, drain_timeout_s=args.drain_timeout)
+        try:
+            settings = HttpSettings(
+                api_key=args.api_key, protect_health=args.protect_health,
+                max_body_bytes=args.max_body_bytes, keepalive_s=args.keepalive,
+                served_model_name=args.served_model_name,
+            )
+        except (ValueError, TypeError) as exc:
+            raise SystemExit(f"omlx-actors: invalid setting: {exc}") from exc
+        return serve_main(config, host=args.host, port=args.port, settings=settings)
     if args.command == "bench":
         from omlx_actors.bench import bench_main
 
         return bench_main(args, runtime_config(args))
+    if args.command == "bench-cache":
+        from omlx_actors.bench import cache_bench_main
+
+        return cache_bench_main(args, runtime_config(args))
     if args.command == "build-demo":
         from omlx_actors.models import build_demo_model
 

@@ -97,3 +97,16 @@ async def test_cached_blocks_stay_within_budget_and_pinned_blocks_survive_pressu
         # The pinned request's prefix was never evicted: a new request still finds it.
         _, _, done = await rt.complete(base + [9], max_tokens=1, ignore_eos=True).collect()
         assert done.usage.cached_tokens == 8 * BLOCK
+
+
+async def test_prompt_blocks_are_reusable_while_their_request_still_decodes(tiny_llama):
+    shared = [(i * 17) % 300 + 20 for i in range(5 * BLOCK)]
+    async with open_runtime(tiny_llama, block_size=BLOCK) as rt:
+        first = rt.complete(shared + [1, 2], max_tokens=300, ignore_eos=True)
+        async with first:
+            async for _ in first:
+                if first.completion_token_ids:
+                    break  # prefill done, first token out; it keeps decoding
+            _, _, done = await rt.complete(shared + [3, 4], max_tokens=2, ignore_eos=True).collect()
+            assert done.usage.cached_tokens == 5 * BLOCK
+            assert len(first.completion_token_ids) < 300

@@ -126,13 +126,23 @@ class BlockStore:
     # -- save -----------------------------------------------------------------------------
 
     def save(
-        self, slot: int, tokens: Sequence[int], request_cache: Sequence[Any], skip: int = 0
+        self,
+        slot: int,
+        tokens: Sequence[int],
+        request_cache: Sequence[Any],
+        skip: int = 0,
+        *,
+        keep_snapshots: bool = False,
     ) -> list[StoredBlock]:
-        """Store the full blocks of a finished request's cache. `tokens` are the tokens the
-        cache holds (prompt + generated, minus the last generated one); blocks before `skip`
-        came from the store already. Returns what was newly stored (for the index)."""
+        """Store the full blocks of a request's cache. `tokens` are exactly the tokens the
+        cache holds; blocks before `skip` came from the store already. A finished request's
+        snapshots are forgotten here; a running one's are kept (`keep_snapshots`) for its
+        later blocks. Returns what was newly stored (for the index)."""
         assert_on_mlx_thread("BlockStore.save")
-        snapshots = self._snapshots.pop(slot, {})
+        if keep_snapshots:
+            snapshots = self._snapshots.get(slot, {})
+        else:
+            snapshots = self._snapshots.pop(slot, {})
         if not self.enabled:
             return []
         hashes = block_hashes(tokens, self.block_size, self.namespace)

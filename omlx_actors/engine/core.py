@@ -458,6 +458,7 @@ class EngineCore:
             progress.append((slot, int(done), int(total)))
             if r.end_of_prompt:
                 self._prompt_tokens_processed += int(total)
+                self._save_prompt_blocks(self._live[slot], r.uid)
             elif r.end_of_segment:
                 self._snapshot_prefill_boundary(self._live[slot], r.uid)
         tokens: list[tuple[int, TokenChoice]] = []
@@ -494,6 +495,21 @@ class EngineCore:
         batch = self._gen._prompt_batch
         idx = batch.uids.index(uid)
         self._store.snapshot(live.slot, block_index, self._row_cache(batch.prompt_cache, idx))
+
+    def _save_prompt_blocks(self, live: _Live, uid: int) -> None:
+        """Store the prompt's blocks as soon as its prefill is done, so requests arriving
+        while this one still decodes (agents sharing a system prompt) can reuse them."""
+        if self._store is None:
+            return
+        batch = self._gen._generation_batch  # the row moved there with its last prompt token
+        idx = batch.uids.index(uid)
+        row = [c.extract(idx) for c in batch.prompt_cache]
+        self._stored.extend(
+            self._store.save(
+                live.slot, list(batch.tokens[idx]), row,
+                skip=live.cached_tokens // self._store.block_size, keep_snapshots=True,
+            )
+        )
 
     def _snapshot_generation_boundaries(self) -> None:
         batch = self._gen._generation_batch
