@@ -14,6 +14,7 @@ messages (`Submit`, `Abort`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections import deque
@@ -45,7 +46,14 @@ from omlx_actors.engine.messages import (
     SamplingParams,
     Submit,
 )
-from omlx_actors.errors import DuplicateRequestId, EngineUnavailable, ModelNotFound, QueueFull
+from omlx_actors.errors import (
+    DuplicateRequestId,
+    EngineUnavailable,
+    ModelNotFound,
+    QueueFull,
+    RequestTooLarge,
+)
+from omlx_actors.memory import enforcer
 from omlx_actors.runtime import (
     ActorError,
     Address,
@@ -153,6 +161,7 @@ class Runtime:
     _executor: Address
     _nursery: trio.Nursery
     cache_index: Address | None = None
+    memory: Any = None  # the memory enforcer's handle (latest snapshot, subscriptions)
     accepting: bool = True
 
     # -- requests ----------------------------------------------------------------------------
@@ -218,10 +227,6 @@ class Runtime:
     def pending_requests(self) -> int:
         return len(self.dispatcher)
 
-    @property
-    def admission_limit(self) -> int:
-        return self.config.max_batch_size + self.config.max_waiting_requests
-
     async def submit(self, submit: Submit) -> None:
         if not self.accepting:
             raise EngineUnavailable("the server is shutting down")
@@ -229,6 +234,14 @@ class Runtime:
             await self._executor.call(submit, timeout=self.config.submit_timeout_s)
         except executor.DuplicateRequest as exc:
             raise DuplicateRequestId(str(exc), param="request_id") from exc
+        except executor.MemoryRefused as exc:
+            raise RequestTooLarge(
+                f"this request cannot fit in memory: {exc.message}",
+                code="prefill_memory_exceeded",
+                details={"estimated_bytes": exc.needed_bytes, "limit_bytes": exc.available_bytes},
+            ) from exc
+        except executor.AdmissionQueueFull as exc:
+            raise QueueFull(exc.message) from exc
         except InboxFull as exc:
             raise QueueFull("the engine's inbox is full; retry shortly") from exc
         except ActorError as exc:
@@ -281,9 +294,20 @@ class Runtime:
     async def stats(self, timeout: float = 1.0) -> EngineStats:
         return await self._executor.call(EngineStatsQuery(), timeout=timeout)
 
-    async def inject_fault(self, error: str = "injected out-of-memory") -> None:
-        """Make the next engine step fail as an out-of-memory would (tests, scenarios)."""
-        await self._executor.call(InjectFault(error=error), timeout=5.0)
+    async def inject_fault(
+        self,
+        error: str = "injected out-of-memory",
+        *,
+        at_step: int | None = None,
+        above_bytes: int | None = None,
+    ) -> None:
+        """Make an engine step fail as an out-of-memory would (tests, scenarios; off unless
+        called): the next step, step number `at_step`, or the first step that starts with
+        MLX's active memory above `above_bytes`. The requests in that step end with
+        `finish_reason="error"`; requests still waiting for a batch are unaffected."""
+        await self._executor.call(
+            InjectFault(error=error, at_step=at_step, above_bytes=above_bytes), timeout=5.0
+        )
 
 
 async def resolve_model(config: RuntimeConfig) -> tuple[Path, bool]:
@@ -348,9 +372,19 @@ async def open_runtime(
         prefill_batch_size=config.prefill_batch_size,
         prefill_step_size=config.prefill_step_size,
         block_size=config.block_size if config.prefix_cache_bytes > 0 else 0,
+        max_requests=config.max_batch_size + config.max_waiting_requests,
     )
     events_send, events_recv = trio.open_memory_channel[EngineEvent](executor.ENGINE_EVENT_BACKLOG)
     address, inbox = open_inbox("executor", EXECUTOR_INBOX_CAPACITY, Overflow.WAIT)
+    gauge = executor.MlxGauge()
+    memory_address, memory_inbox = open_inbox(
+        "memory", enforcer.ENFORCER_INBOX_CAPACITY, Overflow.WAIT
+    )
+    budget = (
+        enforcer.MemoryBudget.auto()
+        if config.memory_budget_bytes is None
+        else enforcer.MemoryBudget.explicit(config.memory_budget_bytes)
+    )
     cache_address = None
     if config.prefix_cache_bytes > 0:
         cache_address, cache_inbox = open_inbox(
@@ -360,6 +394,24 @@ async def open_runtime(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(dispatcher.run, events_recv)
         async with open_supervisor("engine", cleanup_timeout=config.drain_timeout_s) as sup:
+            memory_handle = await sup.start(
+                "memory",
+                functools.partial(
+                    enforcer.run, poll_interval=config.memory_poll_interval_s,
+                    read_mlx=gauge.reading,
+                ),
+                memory_inbox,
+                budget,
+            )
+            wiring = executor.MemoryWiring(
+                gauge=gauge,
+                snapshots=memory_handle.subscribe(),
+                limits_for=enforcer.mlx_limits_for,
+                max_waiting=config.max_waiting_requests,
+                prefix_cache_bytes=config.prefix_cache_bytes,
+                prefill_step_size=config.prefill_step_size,
+                prefill_batch_size=config.prefill_batch_size,
+            )
             if cache_address is not None:
                 # Not restarted: a fresh index would not know the blocks the engine still
                 # holds, which then could never be evicted. A crash escalates instead.
@@ -376,6 +428,7 @@ async def open_runtime(
                 settings,
                 events_send,
                 cache_address,
+                wiring,
                 policy=RestartPolicy(max_restarts=0, within=1.0),
             )
             runtime = Runtime(
@@ -388,6 +441,7 @@ async def open_runtime(
                 executor=address,
                 nursery=nursery,
                 cache_index=cache_address,
+                memory=memory_handle,
             )
             try:
                 yield runtime

@@ -50,3 +50,8 @@ class RuntimeConfig:
     prefix_cache_bytes: int = attrs.field(
         default=2 * 1024**3, validator=attrs.validators.ge(0)
     )
+    # Memory budget for weights + prefix cache + requests: explicit bytes, or None for
+    # automatic (total memory minus a headroom). Requests that can never fit are refused
+    # (413) before any work; ones that fit later wait (bounded by max_waiting_requests).
+    memory_budget_bytes: int | None = attrs.field(default=None, validator=_positive)
+    memory_poll_interval_s: float = attrs.field(default=0.5, validator=_positive)

@@ -14,19 +14,21 @@ class RequestError(Exception):
     error_type = "invalid_request_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 details: dict | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.details = details or {}  # extra fields for the error body (e.g. the estimate)
         if code is not None:
             self.code = code
 
     def __reduce__(self):  # keep kw-only args through pickling (process boundary)
-        return (_rebuild, (type(self), self.message, self.param, self.code))
+        return (_rebuild, (type(self), self.message, self.param, self.code, self.details))
 
 
-def _rebuild(cls, message, param, code):
-    return cls(message, param=param, code=code)
+def _rebuild(cls, message, param, code, details=None):
+    return cls(message, param=param, code=code, details=details)
 
 
 class InvalidRequest(RequestError):

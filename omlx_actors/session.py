@@ -42,7 +42,6 @@ from omlx_actors.errors import (
     DuplicateRequestId,
     EngineUnavailable,
     InvalidRequest,
-    QueueFull,
 )
 from omlx_actors.text import ParsedToolCall, StopStringMatcher, ToolCallScanner
 
@@ -216,10 +215,6 @@ class Session:
                 )
             max_tokens = room
         self.max_tokens = max_tokens
-        if rt.pending_requests >= rt.admission_limit:
-            raise QueueFull(
-                f"{rt.pending_requests} requests are already queued or running; retry shortly"
-            )
         stop_ids = () if req.ignore_eos else rt.info.eos_token_ids
         self._events = rt.dispatcher.register(self.request_id, self._channel_capacity())
         self._t_submit = time.monotonic()

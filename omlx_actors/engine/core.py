@@ -70,12 +70,34 @@ class CoreDropBlocks:
 
 @attrs.frozen
 class CoreFault:
-    """Test/fault-injection hook: make the next step raise `error` (an out-of-memory, say)."""
+    """Fault injection: make a step raise `MemoryError(error)` - the next one, the one
+    numbered `at_step`, or the first starting with active memory above `above_bytes`."""
 
     error: str
+    at_step: int | None = None
+    above_bytes: int | None = None
 
 
-CoreCommand = Union[CoreSubmit, CoreAbort, CoreStop, CoreFault, CoreDropBlocks]
+@attrs.frozen
+class CoreSetLimits:
+    """MLX's own limits, derived from the memory budget (guidelines only in MLX: the real
+    guard is admission). 0 leaves a limit unchanged."""
+
+    memory_limit: int
+    cache_limit: int
+    wired_limit: int
+
+
+@attrs.frozen
+class CoreSetPrefillStep:
+    """Tokens per prefill chunk from now on (shrunk under memory pressure)."""
+
+    tokens: int
+
+
+CoreCommand = Union[
+    CoreSubmit, CoreAbort, CoreStop, CoreFault, CoreDropBlocks, CoreSetLimits, CoreSetPrefillStep
+]
 
 # ---------------------------------------------------------------------------------------
 # Outputs of the core (MLX thread → trio side), all plain data.
@@ -144,6 +166,8 @@ class EngineSettings:
     clear_delay_steps: int = 2
     # Prefix cache: tokens per block, 0 disables saving and restoring blocks.
     block_size: int = 256
+    # Requests queued or running at once when they cannot be priced by memory.
+    max_requests: int = 32 + 256
 
 
 @attrs.define
@@ -154,11 +178,19 @@ class _Live:
     uid: int
     prompt_tokens: int
     sampling: SamplingParams
+    command: CoreSubmit | None = None  # kept to re-admit it if a failed step never reached it
     completion_tokens: int = 0
     prefill_started: bool = False
     cached_tokens: int = 0
     # Block indexes whose end boundary the prefill stops at (hybrid models), in order.
     boundaries: list[int] = attrs.field(factory=list)
+
+
+def _plain_config(config: dict) -> tuple[tuple[str, str], ...]:
+    """The model config as (key, JSON) pairs: plain data the front's estimator can read."""
+    import json
+
+    return tuple(sorted((str(k), json.dumps(v, sort_keys=True, default=str)) for k, v in config.items()))
 
 
 def model_identity(path: Path) -> str:
@@ -217,7 +249,7 @@ class EngineCore:
         self._prompt_tokens_processed = 0
         self._generation_tokens = 0
         self._stopping = False
-        self._pending_fault: str | None = None
+        self._pending_fault: CoreFault | None = None
         self._samplers: dict[SamplingParams, Callable[[Any], Any]] = {}
         self._stop_sequences: dict[tuple[int, ...], Any] = {}
         self._store: BlockStore | None = None
@@ -265,6 +297,11 @@ class EngineCore:
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         self._eos_ids = eos_ids
         self._gen = self._new_generator()
+        from mlx.utils import tree_flatten
+
+        self._weights_bytes = sum(v.nbytes for _, v in tree_flatten(self._model.parameters()))
+        # MLX's peak is process-wide: measure this engine's own from here.
+        mx.reset_peak_memory()
         layout = cache_layout(self._model)
         namespace = cache_namespace(model_identity(path), layout, max(self.settings.block_size, 1))
         if self.settings.block_size > 0:
@@ -281,6 +318,8 @@ class EngineCore:
             cache_layout=layout,
             cache_namespace=namespace if self._store is not None else None,
             block_size=self.settings.block_size if self._store is not None else 0,
+            weights_bytes=self._weights_bytes,
+            memory_config=_plain_config(config),
         )
 
     def _new_generator(self):
@@ -341,8 +380,18 @@ class EngineCore:
                             dropped |= self._store.drop(e.hash, e.generation)
                 case CoreStop():
                     self._stopping = True
-                case CoreFault(error=error):
-                    self._pending_fault = error
+                case CoreFault():
+                    self._pending_fault = command
+                case CoreSetLimits(memory_limit=memory, cache_limit=cache, wired_limit=wired):
+                    if memory:
+                        mx.set_memory_limit(memory)
+                    if cache:
+                        mx.set_cache_limit(cache)
+                    if wired and mx.metal.is_available():
+                        mx.set_wired_limit(wired)
+                case CoreSetPrefillStep(tokens=tokens):
+                    self._gen.prefill_step_size = tokens
+                    self._gen._prompt_batch.prefill_step_size = tokens
                 case _:
                     raise TypeError(f"unknown core command {command!r}")
         if pending_finished or admitted or self._stored or dropped:
@@ -391,6 +440,7 @@ class EngineCore:
             uid=uid,
             prompt_tokens=len(tokens),
             sampling=p,
+            command=command,
             cached_tokens=cached,
             boundaries=boundaries,
         )
@@ -441,9 +491,7 @@ class EngineCore:
     def _run_step(self) -> None:
         assert_on_mlx_thread("EngineCore._run_step")
         try:
-            if self._pending_fault is not None:
-                error, self._pending_fault = self._pending_fault, None
-                raise MemoryError(error)
+            self._maybe_inject_fault()
             prompt_responses, generation_responses = self._gen.next()
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not us
             self._fail_step(exc)
@@ -550,28 +598,44 @@ class EngineCore:
             top = tuple(TokenLogprob(token=int(i), logprob=float(v)) for i, v in pairs)
         return TokenChoice(token=int(token), logprob=float(logprobs[token].item()), top=top)
 
+    def _maybe_inject_fault(self) -> None:
+        fault = self._pending_fault
+        if fault is None:
+            return
+        if fault.at_step is not None and self._step + 1 < fault.at_step:
+            return
+        if fault.above_bytes is not None and mx.get_active_memory() <= fault.above_bytes:
+            return
+        self._pending_fault = None
+        raise MemoryError(fault.error)
+
     def _fail_step(self, exc: Exception) -> None:
-        """A step raised (an out-of-memory, say): fail the requests in the batch, release
-        their caches, synchronize, clear, and keep serving."""
-        failed = []
-        uids = self._live_uids()
-        for live in list(self._live.values()):
-            failed.append(
-                self._finish(live, FinishReason.ERROR, type(exc).__name__, str(exc) or repr(exc))
-            )
+        """A step raised (an out-of-memory, say): fail the requests that were in it (in
+        the prompt or generation batch), release their caches, synchronize, clear, and
+        keep serving - requests still waiting for a batch are re-admitted untouched."""
         try:
-            if uids:
-                self._gen.remove(uids)
-        except Exception:  # noqa: BLE001 - the batch may be inconsistent after a fault
-            pass
-        # A fresh generator: a step that raised may have left the batch half-updated.
+            stages = self._gen._find_uids(self._live_uids())
+        except Exception:  # noqa: BLE001 - an inconsistent batch: treat all as in the step
+            stages = {}
+        waiting = [
+            live for live in self._live.values()
+            if stages.get(live.uid, (None,))[0] == 0 and live.command is not None
+        ]
+        failed = tuple(
+            self._finish(live, FinishReason.ERROR, type(exc).__name__, str(exc) or repr(exc))
+            for live in list(self._live.values())
+            if live not in waiting
+        )
+        # A fresh generator: a step that raised may have left the batch half-updated. The
+        # old one (and every array it holds) is released only after the synchronize below.
         self._retired.retire(self._step, self._gen)
         self._gen = self._new_generator()
-        if self._store is not None:
-            for live in failed:
-                self._store.forget_request(live.slot)
         self._clear_buffer_cache()
-        self._emit(self._step_output((), (), (), tuple(failed)))
+        for live in waiting:
+            del self._live[live.slot]
+            self._slot_of_uid.pop(live.uid, None)
+            self._admit(live.command)
+        self._emit(self._step_output((), (), (), failed))
 
     def _finish(
         self,

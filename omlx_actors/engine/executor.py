@@ -19,8 +19,11 @@ forever; the core is told to stop, and its thread parks for reuse.
 from __future__ import annotations
 
 import itertools
+import json
+import logging
 import queue
 import time
+from typing import Any
 
 import attrs
 import trio
@@ -29,6 +32,8 @@ from omlx_actors.cache.actor import DropBlocks, Release, Stored
 from omlx_actors.engine.core import (
     CoreAbort,
     CoreDropBlocks,
+    CoreSetLimits,
+    CoreSetPrefillStep,
     CoreFault,
     CoreLoadFailed,
     CoreReady,
@@ -56,7 +61,24 @@ from omlx_actors.engine.messages import (
     TokenDelta,
 )
 from omlx_actors.engine.mlx_thread import acquire_worker
+from omlx_actors.cache.actor import SetBudget
+from omlx_actors.memory.admission import (
+    AdmissionLedger,
+    Admitted as LedgerAdmitted,
+    Queued,
+    QueueFullRefusal,
+    Refused,
+    RequestCost,
+)
+from omlx_actors.memory.enforcer import MemoryLevel
+from omlx_actors.memory.estimator import (
+    ModelMemoryFacts,
+    estimate_request_bytes,
+    padded_batch_kv_bytes,
+)
 from omlx_actors.runtime import ActorError, Address, Inbox, unknown_message
+
+log = logging.getLogger(__name__)
 
 # Step outputs the MLX thread may run ahead of the trio side before `queue.put` blocks it.
 # 8 steps is ~0.1-0.5 s of decoding on a CPU and plenty to ride out a busy trio loop; more
@@ -75,6 +97,16 @@ CORE_STOP_TIMEOUT = 30.0
 # A draining executor checks this often whether its last request has finished.
 DRAIN_POLL_INTERVAL = 0.01
 
+# A decode batch holds one KV buffer padded to its longest row; it admits rows by
+# concatenating the prefilled batch's buffer onto it, so for a moment the old buffer, the
+# joining one and the result coexist: the batch's KV is priced three times. (Priced once or
+# twice, the 200-request replay test's MLX peak overshot its budget by 3-6%.)
+BATCH_KV_COPIES = 3
+
+# Under memory pressure prefill chunks shrink, but not below this many tokens (smaller
+# chunks cost more per token than the scratch they save).
+PREFILL_STEP_FLOOR = 64
+
 
 class EngineLoadFailed(ActorError):
     """The model could not be loaded; the executor never became ready."""
@@ -86,6 +118,49 @@ class DuplicateRequest(ActorError):
 
 class EngineStopping(ActorError):
     """The executor is shutting down and admits nothing new."""
+
+
+class MemoryRefused(ActorError):
+    """The request can never fit the memory budget (refused before any work)."""
+
+    wire_fields = ("actor", "message", "needed_bytes", "available_bytes")
+
+    def __init__(self, actor: str, message: str = "", needed_bytes: int = 0,
+                 available_bytes: int = 0) -> None:
+        super().__init__(actor, message)
+        self.needed_bytes = needed_bytes
+        self.available_bytes = available_bytes
+
+
+class AdmissionQueueFull(ActorError):
+    """Too many requests already wait for memory."""
+
+
+@attrs.define
+class MlxGauge:
+    """MLX's memory as of the engine's last step. Written only by the executor; the memory
+    enforcer reads it (MLX itself may only be asked on the MLX thread)."""
+
+    active: int = 0
+    cache: int = 0
+    peak: int = 0
+
+    def reading(self) -> tuple[int, int, int]:
+        return self.active, self.cache, self.peak
+
+
+@attrs.frozen(kw_only=True)
+class MemoryWiring:
+    """What the executor needs to admit by memory (in-process wiring, not a message)."""
+
+    gauge: MlxGauge
+    snapshots: Any  # an enforcer SnapshotSubscription: latest snapshot wins
+    limits_for: Any  # budget, weights -> MlxLimits
+    max_waiting: int
+    prefix_cache_bytes: int  # the configured prefix cache budget, restored when calm
+    prefill_step_size: int
+    prefill_batch_size: int
+    prefill_step_floor: int = PREFILL_STEP_FLOOR
 
 
 @attrs.define
@@ -107,6 +182,15 @@ class ExecutorState:
     last: StepOutput | None = None
     last_step_at: float | None = None
     stopping: bool = False
+    # Memory admission (None: requests are not priced).
+    ledger: AdmissionLedger | None = None
+    facts: ModelMemoryFacts | None = None
+    block_size: int = 0
+    prefill_step_size: int = 512
+    waiting: dict[str, CoreSubmit] = attrs.field(factory=dict)  # queued for memory
+    gauge: MlxGauge | None = None
+    max_requests: int = 1 << 30  # unpriced admission: batch + waiting bound
+    cache_shrunk: bool = False  # the prefix cache budget was cut to make room
 
     def add(self, submit: Submit) -> _Request:
         request = _Request(submit.request_id, next(self.slots), len(submit.prompt_tokens))
@@ -125,6 +209,7 @@ async def run(
     settings: EngineSettings,
     events: trio.MemorySendChannel[EngineEvent],
     cache_index: Address | None = None,
+    memory: MemoryWiring | None = None,
     *,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -171,7 +256,7 @@ async def run(
             for output in next_outputs():
                 match output:
                     case StepOutput():
-                        await _deliver(state, output, events, cache_index)
+                        await _deliver(state, output, events, cache_index, commands)
                     case CoreStopped():
                         core_stopped.set()
                         return
@@ -190,17 +275,26 @@ async def run(
                         raise EngineLoadFailed(
                             "executor", f"{settings.model_path}: {error_type}: {error}"
                         )
+        state.prefill_step_size = settings.prefill_step_size
+        state.block_size = info.block_size
+        state.max_requests = settings.max_requests
+        if memory is not None:
+            state.gauge = memory.gauge
+            await _start_admission(state, info, memory, commands)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump)
+            if memory is not None and state.ledger is not None:
+                nursery.start_soon(_watch_memory, state, info, memory, commands, cache_index)
             task_status.started(info)
             async for envelope in inbox:
-                _handle(envelope, state, commands)
+                await _handle(envelope, state, commands, events, cache_index)
             # Drain: the inbox was closed. Let running requests finish, then stop the core.
             state.stopping = True
             while state.by_slot:
                 await trio.sleep(DRAIN_POLL_INTERVAL)
             commands.put(CoreStop())
             await core_stopped.wait()
+            nursery.cancel_scope.cancel()  # the memory watcher runs until told to stop
     finally:
         commands.put(CoreStop())
         with trio.CancelScope(shield=True):
@@ -227,8 +321,10 @@ async def run(
             state.by_id.clear()
 
 
-def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue) -> None:
-    """One inbox message. Never awaits: the inbox is served as fast as it arrives."""
+async def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue, events,
+                  cache_index: Address | None = None) -> None:
+    """One inbox message. Awaits only to report an abort of a request that never reached
+    the engine (the event channel has room in practice): the inbox is served at once."""
     match envelope.message:
         case Submit() as submit:
             if state.stopping:
@@ -238,12 +334,20 @@ def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue) -> None
                     DuplicateRequest("executor", f"request {submit.request_id!r} is still running")
                 )
             else:
-                request = state.add(submit)
-                commands.put(CoreSubmit(request.slot, submit, time.monotonic()))
-                envelope.reply(None)
+                _admit(envelope, state, submit, commands)
+                await _make_room(state, cache_index)
         case Abort(request_id=request_id):
             request = state.by_id.get(request_id)
-            if request is not None and not request.aborted:
+            if request is not None and request.request_id in state.waiting:
+                # Still queued for memory: it never reached the engine.
+                del state.waiting[request_id]
+                state.remove(request)
+                state.ledger.finish(request_id)
+                await events.send(
+                    Finished(request_id=request_id, reason=FinishReason.ABORT,
+                             prompt_tokens=request.prompt_tokens, completion_tokens=0)
+                )
+            elif request is not None and not request.aborted:
                 request.aborted = True
                 commands.put(CoreAbort(request.slot))
             envelope.reply(None)
@@ -251,8 +355,8 @@ def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue) -> None
             envelope.reply(_pong(state))
         case EngineStatsQuery():
             envelope.reply(_stats(state))
-        case InjectFault(error=error):
-            commands.put(CoreFault(error))
+        case InjectFault(error=error, at_step=at_step, above_bytes=above_bytes):
+            commands.put(CoreFault(error, at_step, above_bytes))
             envelope.reply(None)
         case DropBlocks(evictions=evictions):
             commands.put(CoreDropBlocks(tuple(evictions)))
@@ -261,14 +365,147 @@ def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue) -> None
             unknown_message("executor", other)
 
 
+def _admit(envelope, state: ExecutorState, submit: Submit, commands: queue.SimpleQueue) -> None:
+    """Price the request and admit, queue or refuse it (see memory/admission.py)."""
+    if state.ledger is None:
+        # Unpriced: only the count bounds the queue.
+        if len(state.by_slot) >= state.max_requests:
+            envelope.fail(AdmissionQueueFull(
+                "executor", f"{len(state.by_slot)} requests are queued or running; retry shortly"))
+            return
+        request = state.add(submit)
+        commands.put(CoreSubmit(request.slot, submit, time.monotonic()))
+        envelope.reply(None)
+        return
+    cached = len(submit.cached_blocks) * state.block_size
+    estimate = estimate_request_bytes(
+        state.facts,
+        prompt_tokens=len(submit.prompt_tokens),
+        cached_tokens=min(cached, len(submit.prompt_tokens) - 1),
+        max_tokens=submit.max_tokens,
+        prefill_chunk=state.prefill_step_size,
+        prefix_shared=False,  # the restored prefix is copied into the batch
+    )
+    cost = RequestCost(
+        context_tokens=estimate.kv_capacity_tokens,
+        other_bytes=estimate.scratch_bytes + estimate.recurrent_state_bytes,
+    )
+    match state.ledger.submit(submit.request_id, cost):
+        case LedgerAdmitted():
+            request = state.add(submit)
+            commands.put(CoreSubmit(request.slot, submit, time.monotonic()))
+            envelope.reply(None)
+        case Queued():
+            request = state.add(submit)
+            state.waiting[submit.request_id] = CoreSubmit(request.slot, submit, time.monotonic())
+            envelope.reply(None)
+        case Refused(reason=reason, needed_bytes=needed, available_bytes=available):
+            envelope.fail(MemoryRefused("executor", reason, needed, available))
+        case QueueFullRefusal(waiting=waiting):
+            envelope.fail(AdmissionQueueFull(
+                "executor", f"{waiting} requests already wait for memory; retry shortly"))
+
+
+async def _make_room(state: ExecutorState, cache_index: Address | None) -> None:
+    """A request waits only because the prefix cache holds memory: shrink the cache by
+    what it lacks (the cache gives memory back; running requests never do)."""
+    if state.ledger is None or cache_index is None:
+        return
+    shortfall = state.ledger.shortfall_bytes()
+    if shortfall > 0 and state.ledger.cache_bytes > 0:
+        state.cache_shrunk = True
+        await cache_index.cast(SetBudget(budget_bytes=max(0, state.ledger.cache_bytes - shortfall)))
+
+
+def _admit_now(state: ExecutorState, request_ids: list[str], commands: queue.SimpleQueue) -> None:
+    for request_id in request_ids:
+        command = state.waiting.pop(request_id, None)
+        if command is not None:
+            commands.put(command)
+
+
+async def _start_admission(state: ExecutorState, info: EngineInfo, memory: MemoryWiring,
+                           commands: queue.SimpleQueue) -> None:
+    """Read the model's memory facts and the first snapshot; apply MLX's limits."""
+    if info.memory_config is None:
+        return
+    config = {k: json.loads(v) for k, v in info.memory_config}
+    try:
+        state.facts = ModelMemoryFacts.from_config(config, weights_bytes=info.weights_bytes)
+    except ValueError as exc:
+        log.warning("cannot price requests for this model (%s): admission by memory is off", exc)
+        return
+    snapshot = await memory.snapshots.receive()
+    limits = memory.limits_for(snapshot.budget_bytes, info.weights_bytes)
+    commands.put(CoreSetLimits(limits.memory_limit, limits.cache_limit, limits.wired_limit))
+    facts = state.facts
+
+    prefill_rows = memory.prefill_batch_size
+
+    def batch_cost(requests) -> int:
+        # KV: every row padded to the longest. Scratch: prompts prefilled together are
+        # padded to the longest too, and at most `prefill_rows` prefill at once.
+        longest = max((r.context_tokens for r in requests), default=0)
+        kv = padded_batch_kv_bytes(facts, rows=len(requests), longest_context=longest)
+        scratch = min(len(requests), prefill_rows) * max((r.other_bytes for r in requests), default=0)
+        return BATCH_KV_COPIES * kv + scratch
+
+    state.ledger = AdmissionLedger(
+        weights_bytes=info.weights_bytes,
+        budget_bytes=snapshot.budget_bytes,
+        batch_cost=batch_cost,
+        reserved_bytes=limits.cache_limit,
+        max_waiting=memory.max_waiting,
+    )
+
+
+async def _watch_memory(state: ExecutorState, info: EngineInfo, memory: MemoryWiring,
+                        commands: queue.SimpleQueue, cache_index: Address | None) -> None:
+    """Follow the enforcer's snapshots: new budget or pressure → admit, degrade, recover.
+
+    Under pressure, in order: shrink the prefix cache (to a quarter of its budget), shrink
+    prefill chunks (halving, down to a floor), pause admission (hard level). Never a
+    running request is killed. When the level is back to ok, all three are undone."""
+    degraded = False
+    async for snapshot in memory.snapshots:
+        pressure = snapshot.level is not MemoryLevel.OK
+        if pressure and not degraded and cache_index is not None:
+            await cache_index.cast(SetBudget(budget_bytes=memory.prefix_cache_bytes // 4))
+        if pressure:
+            step = max(memory.prefill_step_floor, state.prefill_step_size // 2)
+            if step != state.prefill_step_size:
+                state.prefill_step_size = step
+                commands.put(CoreSetPrefillStep(step))
+        elif degraded:
+            state.prefill_step_size = memory.prefill_step_size
+            commands.put(CoreSetPrefillStep(memory.prefill_step_size))
+        if not pressure and (degraded or state.cache_shrunk) and not state.waiting:
+            state.cache_shrunk = False
+            if cache_index is not None:
+                await cache_index.cast(SetBudget(budget_bytes=memory.prefix_cache_bytes))
+        degraded = pressure
+        limits = memory.limits_for(snapshot.budget_bytes, info.weights_bytes)
+        _admit_now(state, state.ledger.update(
+            budget_bytes=snapshot.budget_bytes,
+            reserved_bytes=limits.cache_limit,
+            paused=snapshot.level is MemoryLevel.HARD,
+        ), commands)
+
+
 async def _deliver(
     state: ExecutorState,
     output: StepOutput,
     events: trio.MemorySendChannel[EngineEvent],
     cache_index: Address | None,
+    commands: queue.SimpleQueue,
 ) -> None:
     """Turn one step's output into events, dropping anything for aborted requests."""
     state.last = output
+    if state.gauge is not None:
+        state.gauge.active, state.gauge.cache, state.gauge.peak = (
+            output.active_memory, output.cache_memory, output.peak_memory)
+    if state.ledger is not None and state.ledger.cache_bytes != output.block_store_bytes:
+        _admit_now(state, state.ledger.update(cache_bytes=output.block_store_bytes), commands)
     if cache_index is not None and output.stored:
         await cache_index.cast(Stored(blocks=output.stored))
     state.last_step_at = time.monotonic()
@@ -296,6 +533,8 @@ async def _deliver(
         if request is None:
             continue
         state.remove(request)
+        if state.ledger is not None:
+            _admit_now(state, state.ledger.finish(request.request_id), commands)
         if cache_index is not None:
             await cache_index.cast(Release(request_id=request.request_id))
         reason = FinishReason.ABORT if request.aborted else done.reason
@@ -336,7 +575,7 @@ def _pong(state: ExecutorState) -> Pong:
         steps=last.step if last else 0,
         last_step_age=age,
         running=last.running if last else 0,
-        waiting=last.waiting if last else 0,
+        waiting=(last.waiting if last else 0) + len(state.waiting),
     )
 
 
@@ -351,7 +590,7 @@ def _stats(state: ExecutorState) -> EngineStats:
     return EngineStats(
         steps=last.step,
         running=last.running,
-        waiting=last.waiting,
+        waiting=last.waiting + len(state.waiting),
         prompt_tokens_processed=last.prompt_tokens_processed,
         generation_tokens=last.generation_tokens,
         buffer_cache_clears=last.buffer_cache_clears,

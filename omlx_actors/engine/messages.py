@@ -100,10 +100,14 @@ class EngineStatsQuery:
 
 @attrs.frozen(kw_only=True)
 class InjectFault:
-    """Fault injection (tests, scenarios; off unless sent): the next engine step raises
-    `MemoryError(error)`, failing the requests in that step as an out-of-memory would."""
+    """Fault injection (tests, scenarios; off unless sent): an engine step raises
+    `MemoryError(error)`, failing the requests in that step as an out-of-memory would -
+    the next step, the step numbered `at_step`, or the first step that starts with MLX's
+    active memory above `above_bytes`."""
 
     error: str = "injected out-of-memory"
+    at_step: int | None = None
+    above_bytes: int | None = None
 
 
 EngineCommand = Union[Submit, Abort, Ping, EngineStatsQuery, InjectFault]
@@ -151,6 +155,10 @@ class EngineInfo:
     cache_layout: tuple[str, ...] = ()
     cache_namespace: str | None = None  # None: the prefix cache is off for this model
     block_size: int = 0
+    weights_bytes: int = 0
+    # The model's memory facts as a config dict the estimator reads (None: unknown layout,
+    # so requests are not priced and only the queue bound applies).
+    memory_config: tuple[tuple[str, str], ...] | None = None
 
 
 # ---------------------------------------------------------------------------------------

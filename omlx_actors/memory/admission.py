@@ -1,0 +1,166 @@
+"""Admission by memory budget, as pure bookkeeping (no trio, no MLX).
+
+The executor owns one `AdmissionLedger`. Every request is priced by the estimator before it
+reaches MLX; the ledger admits it, queues it, or refuses it:
+
+- **Reject** what can never fit (weights + reserve + estimate > budget): the front answers
+  413 `prefill_memory_exceeded` before any stream byte and no prefill work is done.
+- **Queue** what fits the budget but not now (FIFO: the head waits for room, so a large
+  request is not starved by a stream of small ones); past `max_waiting` queued requests the
+  front answers 429 with Retry-After.
+- **Pause** under hard memory pressure: nothing new is admitted while requests run (they
+  finish and free memory); never is a running request killed to admit a new one. With
+  nothing running, pausing cannot relieve pressure, so the head is admitted if it fits.
+
+Sizes are what the estimator says, not what MLX reports: MLX's limits are only guidelines
+and a failed allocation on the CPU build is an uncatchable SIGSEGV, so the decision has to be
+made from sizes known before anything is evaluated.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import attrs
+
+
+@attrs.frozen(kw_only=True)
+class RequestCost:
+    """What one admitted request costs: `context_tokens` of KV it may grow to (padded to
+    the batch's longest row when batched) and `other_bytes` that do not pad (prefill
+    scratch, recurrent state)."""
+
+    context_tokens: int
+    other_bytes: int
+
+
+def unpadded_batch_cost(kv_bytes_per_token: int) -> Callable[[Sequence[RequestCost]], int]:
+    """Each request pays only its own KV (no padding): for tests on plain numbers."""
+
+    def cost(requests: Sequence[RequestCost]) -> int:
+        return sum(r.context_tokens * kv_bytes_per_token + r.other_bytes for r in requests)
+
+    return cost
+
+
+@attrs.frozen(kw_only=True)
+class Admitted:
+    request_id: str
+
+
+@attrs.frozen(kw_only=True)
+class Queued:
+    request_id: str
+    position: int
+
+
+@attrs.frozen(kw_only=True)
+class Refused:
+    request_id: str
+    reason: str
+    needed_bytes: int
+    available_bytes: int
+
+
+@attrs.frozen(kw_only=True)
+class QueueFullRefusal:
+    request_id: str
+    waiting: int
+
+
+@attrs.define
+class AdmissionLedger:
+    """Who holds how much, who waits. Invariant: `committed_bytes` is the sum of the
+    estimates of admitted, unfinished requests; a request is in at most one of
+    `admitted` / `waiting`."""
+
+    weights_bytes: int
+    budget_bytes: int
+    # The bytes a set of requests holds when batched together (see `RequestCost`).
+    batch_cost: Callable[[Sequence[RequestCost]], int]
+    reserved_bytes: int = 0
+    max_waiting: int = 256
+    # Bytes held outside requests (the prefix cache's blocks): counted as committed.
+    cache_bytes: int = 0
+    paused: bool = False
+    admitted: dict[str, RequestCost] = attrs.field(factory=dict)
+    waiting: deque[tuple[str, RequestCost]] = attrs.field(factory=deque)
+
+    @property
+    def committed_bytes(self) -> int:
+        return self.batch_cost(list(self.admitted.values())) + self.cache_bytes
+
+    @property
+    def available_bytes(self) -> int:
+        return self.budget_bytes - self.weights_bytes - self.reserved_bytes
+
+    def submit(self, request_id: str, cost: RequestCost) -> Admitted | Queued | Refused | QueueFullRefusal:
+        alone = self.batch_cost([cost])
+        if alone > self.available_bytes:
+            return Refused(
+                request_id=request_id,
+                reason=(
+                    f"request needs {alone} bytes but the memory budget of {self.budget_bytes} "
+                    f"bytes leaves {max(self.available_bytes, 0)} beside the weights "
+                    f"({self.weights_bytes}) and the reserve ({self.reserved_bytes})"
+                ),
+                needed_bytes=alone,
+                available_bytes=max(self.available_bytes, 0),
+            )
+        if not self.waiting and self._fits_now(cost):
+            self.admitted[request_id] = cost
+            return Admitted(request_id=request_id)
+        if len(self.waiting) >= self.max_waiting:
+            return QueueFullRefusal(request_id=request_id, waiting=len(self.waiting))
+        self.waiting.append((request_id, cost))
+        return Queued(request_id=request_id, position=len(self.waiting))
+
+    def finish(self, request_id: str) -> list[str]:
+        """A request ended (or left the queue): free its bytes, admit whoever now fits."""
+        if self.admitted.pop(request_id, None) is None:
+            self.waiting = deque((r, e) for r, e in self.waiting if r != request_id)
+        return self._admit_waiting()
+
+    def update(self, *, budget_bytes: int | None = None, cache_bytes: int | None = None,
+               paused: bool | None = None, reserved_bytes: int | None = None) -> list[str]:
+        """New readings (budget, prefix cache size, pressure): admit whoever now fits."""
+        if budget_bytes is not None:
+            self.budget_bytes = budget_bytes
+        if cache_bytes is not None:
+            self.cache_bytes = cache_bytes
+        if paused is not None:
+            self.paused = paused
+        if reserved_bytes is not None:
+            self.reserved_bytes = reserved_bytes
+        return self._admit_waiting()
+
+    def shortfall_bytes(self) -> int:
+        """How much the head of the queue lacks (0 if nothing waits or it fits)."""
+        if not self.waiting:
+            return 0
+        _, cost = self.waiting[0]
+        return max(0, self._committed_with(cost) - self.available_bytes)
+
+    def _committed_with(self, cost: RequestCost) -> int:
+        return self.batch_cost([*self.admitted.values(), cost]) + self.cache_bytes
+
+    def _fits_now(self, cost: RequestCost) -> bool:
+        if self.paused and self.admitted:
+            return False
+        return self._committed_with(cost) <= self.available_bytes
+
+    def _admit_waiting(self) -> list[str]:
+        admitted = []
+        while self.waiting and self._fits_now(self.waiting[0][1]):
+            request_id, cost = self.waiting.popleft()
+            self.admitted[request_id] = cost
+            admitted.append(request_id)
+        return admitted
+
+    def check_invariants(self) -> None:
+        ids = [r for r, _ in self.waiting]
+        assert len(ids) == len(set(ids)), "a request waits twice"
+        assert not set(ids) & set(self.admitted), "a request both waits and runs"
+        assert all(c.context_tokens >= 0 and c.other_bytes >= 0 for c in self.admitted.values())
+        assert len(self.waiting) <= self.max_waiting
