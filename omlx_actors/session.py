@@ -27,7 +27,6 @@ import attrs
 import trio
 
 from omlx_actors.engine.messages import (
-    Abort,
     Admitted,
     Finished,
     FinishReason,
@@ -107,6 +106,7 @@ class Done:
     timings: Timings
     error: str | None = None
     error_type: str | None = None
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
 
 SessionEvent = Union[TextDelta, ToolCall, Progress, Done]
@@ -146,6 +146,8 @@ def validate_sampling(p: SamplingParams) -> None:
             raise InvalidRequest(f"{name} must be in [-2, 2]", param=name)
     if p.repetition_penalty is not None and not 0.0 < p.repetition_penalty <= 10.0:
         raise InvalidRequest("repetition_penalty must be in (0, 10]", param="repetition_penalty")
+    if p.seed is not None and not 0 <= p.seed < 2**64:
+        raise InvalidRequest("seed must be in [0, 2**64)", param="seed")
 
 
 class Session:
@@ -192,6 +194,9 @@ class Session:
         vocab = rt.info.vocab_size
         if vocab and any(not 0 <= t < vocab for t in self.prompt_tokens):
             raise InvalidRequest(f"token ids must be in [0, {vocab})", param="prompt")
+        if vocab and req.sampling.top_k >= vocab:
+            # Keeping the top `vocab` tokens keeps them all (mlx-lm refuses k >= vocab).
+            self._request = req = attrs.evolve(req, sampling=attrs.evolve(req.sampling, top_k=0))
         for token, _ in req.sampling.logit_bias:
             if vocab and not 0 <= token < vocab:
                 raise InvalidRequest(f"logit_bias token {token} is outside the vocabulary", param="logit_bias")
@@ -410,6 +415,7 @@ class Session:
                 ),
                 error=error,
                 error_type=error_type,
+                stop_sequence=self._stops.matched,
             )
         )
         if abort_engine and not self._engine_done:

@@ -24,6 +24,7 @@ class StopStringMatcher:
     stops: tuple[str, ...]
     _held: str = ""
     stopped: bool = False
+    matched: str | None = None  # the stop string that ended the text
 
     def feed(self, piece: str) -> tuple[str, bool]:
         if self.stopped:
@@ -38,6 +39,7 @@ class StopStringMatcher:
         )
         if first is not None:
             self.stopped = True
+            self.matched = first[1]
             self._held = ""
             return text[: first[0]], True
         keep = self._longest_stop_prefix_suffix(text)

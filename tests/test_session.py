@@ -40,6 +40,7 @@ async def test_stop_string_inside_the_output_ends_it_there(tiny_llama):
                                              stop=[stop]).collect()
         assert stopped == full[: full.index(stop)]
         assert done.finish_reason == "stop"
+        assert done.stop_sequence == stop
         # The session aborted the engine request at the stop string: it leaves the batch.
         with trio.fail_after(2):
             while (await rt.stats()).running:
@@ -119,6 +120,8 @@ async def test_prefill_progress_is_reported_per_chunk(tiny_llama):
         ({"max_tokens": 0}, "max_tokens"),
         ({"stop": [""]}, "stop"),
         ({"logit_bias": ((10_000, 1.0),)}, "logit_bias"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, "seed"),
     ],
 )
 async def test_invalid_parameters_are_refused_before_anything_runs(tiny_llama, kwargs, param):
@@ -160,3 +163,10 @@ async def test_hybrid_model_generates_identically_alone_and_batched(tiny_hybrid)
             for i in range(4):
                 nursery.start_soon(run, i)
     assert [batched[i] for i in range(4)] == alone
+
+
+async def test_top_k_at_or_above_the_vocabulary_keeps_every_token(tiny_llama):
+    async with open_runtime(tiny_llama) as rt:
+        s = rt.complete("hi", max_tokens=4, ignore_eos=True, temperature=1.0, top_k=10_000, seed=3)
+        _, _, done = await s.collect()
+    assert done.finish_reason == "length"

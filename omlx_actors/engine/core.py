@@ -366,7 +366,14 @@ class EngineCore:
             block = False
             match command:
                 case CoreSubmit():
-                    admitted.append(self._admit(command))
+                    try:
+                        admitted.append(self._admit(command))
+                    except Exception as exc:  # noqa: BLE001 - a bad request fails alone
+                        pending_finished.append(SlotFinished(
+                            slot=command.slot, step=self._step, reason=FinishReason.ERROR,
+                            prompt_tokens=len(command.submit.prompt_tokens),
+                            completion_tokens=0, error_type=type(exc).__name__, error=str(exc),
+                        ))
                 case CoreAbort(slot=slot):
                     live = self._live.get(slot)
                     if live is not None:

@@ -366,12 +366,20 @@ async def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue, e
 
 
 def _admit(envelope, state: ExecutorState, submit: Submit, commands: queue.SimpleQueue) -> None:
-    """Price the request and admit, queue or refuse it (see memory/admission.py)."""
+    """Price the request and admit, queue or refuse it (see memory/admission.py).
+
+    Order of refusals: one that can never fit (413) before a full queue (429) - a client
+    retrying a request that can never run would retry forever. The count bound (batch +
+    waiting) holds whether or not requests are priced."""
+    full = len(state.by_slot) >= state.max_requests
+
+    def queue_full() -> None:
+        envelope.fail(AdmissionQueueFull(
+            "executor", f"{len(state.by_slot)} requests are queued or running; retry shortly"))
+
     if state.ledger is None:
-        # Unpriced: only the count bounds the queue.
-        if len(state.by_slot) >= state.max_requests:
-            envelope.fail(AdmissionQueueFull(
-                "executor", f"{len(state.by_slot)} requests are queued or running; retry shortly"))
+        if full:
+            queue_full()
             return
         request = state.add(submit)
         commands.put(CoreSubmit(request.slot, submit, time.monotonic()))
@@ -390,6 +398,9 @@ def _admit(envelope, state: ExecutorState, submit: Submit, commands: queue.Simpl
         context_tokens=estimate.kv_capacity_tokens,
         other_bytes=estimate.scratch_bytes + estimate.recurrent_state_bytes,
     )
+    if full and state.ledger.refusal(submit.request_id, cost) is None:
+        queue_full()
+        return
     match state.ledger.submit(submit.request_id, cost):
         case LedgerAdmitted():
             request = state.add(submit)

@@ -96,6 +96,19 @@ class AdmissionLedger:
         return self.budget_bytes - self.weights_bytes - self.reserved_bytes
 
     def submit(self, request_id: str, cost: RequestCost) -> Admitted | Queued | Refused | QueueFullRefusal:
+        refusal = self.refusal(request_id, cost)
+        if refusal is not None:
+            return refusal
+        if not self.waiting and self._fits_now(cost):
+            self.admitted[request_id] = cost
+            return Admitted(request_id=request_id)
+        if len(self.waiting) >= self.max_waiting:
+            return QueueFullRefusal(request_id=request_id, waiting=len(self.waiting))
+        self.waiting.append((request_id, cost))
+        return Queued(request_id=request_id, position=len(self.waiting))
+
+    def refusal(self, request_id: str, cost: RequestCost) -> Refused | None:
+        """`Refused` if the request could never fit, even alone; else None. No side effect."""
         alone = self.batch_cost([cost])
         if alone > self.available_bytes:
             return Refused(
@@ -108,13 +121,7 @@ class AdmissionLedger:
                 needed_bytes=alone,
                 available_bytes=max(self.available_bytes, 0),
             )
-        if not self.waiting and self._fits_now(cost):
-            self.admitted[request_id] = cost
-            return Admitted(request_id=request_id)
-        if len(self.waiting) >= self.max_waiting:
-            return QueueFullRefusal(request_id=request_id, waiting=len(self.waiting))
-        self.waiting.append((request_id, cost))
-        return Queued(request_id=request_id, position=len(self.waiting))
+        return None
 
     def finish(self, request_id: str) -> list[str]:
         """A request ended (or left the queue): free its bytes, admit whoever now fits."""

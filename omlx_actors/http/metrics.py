@@ -1,0 +1,89 @@
+"""Prometheus metrics of one server, in a registry of its own (several servers in one
+process - tests - never share counters).
+
+Counters are updated by the routes as requests end; the engine's queue gauges are read
+from `Runtime.stats()` when /metrics is scraped, so they are never stale by more than a scrape.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from omlx_actors.session import Done
+
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+_STREAM_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class HttpMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "omlx_http_requests", "HTTP requests answered, by route and status",
+            ["route", "status"], registry=r,
+        )
+        self.queue_waiting = Gauge(
+            "omlx_queue_waiting", "requests admitted to the engine but not yet running", registry=r
+        )
+        self.queue_running = Gauge("omlx_queue_running", "requests in the engine's batch", registry=r)
+        self.pending = Gauge(
+            "omlx_requests_pending", "requests registered with the front (queued or running)",
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "omlx_http_inflight", "generation requests the HTTP front is serving", registry=r
+        )
+        self.prompt_tokens = Counter(
+            "omlx_prompt_tokens", "prompt tokens of finished requests", ["route"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "omlx_completion_tokens", "tokens generated for finished requests", ["route"], registry=r
+        )
+        self.finished = Counter(
+            "omlx_requests_finished", "generation requests by finish reason",
+            ["route", "reason"], registry=r,
+        )
+        self.ttft = Histogram(
+            "omlx_time_to_first_token_seconds", "submit to first token",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.itl = Histogram(
+            "omlx_inter_token_latency_seconds", "mean inter-token latency of each request",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.stream_seconds = Histogram(
+            "omlx_http_stream_seconds", "SSE streams: first byte to last byte",
+            ["route"], buckets=_STREAM_BUCKETS, registry=r,
+        )
+        self.disconnects = Counter(
+            "omlx_client_disconnects", "streams whose client left before the end", ["route"],
+            registry=r,
+        )
+        # Stays 0 until the prefix cache lands; registered now so dashboards can rely on it.
+        self.cache_hits = Counter(
+            "omlx_prefix_cache_hits", "requests that reused cached prompt tokens", registry=r
+        )
+        self.cache_hit_tokens = Counter(
+            "omlx_prefix_cache_hit_tokens", "prompt tokens served from the cache", registry=r
+        )
+
+    def observe_done(self, route: str, done: Done) -> None:
+        usage = done.usage
+        self.prompt_tokens.labels(route).inc(usage.prompt_tokens)
+        self.completion_tokens.labels(route).inc(usage.completion_tokens)
+        self.finished.labels(route, done.finish_reason).inc()
+        if usage.cached_tokens:
+            self.cache_hits.inc()
+            self.cache_hit_tokens.inc(usage.cached_tokens)
+        if done.timings.ttft_s is not None:
+            self.ttft.observe(done.timings.ttft_s)
+        if done.timings.mean_itl_s is not None:
+            self.itl.observe(done.timings.mean_itl_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

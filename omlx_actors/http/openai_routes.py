@@ -1,0 +1,513 @@
+"""OpenAI routes: `POST /v1/chat/completions` and `POST /v1/completions`.
+
+Each is a thin layer over `Runtime.chat` / `Runtime.complete`: decode and validate the
+body, map it to a session, `start()` it (every refusal answers here with its status), then
+either collect the events into one JSON answer or stream them as SSE chunks ending with
+`data: [DONE]`. A failure after the stream began ends it with a `data: {"error": ...}`
+chunk, then `data: [DONE]`.
+
+Behaviour worth knowing: an absent `temperature` means greedy decoding (as mlx-lm's
+server); `n` and `best_of` must be 1; `tool_choice` "required" or a named function is
+accepted but not enforced (no constrained decoding), "none" hides the tools; JSON
+`response_format`s are refused. Non-standard fields: `ignore_eos`, `top_k`, `min_p`,
+`repetition_penalty`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from omlx_actors.engine.messages import SamplingParams, TokenChoice
+from omlx_actors.http.app import (
+    ServerState,
+    check_model,
+    collect,
+    failed_done,
+    json_response,
+    read_body,
+    start_session,
+    stream_response,
+)
+from omlx_actors.http.errors import ApiError, WireError, invalid
+from omlx_actors.http.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SEED_MAX,
+    SEED_MIN,
+    OpenAISampling,
+    RefusalPart,
+    TextPart,
+)
+from omlx_actors.http.sse import KEEPALIVE_COMMENT, StreamBroken, sse_data
+from omlx_actors.session import Done, Progress, TextDelta, ToolCall, Usage
+
+CHAT_ROUTE = "/v1/chat/completions"
+COMPLETIONS_ROUTE = "/v1/completions"
+DONE_FRAME = b"data: [DONE]\n\n"
+SEED_MODULUS = 2**64
+
+
+def register(app, state: ServerState) -> None:
+    @app.post(CHAT_ROUTE)
+    async def chat_completions():
+        body = await read_body(ChatCompletionRequest)
+        check_model(state, body.model)
+        _check_common(body)
+        if body.top_logprobs and not body.logprobs:
+            raise invalid("top_logprobs requires logprobs: true", param="top_logprobs")
+        if body.response_format is not None and body.response_format.type != "text":
+            raise invalid(
+                f"response_format {body.response_format.type!r} is not supported by this server",
+                param="response_format", code="unsupported_parameter",
+            )
+        tools = None
+        if body.tools and body.tool_choice != "none":
+            tools = [
+                {
+                    "type": "function",
+                    "function": {
+                        k: v
+                        for k, v in (
+                            ("name", t.function.name),
+                            ("description", t.function.description),
+                            ("parameters", t.function.parameters),
+                        )
+                        if v is not None
+                    },
+                }
+                for t in body.tools
+            ]
+        want_logprobs = bool(body.logprobs)
+        sampling = sampling_params(
+            body, state.runtime.info.vocab_size,
+            logprobs=want_logprobs, top_logprobs=body.top_logprobs or 0,
+        )
+        request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        session = state.runtime.chat(
+            chat_messages(body.messages),
+            tools=tools,
+            max_tokens=body.max_completion_tokens or body.max_tokens,
+            stop=body.stop,
+            sampling=sampling,
+            ignore_eos=body.ignore_eos,
+            request_id=request_id,
+        )
+        await start_session(state, session, CHAT_ROUTE)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            encoder = ChatStream(
+                id=request_id, model=state.model_id, created=int(time.time()),
+                include_usage=include_usage, logprobs=want_logprobs, token_text=state.token_text,
+            )
+            return stream_response(state, session, encoder, CHAT_ROUTE)
+        events = await collect(state, session, CHAT_ROUTE)
+        return json_response(
+            chat_completion(
+                events, id=request_id, model=state.model_id, logprobs=want_logprobs,
+                token_text=state.token_text,
+            )
+        )
+
+    @app.post(COMPLETIONS_ROUTE)
+    async def completions():
+        body = await read_body(CompletionRequest)
+        check_model(state, body.model)
+        _check_common(body)
+        if body.echo:
+            raise invalid("echo is not supported by this server", param="echo",
+                          code="unsupported_parameter")
+        if body.suffix:
+            raise invalid("suffix is not supported by this server", param="suffix",
+                          code="unsupported_parameter")
+        if body.best_of is not None and body.best_of != 1:
+            raise invalid("only best_of=1 is supported", param="best_of")
+        want_logprobs = body.logprobs is not None
+        sampling = sampling_params(
+            body, state.runtime.info.vocab_size,
+            logprobs=want_logprobs, top_logprobs=body.logprobs or 0,
+        )
+        request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        session = state.runtime.complete(
+            completion_prompt(body.prompt),
+            max_tokens=body.max_tokens,
+            stop=body.stop,
+            sampling=sampling,
+            ignore_eos=body.ignore_eos,
+            request_id=request_id,
+        )
+        await start_session(state, session, COMPLETIONS_ROUTE)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            encoder = CompletionStream(
+                id=request_id, model=state.model_id, created=int(time.time()),
+                include_usage=include_usage, logprobs=want_logprobs, token_text=state.token_text,
+            )
+            return stream_response(state, session, encoder, COMPLETIONS_ROUTE)
+        events = await collect(state, session, COMPLETIONS_ROUTE)
+        return json_response(
+            text_completion(
+                events, id=request_id, model=state.model_id, logprobs=want_logprobs,
+                token_text=state.token_text,
+            )
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Request mapping
+
+
+def _check_common(body: OpenAISampling) -> None:
+    if body.n is not None and body.n != 1:
+        raise invalid("only n=1 is supported", param="n")
+
+
+def sampling_params(
+    body: OpenAISampling, vocab_size: int, *, logprobs: bool, top_logprobs: int
+) -> SamplingParams:
+    """SamplingParams for the engine. Values that mean "no limit" are normalised (a top_k
+    of -1 or of at least the vocabulary), and any 64-bit seed is folded into the engine's
+    unsigned range so that negative seeds (valid for OpenAI) reproduce too."""
+    top_k = body.top_k or 0
+    if top_k < 0 or (vocab_size and top_k >= vocab_size):
+        top_k = 0
+    if body.seed is not None and not SEED_MIN <= body.seed <= SEED_MAX:
+        raise invalid("seed must be a 64-bit integer", param="seed")
+    bias: list[tuple[int, float]] = []
+    for key, value in (body.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise invalid(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+        bias.append((token, float(value)))
+    return SamplingParams(
+        temperature=0.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=top_k,
+        min_p=body.min_p or 0.0,
+        seed=None if body.seed is None else body.seed % SEED_MODULUS,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias=tuple(bias),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+
+
+def _content_text(content, param: str) -> str | None:
+    if content is None or isinstance(content, str):
+        return content
+    parts = []
+    for j, part in enumerate(content):
+        if isinstance(part, TextPart):
+            parts.append(part.text)
+        elif isinstance(part, RefusalPart):
+            parts.append(part.refusal)
+        else:
+            kind = type(part).__struct_config__.tag
+            raise invalid(
+                f"{kind} content is not supported: this server serves a text-only model",
+                param=f"{param}[{j}]", code="unsupported_content",
+            )
+    return "\n".join(parts)
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages → the chat template's messages (text only)."""
+    out = []
+    for i, m in enumerate(messages):
+        text = _content_text(m.content, f"messages[{i}].content")
+        if text is None and m.role in ("user", "system", "developer", "tool"):
+            raise invalid(f"{m.role} messages need content", param=f"messages[{i}].content")
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                               "content": text or ""}
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise invalid("only assistant messages carry tool_calls",
+                              param=f"messages[{i}].tool_calls")
+            msg["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                for c in m.tool_calls
+            ]
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise invalid("tool messages need tool_call_id", param=f"messages[{i}].tool_call_id")
+            msg["tool_call_id"] = m.tool_call_id
+        if m.name:
+            msg["name"] = m.name
+        out.append(msg)
+    return out
+
+
+def completion_prompt(prompt: str | list[Any]) -> str | list[int]:
+    """A string or token ids; a batch of exactly one of those is unwrapped."""
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and all(_is_int(t) for t in prompt):
+        return prompt
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if len(prompt) == 1 and isinstance(prompt[0], list) and prompt[0] and all(_is_int(t) for t in prompt[0]):
+        return prompt[0]
+    if len(prompt) > 1 and (all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt)):
+        raise invalid("batched prompts are not supported; send one prompt per request", param="prompt")
+    raise invalid("prompt must be a string or a non-empty list of token ids", param="prompt")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------------------
+# Response mapping
+
+
+def usage_body(usage: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def _logprob_entry(choice: TokenChoice, token_text: Callable[[int], str]) -> dict[str, Any]:
+    text = token_text(choice.token)
+    return {
+        "token": text,
+        "logprob": choice.logprob,
+        "bytes": list(text.encode("utf-8")),
+        "top_logprobs": [
+            {"token": (t := token_text(alt.token)), "logprob": alt.logprob, "bytes": list(t.encode("utf-8"))}
+            for alt in choice.top
+        ],
+    }
+
+
+def tool_call_body(call: ToolCall, *, index: int | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+    if index is not None:
+        body = {"index": index, **body}
+    return body
+
+
+def _final(events: list[Any]) -> Done:
+    done = events[-1] if events else None
+    if not isinstance(done, Done):
+        raise ApiError(WireError(status=500, message="the request ended without a result",
+                                 code="generation_failed"))
+    error = failed_done(done)
+    if error is not None:
+        raise ApiError(error)
+    return done
+
+
+def chat_completion(
+    events: list[Any], *, id: str, model: str, logprobs: bool, token_text: Callable[[int], str]
+) -> dict[str, Any]:
+    done = _final(events)
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    message: dict[str, Any] = {"role": "assistant", "content": text if (text or not calls) else None}
+    if calls:
+        message["tool_calls"] = [tool_call_body(c) for c in calls]
+    lp = None
+    if logprobs:
+        lp = {"content": [_logprob_entry(t, token_text)
+                          for e in events if isinstance(e, TextDelta) for t in e.tokens]}
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": done.finish_reason}],
+        "usage": usage_body(done.usage),
+    }
+
+
+@attrs.define
+class _LegacyLogprobs:
+    """OpenAI's legacy completions logprobs: parallel lists, with character offsets."""
+
+    token_text: Callable[[int], str]
+    offset: int = 0
+
+    def block(self, tokens: tuple[TokenChoice, ...]) -> dict[str, Any]:
+        texts = [self.token_text(t.token) for t in tokens]
+        offsets = []
+        for text in texts:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        return {
+            "tokens": texts,
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{self.token_text(a.token): a.logprob for a in t.top} for t in tokens],
+            "text_offset": offsets,
+        }
+
+
+def text_completion(
+    events: list[Any], *, id: str, model: str, logprobs: bool, token_text: Callable[[int], str]
+) -> dict[str, Any]:
+    done = _final(events)
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    lp = None
+    if logprobs:
+        lp = _LegacyLogprobs(token_text).block(tuple(t for e in deltas for t in e.tokens))
+    return {
+        "id": id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "text": "".join(e.text for e in deltas), "logprobs": lp,
+                     "finish_reason": done.finish_reason}],
+        "usage": usage_body(done.usage),
+    }
+
+
+def _error_frames(error: WireError) -> list[bytes]:
+    return [sse_data(error.openai_body()), DONE_FRAME]
+
+
+@attrs.define
+class ChatStream:
+    """Session events → `chat.completion.chunk` frames."""
+
+    id: str
+    model: str
+    created: int
+    include_usage: bool
+    logprobs: bool
+    token_text: Callable[[int], str]
+    finished: bool = False
+
+    def _chunk(self, delta: dict, *, finish_reason: str | None = None, logprobs=None) -> bytes:
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+        }
+        if self.include_usage:
+            body["usage"] = None
+        return sse_data(body)
+
+    def open(self) -> list[bytes]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def keepalive(self) -> bytes:
+        return KEEPALIVE_COMMENT
+
+    def feed(self, event: Any) -> list[bytes]:
+        match event:
+            case TextDelta(text=text, tokens=tokens):
+                lp = None
+                if self.logprobs:
+                    lp = {"content": [_logprob_entry(t, self.token_text) for t in tokens]}
+                if not text and not lp:
+                    return []
+                return [self._chunk({"content": text}, logprobs=lp)]
+            case ToolCall():
+                return [self._chunk({"tool_calls": [tool_call_body(event, index=event.index)]})]
+            case Progress():
+                return [KEEPALIVE_COMMENT]
+            case Done():
+                self.finished = True
+                error = failed_done(event)
+                if error is not None:
+                    return _error_frames(error)
+                frames = [self._chunk({}, finish_reason=event.finish_reason)]
+                if self.include_usage:
+                    frames.append(sse_data({
+                        "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                        "model": self.model, "system_fingerprint": None, "choices": [],
+                        "usage": usage_body(event.usage),
+                    }))
+                frames.append(DONE_FRAME)
+                return frames
+            case StreamBroken(message=message):
+                self.finished = True
+                return _error_frames(WireError(status=500, message=message, code="generation_failed"))
+            case other:
+                raise TypeError(f"unexpected stream event {other!r}")
+
+
+@attrs.define
+class CompletionStream:
+    """Session events → legacy `text_completion` chunks."""
+
+    id: str
+    model: str
+    created: int
+    include_usage: bool
+    logprobs: bool
+    token_text: Callable[[int], str]
+    finished: bool = False
+    _legacy: _LegacyLogprobs | None = None
+
+    def _chunk(self, text: str, *, finish_reason: str | None = None, logprobs=None) -> bytes:
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+        }
+        if self.include_usage:
+            body["usage"] = None
+        return sse_data(body)
+
+    def open(self) -> list[bytes]:
+        if self.logprobs:
+            self._legacy = _LegacyLogprobs(self.token_text)
+        return []
+
+    def keepalive(self) -> bytes:
+        return KEEPALIVE_COMMENT
+
+    def feed(self, event: Any) -> list[bytes]:
+        match event:
+            case TextDelta(text=text, tokens=tokens):
+                lp = self._legacy.block(tokens) if self._legacy is not None else None
+                if not text and not lp:
+                    return []
+                return [self._chunk(text, logprobs=lp)]
+            case ToolCall():
+                return []  # no tools on this route
+            case Progress():
+                return [KEEPALIVE_COMMENT]
+            case Done():
+                self.finished = True
+                error = failed_done(event)
+                if error is not None:
+                    return _error_frames(error)
+                frames = [self._chunk("", finish_reason=event.finish_reason)]
+                if self.include_usage:
+                    frames.append(sse_data({
+                        "id": self.id, "object": "text_completion", "created": self.created,
+                        "model": self.model, "system_fingerprint": None, "choices": [],
+                        "usage": usage_body(event.usage),
+                    }))
+                frames.append(DONE_FRAME)
+                return frames
+            case StreamBroken(message=message):
+                self.finished = True
+                return _error_frames(WireError(status=500, message=message, code="generation_failed"))
+            case other:
+                raise TypeError(f"unexpected stream event {other!r}")
