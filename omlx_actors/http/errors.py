@@ -68,6 +68,8 @@ class WireError:
     code: str | None = None
     param: str | None = None
     retry_after_s: int | None = None
+    # Extra fields for both shapes' error object, e.g. a memory refusal's estimate/limit.
+    details: tuple[tuple[str, object], ...] = ()
 
     @property
     def openai_type(self) -> str:
@@ -88,11 +90,15 @@ class WireError:
                 "type": self.openai_type,
                 "code": self.code,
                 "param": self.param,
+                **dict(self.details),
             }
         }
 
     def anthropic_body(self) -> dict:
-        return {"type": "error", "error": {"type": self.anthropic_type, "message": self.message}}
+        return {
+            "type": "error",
+            "error": {"type": self.anthropic_type, "message": self.message, **dict(self.details)},
+        }
 
     def body_for(self, path: str) -> dict:
         return self.anthropic_body() if is_anthropic_path(path) else self.openai_body()
@@ -122,6 +128,7 @@ def from_request_error(exc: RequestError) -> WireError:
         code=exc.code,
         param=exc.param,
         retry_after_s=QueueFull.retry_after_s if isinstance(exc, QueueFull) else None,
+        details=tuple(sorted(exc.details.items())),
     )
 
 
