@@ -12,6 +12,18 @@ from pathlib import Path
 from omlx_actors.config import RuntimeConfig
 
 
+def _size(text: str) -> int:
+    """Bytes from `123`, `512M`, `12G` (binary units)."""
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 512M or 12G)") from None
+
+
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="mlx-lm model directory or Hugging Face repo id "
@@ -25,8 +37,11 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests that may wait beyond the batch before 429")
     p.add_argument("--default-max-tokens", type=int, default=512)
+    p.add_argument("--memory-budget", type=_size, default=None,
+                   help="bytes for weights + prefix cache + requests, e.g. 12G (default: "
+                        "total memory minus a headroom); what can never fit gets 413")
     p.add_argument("--block-size", type=int, default=256, help="prefix cache block size (tokens)")
-    p.add_argument("--prefix-cache-bytes", type=int, default=2 * 1024**3,
+    p.add_argument("--prefix-cache-bytes", type=_size, default=2 * 1024**3,
                    help="memory budget of the prefix cache (0 turns it off)")
 
 
@@ -42,6 +57,7 @@ def runtime_config(args: argparse.Namespace, **extra) -> RuntimeConfig:
             default_max_tokens=args.default_max_tokens,
             block_size=args.block_size,
             prefix_cache_bytes=args.prefix_cache_bytes,
+            memory_budget_bytes=args.memory_budget,
             **extra,
         )
     except (ValueError, TypeError) as exc:

@@ -309,6 +309,15 @@ def _install_service_routes(app: QuartTrio, state: ServerState) -> None:
         else:
             m.queue_waiting.set(stats.waiting)
             m.queue_running.set(stats.running)
+            m.engine_cache_bytes.set(stats.prefix_cache_bytes)
+        try:
+            cache = await state.runtime.cache_stats(timeout=settings.health_ping_timeout_s)
+        except Exception:  # noqa: BLE001 - the cache is optional; keep the last values
+            cache = None
+        if cache is not None:
+            m.observe_cache(cache)
+        if state.runtime.memory is not None and state.runtime.memory.latest is not None:
+            m.observe_memory(state.runtime.memory.latest)
         m.pending.set(state.runtime.pending_requests)
         return Response(m.render(), status=200, content_type=CONTENT_TYPE)
 

@@ -64,7 +64,21 @@ class HttpMetrics:
             "omlx_client_disconnects", "streams whose client left before the end", ["route"],
             registry=r,
         )
-        # Stays 0 until the prefix cache lands; registered now so dashboards can rely on it.
+        # The prefix cache index's own numbers, read at scrape time.
+        self.cache_index = Gauge(
+            "omlx_prefix_cache", "prefix cache index: lookups that hit/missed, blocks, bytes, "
+            "evictions (cumulative where the name says so)", ["what"], registry=r,
+        )
+        # The memory enforcer's latest snapshot.
+        self.memory = Gauge(
+            "omlx_memory_bytes", "memory budget and use (bytes)", ["what"], registry=r,
+        )
+        self.memory_level = Gauge(
+            "omlx_memory_level", "memory pressure: 0 ok, 1 soft, 2 hard", registry=r,
+        )
+        self.engine_cache_bytes = Gauge(
+            "omlx_prefix_cache_engine_bytes", "block tensors the engine holds", registry=r,
+        )
         self.cache_hits = Counter(
             "omlx_prefix_cache_hits", "requests that reused cached prompt tokens", registry=r
         )
@@ -84,6 +98,17 @@ class HttpMetrics:
             self.ttft.observe(done.timings.ttft_s)
         if done.timings.mean_itl_s is not None:
             self.itl.observe(done.timings.mean_itl_s)
+
+    def observe_cache(self, stats) -> None:
+        for what in ("hits", "misses", "hit_blocks", "evictions", "inserted", "blocks",
+                     "used_bytes", "budget_bytes", "referenced_bytes"):
+            self.cache_index.labels(what).set(getattr(stats, what))
+
+    def observe_memory(self, snapshot) -> None:
+        for what in ("budget_bytes", "used_bytes", "pressure_bytes", "mlx_active", "mlx_cache",
+                     "mlx_peak", "process_rss", "system_available"):
+            self.memory.labels(what).set(getattr(snapshot, what))
+        self.memory_level.set(("ok", "soft", "hard").index(snapshot.level.value))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
