@@ -498,8 +498,10 @@ class EngineCore:
     def _run_step(self) -> None:
         assert_on_mlx_thread("EngineCore._run_step")
         try:
-            self._maybe_inject_fault()
             prompt_responses, generation_responses = self._gen.next()
+            # After the step ran, as an out-of-memory while evaluating it would: the rows it
+            # took into its batches are the ones affected.
+            self._maybe_inject_fault()
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not us
             self._fail_step(exc)
             return

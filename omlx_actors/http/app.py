@@ -413,6 +413,10 @@ def failed_done(done: Done) -> WireError | None:
         if done.error_type in ("EngineStopped", "EngineStopping"):
             return WireError(status=503, message=done.error or "the engine stopped",
                              code="engine_unavailable")
+        if done.error_type == "MemoryError":
+            # The engine survived and serves on: retrying later is the right move.
+            return WireError(status=503, message=f"the engine ran out of memory: {done.error}",
+                             code="out_of_memory", retry_after_s=1)
         return WireError(status=500, message=f"generation failed: {done.error or done.error_type}",
                          code="generation_failed")
     return None

@@ -61,3 +61,23 @@ async def test_a_prompt_that_cannot_fit_gets_413_fast_while_a_small_stream_compl
     # No prefill work was done for the refused prompts; the small stream finished.
     assert after.prompt_tokens_processed - before.prompt_tokens_processed < 100
     assert small_done == ["data: [DONE]"]
+
+
+async def test_out_of_memory_in_a_step_is_503_before_the_first_byte_and_an_error_event_after(tiny_llama):
+    async with serve(tiny_llama) as server:
+        async with http_client(server) as http:
+            await server.runtime.inject_fault()
+            plain = await http.post("/v1/chat/completions", json=chat_body(max_tokens=20, ignore_eos=True))
+            await server.runtime.inject_fault()
+            async with http.stream("POST", "/v1/chat/completions",
+                                   json=chat_body(max_tokens=20, ignore_eos=True, stream=True)) as r:
+                lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+            health = await http.get("/health")
+            after = await http.post("/v1/chat/completions", json=chat_body(max_tokens=5, ignore_eos=True))
+    assert plain.status_code == 503
+    assert plain.json()["error"]["code"] == "out_of_memory"
+    assert '"error"' in lines[-2] and "out of memory" in lines[-2]
+    assert lines[-1] == "data: [DONE]"
+    assert health.status_code == 200
+    assert after.status_code == 200
+    assert after.json()["usage"]["completion_tokens"] == 5
