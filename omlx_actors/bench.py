@@ -281,3 +281,251 @@ def cache_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
+
+
+# ---------------------------------------------------------------------------------------
+# (c) this runtime over HTTP and (d) mlx-lm's own server: both as subprocesses on loopback,
+# driven by the same streaming client, so the two servers are measured alike.
+
+WORDS = ("river stone light table garden window music paper engine forest cloud number "
+         "silver market letter orange bridge winter story signal").split()
+
+
+def make_text_prompts(n: int, words: int, offset: int = 0) -> list[str]:
+    return [" ".join(WORDS[(7 * (i + offset) + 3 * j + j * j) % len(WORDS)] for j in range(words))
+            for i in range(n)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A server subprocess on a loopback port; stopped with SIGINT, then killed."""
+
+    def __init__(self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None):
+        import os
+        import subprocess
+
+        self.name, self.port = name, port
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = open(f"/tmp/omlx-bench-{name.replace(' ', '_')}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self._log.name}")
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} did not start within {timeout}s")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - it had its chance
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+async def http_level(side: str, url: str, model: str, prompts: list[str], max_tokens: int) -> LevelResult:
+    """All prompts at once as streaming /v1/completions; TTFT = first text chunk."""
+    import httpx
+
+    ttft: list[float] = []
+    tokens = 0
+    start = time.perf_counter()
+
+    async def one(client, prompt: str) -> None:
+        nonlocal tokens
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+                "temperature": 0.0, "ignore_eos": True,
+                "stream_options": {"include_usage": True}}
+        first = None
+        counted = usage = 0
+        async with client.stream("POST", url + "/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"].get("completion_tokens", 0)
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    counted += 1
+                    if first is None:
+                        first = time.perf_counter() - start
+        ttft.append(first if first is not None else float("nan"))
+        tokens += usage or counted
+
+    limits = httpx.Limits(max_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async with trio.open_nursery() as nursery:
+            for p in prompts:
+                nursery.start_soon(one, client, p)
+    return LevelResult(side, len(prompts), tokens, time.perf_counter() - start, tuple(ttft))
+
+
+async def http_turns(url: str, model: str, conversations: list[str], turns: int, max_tokens: int) -> list[float]:
+    """Multi-turn: each conversation resends its whole history plus a new message each turn
+    (conversations run concurrently); returns the TTFTs of turns after the first."""
+    import httpx
+
+    later: list[float] = []
+
+    async def conversation(client, history: str, k: int) -> None:
+        for turn in range(turns):
+            body = {"model": model, "prompt": history, "max_tokens": max_tokens, "stream": True,
+                    "temperature": 0.0, "ignore_eos": True}
+            start = time.perf_counter()
+            first, text = None, []
+            async with client.stream("POST", url + "/v1/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        chunk = json.loads(line[6:])
+                        if chunk.get("choices") and chunk["choices"][0].get("text"):
+                            text.append(chunk["choices"][0]["text"])
+                            if first is None:
+                                first = time.perf_counter() - start
+            if turn > 0:
+                later.append(first if first is not None else float("nan"))
+            history = history + "".join(text) + " " + make_text_prompts(1, 24, offset=100 * k + turn)[0]
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        async with trio.open_nursery() as nursery:
+            for k, history in enumerate(conversations):
+                nursery.start_soon(conversation, client, history, k)
+    return later
+
+
+async def runtime_turns(rt, conversations: list[str], turns: int, max_tokens: int) -> list[float]:
+    later: list[float] = []
+
+    async def conversation(history: str, k: int) -> None:
+        for turn in range(turns):
+            start = time.perf_counter()
+            session = rt.complete(history, max_tokens=max_tokens, ignore_eos=True)
+            first, text = None, []
+            async with session:
+                async for event in session:
+                    if getattr(event, "text", "") and first is None:
+                        first = time.perf_counter() - start
+                    if getattr(event, "text", ""):
+                        text.append(event.text)
+            if turn > 0:
+                later.append(first if first is not None else float("nan"))
+            history = history + "".join(text) + " " + make_text_prompts(1, 24, offset=100 * k + turn)[0]
+
+    async with trio.open_nursery() as nursery:
+        for k, history in enumerate(conversations):
+            nursery.start_soon(conversation, history, k)
+    return later
+
+
+def full_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
+    """(a) bare BatchGenerator, (b) in-process, (c) our server over HTTP, (d) mlx_lm.server."""
+    import os
+    import sys as _sys
+
+    from omlx_actors.api import open_runtime, resolve_model
+
+    levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    path, is_demo = trio.run(resolve_model, config)
+    print(f"model: {path}{' (random-weight demo)' if is_demo else ''}")
+    batch = max([*levels, config.max_batch_size])
+    config = attrs.evolve(config, model=str(path), max_batch_size=batch)
+    from omlx_actors.backend import OPENBLAS_CANDIDATES
+
+    preload = next((p for p in OPENBLAS_CANDIDATES if os.path.exists(p)), None)
+    ours = ServerProcess("omlx-actors", [
+        _sys.executable, "-m", "omlx_actors.cli", "serve", "--model", str(path),
+        "--port", str(port_c := _free_port()), "--max-batch-size", str(batch),
+        "--prefill-batch-size", str(config.prefill_batch_size),
+        "--prefill-step-size", str(config.prefill_step_size)], port_c)
+    theirs = ServerProcess("mlx_lm.server", [
+        _sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--port",
+        str(port_d := _free_port()), "--decode-concurrency", str(batch),
+        "--prompt-concurrency", str(config.prefill_batch_size),
+        "--prefill-step-size", str(config.prefill_step_size), "--log-level", "WARNING"],
+        port_d, env={"LD_PRELOAD": preload} if preload else None)
+    model_id = Path(path).name
+    # mlx_lm.server treats the model field as a path or repo to load: give it its own.
+    their_id = str(Path(path).resolve())
+    rows: list[dict[str, Any]] = []
+    try:
+        ours.wait_ready()
+        theirs.wait_ready()
+
+        async def main() -> None:
+            async with open_runtime(config=config) as rt:
+                bare = await trio.to_thread.run_sync(BareLoop, Path(path), config)
+                tok = rt.tokenizer
+                warm = make_text_prompts(2, args.prompt_words, offset=999)
+                await trio.to_thread.run_sync(bare.run, [tok.encode(p) for p in warm], 4)
+                await runtime_level(rt, [tok.encode(p) for p in warm], 4)
+                await http_level("c", ours.url, model_id, warm, 4)
+                await http_level("d", theirs.url, their_id, warm, 4)
+                for level in levels:
+                    texts = make_text_prompts(level, args.prompt_words, offset=level)
+                    ids = [tok.encode(p) for p in texts]
+                    runs: dict[str, list[LevelResult]] = {"a": [], "b": [], "c": [], "d": []}
+                    for rep in range(args.repeat):
+                        runs["a"].append(await trio.to_thread.run_sync(bare.run, ids, args.max_tokens))
+                        runs["b"].append(await runtime_level(rt, ids, args.max_tokens))
+                        runs["c"].append(await http_level("omlx-actors HTTP", ours.url, model_id, texts, args.max_tokens))
+                        runs["d"].append(await http_level("mlx_lm.server", theirs.url, their_id, texts, args.max_tokens))
+                    chosen = {k: _median_run(v) for k, v in runs.items()}
+                    base = chosen["a"]
+                    for key, label in (("a", "(a) bare BatchGenerator"), ("b", "(b) in-process"),
+                                       ("c", "(c) omlx-actors HTTP"), ("d", "(d) mlx_lm.server")):
+                        r = chosen[key]
+                        rows.append({
+                            "concurrency": level, "side": label,
+                            "tokens_per_s": r.tokens_per_s, "ratio": r.tokens_per_s / base.tokens_per_s,
+                            "ttft_p50_s": r.ttft_p50, "ttft_p99_s": r.ttft_p99,
+                            "tokens": r.tokens,
+                        })
+                        print(f"  c={level:<3d} {label:26s} {r.tokens_per_s:8.1f} tok/s  ratio {r.tokens_per_s / base.tokens_per_s:5.3f}  "
+                              f"TTFT p50 {r.ttft_p50 * 1000:8.1f} ms  p99 {r.ttft_p99 * 1000:8.1f} ms", flush=True)
+                conversations = make_text_prompts(args.conversations, args.history_words, offset=5000)
+                turns_b = await runtime_turns(rt, conversations, args.turns, args.max_tokens)
+                conversations_c = make_text_prompts(args.conversations, args.history_words, offset=6000)
+                turns_c = await http_turns(ours.url, model_id, conversations_c, args.turns, args.max_tokens)
+                conversations_d = make_text_prompts(args.conversations, args.history_words, offset=7000)
+                turns_d = await http_turns(theirs.url, their_id, conversations_d, args.turns, args.max_tokens)
+                # (a) has no prefix cache: a later turn is a cold prefill of the whole history.
+                hist = [tok.encode(c) for c in make_text_prompts(args.conversations, args.history_words + 40, offset=8000)]
+                cold = await trio.to_thread.run_sync(bare.run, hist, 1)
+                for label, values in (("(a) bare (cold prefill)", list(cold.ttft_s)),
+                                      ("(b) in-process", turns_b), ("(c) omlx-actors HTTP", turns_c),
+                                      ("(d) mlx_lm.server", turns_d)):
+                    p50 = statistics.median(values)
+                    rows.append({"workload": "multi-turn later turns", "side": label, "ttft_p50_s": p50})
+                    print(f"  multi-turn later-turn TTFT p50  {label:26s} {p50 * 1000:8.1f} ms", flush=True)
+
+        trio.run(main)
+    finally:
+        ours.stop()
+        theirs.stop()
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2))
+        print(f"wrote {args.json}")
+    return 0

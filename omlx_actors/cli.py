@@ -104,6 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     cache_bench.add_argument("--max-tokens", type=int, default=16)
     cache_bench.add_argument("--json", type=Path, default=None)
 
+    full = sub.add_parser(
+        "bench-servers",
+        help="(a) bare BatchGenerator vs (b) in-process vs (c) this server over HTTP vs (d) mlx_lm.server")
+    _add_runtime_flags(full)
+    full.add_argument("--concurrency", default="1,8,32")
+    full.add_argument("--prompt-words", type=int, default=100)
+    full.add_argument("--max-tokens", type=int, default=64)
+    full.add_argument("--repeat", type=int, default=1)
+    full.add_argument("--conversations", type=int, default=4)
+    full.add_argument("--turns", type=int, default=3)
+    full.add_argument("--history-words", type=int, default=600)
+    full.add_argument("--json", type=Path, default=None)
+
     build = sub.add_parser("build-demo", help="build a random-weight demo model directory")
     build.add_argument("name", help="demo-150m, tiny-llama or tiny-hybrid")
     build.add_argument("dest", type=Path)
@@ -128,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         from omlx_actors.bench import bench_main
 
         return bench_main(args, runtime_config(args))
+    if args.command == "bench-servers":
+        from omlx_actors.bench import full_bench_main
+
+        return full_bench_main(args, runtime_config(args))
     if args.command == "bench-cache":
         from omlx_actors.bench import cache_bench_main
 
