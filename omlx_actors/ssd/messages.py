@@ -1,0 +1,271 @@
+"""The SSD writer's plain-data vocabulary: its configuration, the messages it accepts and
+the replies it sends. Every one is `@attrs.frozen`, holds plain data only, and survives
+`runtime.wire` unchanged, so the writer could sit behind a process boundary.
+
+Tensors travel as `TensorData` (bytes + dtype + shape). The writer's behaviour - ordering,
+budget, counters - is documented in `writer`.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Union
+
+import attrs
+
+from omlx_actors.cache.blocks import BlockHash
+
+from . import blockfile
+from .blockfile import BlockIdentity, TensorData
+
+__all__ = [
+    "ALL_MESSAGE_TYPES",
+    "MIN_FREE_BYTES",
+    "MIN_FREE_FRACTION",
+    "CleanupAll",
+    "CleanupDone",
+    "CleanupRequest",
+    "Contains",
+    "ContainsResult",
+    "Flush",
+    "Load",
+    "LoadReason",
+    "LoadResult",
+    "Save",
+    "SetBudget",
+    "Shutdown",
+    "StatsQuery",
+    "WriterConfig",
+    "WriterControl",
+    "WriterStats",
+]
+
+# Free space the directory never eats into: max(MIN_FREE_BYTES, MIN_FREE_FRACTION of the
+# disk), so the SSD tier cannot fill the system disk.
+MIN_FREE_BYTES = 1 << 30
+MIN_FREE_FRACTION = 0.05
+
+
+def _block_hash(_: Any, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not blockfile.is_block_hash(value):
+        raise ValueError(f"{attribute.name} must be a block hash, got {value!r}")
+
+
+def _optional_block_hash(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        _block_hash(instance, attribute, value)
+
+
+def _block_hashes(instance: Any, attribute: attrs.Attribute[Any], value: tuple[Any, ...]) -> None:
+    for item in value:
+        _block_hash(instance, attribute, item)
+
+
+def _unique_names(_: Any, attribute: attrs.Attribute[Any], value: tuple[TensorData, ...]) -> None:
+    names = [tensor.name for tensor in value]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{attribute.name}: tensor names must be unique, got {names!r}")
+
+
+@attrs.frozen(kw_only=True)
+class WriterConfig:
+    """Settings of one writer: its directory, the identity of the cache it stores (files
+    of another identity are foreign) and its byte budget."""
+
+    directory: str
+    identity: BlockIdentity
+    budget_bytes: int = attrs.field(validator=attrs.validators.ge(0))
+    min_free_bytes: int = attrs.field(default=MIN_FREE_BYTES, validator=attrs.validators.ge(0))
+    min_free_fraction: float = attrs.field(
+        default=MIN_FREE_FRACTION, validator=[attrs.validators.ge(0), attrs.validators.le(1)]
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Messages: the save inbox
+
+
+@attrs.frozen(kw_only=True)
+class Save:
+    """Persist block `hash` (cast, to the save inbox). `scope` is the owner a later
+    `CleanupRequest` names ("" for blocks no cleanup should touch); `tokens` is how many
+    tokens the block covers; `parent` the previous block of its chain."""
+
+    hash: BlockHash = attrs.field(validator=_block_hash)
+    parent: BlockHash | None = attrs.field(default=None, validator=_optional_block_hash)
+    scope: str = ""
+    tokens: int = attrs.field(validator=attrs.validators.ge(0))
+    tensors: tuple[TensorData, ...] = attrs.field(validator=_unique_names)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor.nbytes for tensor in self.tensors)
+
+
+# ---------------------------------------------------------------------------------------
+# Messages: the control inbox
+
+
+@attrs.frozen(kw_only=True)
+class Load:
+    """Read block `hash` back; replied with `LoadResult`. A hit refreshes its recency."""
+
+    hash: BlockHash = attrs.field(validator=_block_hash)
+
+
+@attrs.frozen(kw_only=True)
+class Contains:
+    """Which of `hashes` are on disk or pending; replied with `ContainsResult`. Neither
+    reads the files (a block found corrupt when loaded is still a miss then) nor
+    refreshes recency."""
+
+    hashes: tuple[BlockHash, ...] = attrs.field(validator=_block_hashes)
+
+
+@attrs.frozen(kw_only=True)
+class CleanupRequest:
+    """Delete every block of `scope` saved before this call, pending ones included;
+    replied with `CleanupDone` once none exists on disk."""
+
+    scope: str
+
+
+@attrs.frozen(kw_only=True)
+class CleanupAll:
+    """Delete every block of this writer's identity (foreign files stay); replied with
+    `CleanupDone` once the directory holds none."""
+
+
+@attrs.frozen(kw_only=True)
+class Flush:
+    """Write every save sent before this call and evict down to the budget; replied with
+    `WriterStats` once done."""
+
+
+@attrs.frozen(kw_only=True)
+class SetBudget:
+    """Change the byte budget. Replied with `WriterStats` after one eviction pass of at
+    most `MAX_UNLINKS_PER_SAVE` files; the rest drains while idle."""
+
+    budget_bytes: int = attrs.field(validator=attrs.validators.ge(0))
+
+
+@attrs.frozen(kw_only=True)
+class StatsQuery:
+    """Ask for a `WriterStats` snapshot."""
+
+
+@attrs.frozen(kw_only=True)
+class Shutdown:
+    """Stop the writer; replied with `WriterStats` once done, then the inboxes close.
+
+    `flush`: write every save sent before this call first (else pending saves are
+    cancelled). `cleanup`: delete every block first (then nothing is flushed)."""
+
+    flush: bool = True
+    cleanup: bool = False
+
+
+WriterControl = Union[
+    Load, Contains, CleanupRequest, CleanupAll, Flush, SetBudget, StatsQuery, Shutdown
+]
+
+# ---------------------------------------------------------------------------------------
+# Replies
+
+
+class LoadReason(enum.Enum):
+    PENDING = "pending"
+    """Hit: the block's save is not written yet; served from its data."""
+    DISK = "disk"
+    """Hit: read from its file, checksum verified."""
+    MISSING = "missing"
+    """Miss: not on disk nor pending (never saved, dropped, evicted, cleaned up)."""
+    CORRUPT = "corrupt"
+    """Miss: its file failed validation or could not be read; it was removed."""
+
+
+@attrs.frozen(kw_only=True)
+class LoadResult:
+    """The block `hash`: its tensors on a hit (`reason` PENDING or DISK), None on a miss."""
+
+    hash: BlockHash
+    reason: LoadReason
+    tensors: tuple[TensorData, ...] | None = None
+    parent: BlockHash | None = None
+    scope: str = ""
+    tokens: int = 0
+
+    @property
+    def hit(self) -> bool:
+        return self.tensors is not None
+
+
+@attrs.frozen(kw_only=True)
+class ContainsResult:
+    """The asked hashes that are on disk or pending, in the order asked."""
+
+    present: tuple[BlockHash, ...]
+
+
+@attrs.frozen(kw_only=True)
+class CleanupDone:
+    """The acknowledgement of a cleanup. `scope` None: `CleanupAll`.
+
+    `removed`: files deleted; `cancelled`: pending saves discarded before being written
+    (saves of the scope still in the save inbox are discarded as they arrive, counted in
+    `WriterStats.saves_cancelled`); `failed`: files that could not be deleted (logged;
+    still indexed, so a later cleanup retries them)."""
+
+    scope: str | None
+    removed: int
+    cancelled: int
+    failed: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class WriterStats:
+    """A snapshot of the writer (see the module docstring for how the counters balance)."""
+
+    saves_enqueued: int
+    saves_persisted: int
+    saves_duplicate: int
+    saves_cancelled: int
+    saves_skipped: int
+    write_errors: int
+    pending: int
+    saves_queued: int  # still in the save inbox
+    saves_dropped: int  # never got in (kernel-counted, see `Address.dropped`)
+    evictions: int
+    cleanup_removed: int
+    load_hits: int
+    load_misses: int
+    corrupt_discarded: int  # at load, or at the start-up scan
+    foreign_skipped: int  # at the start-up scan
+    temps_removed: int  # at the start-up scan
+    io_errors: int  # failed unlinks and disk-usage readings
+    files: int
+    bytes_on_disk: int
+    budget_bytes: int
+    effective_budget_bytes: int
+    free_bytes: int | None  # the current estimate; None if the disk could not be read
+
+
+ALL_MESSAGE_TYPES = (
+    Save,
+    TensorData,
+    Load,
+    Contains,
+    CleanupRequest,
+    CleanupAll,
+    Flush,
+    SetBudget,
+    StatsQuery,
+    Shutdown,
+    LoadResult,
+    ContainsResult,
+    CleanupDone,
+    WriterStats,
+    WriterConfig,
+    BlockIdentity,
+)

@@ -1,0 +1,133 @@
+"""The writer against real failures: a process killed mid-write (SIGKILL), and a real
+file system that fills up (a 1 MiB tmpfs, where mounting is permitted)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from omlx_actors.ssd.writer import Flush, Load, LoadReason
+
+from .helpers import (
+    KILL_TEST_ELEMENTS,
+    Disk,
+    balanced,
+    block_files,
+    block_hash,
+    file_size,
+    make_save,
+    running_writer,
+    temp_files,
+)
+
+CHILD = Path(__file__).with_name("_child_writer.py")
+# Blocks the child may have saved before being killed (it stops at its SAVES).
+CHILD_SAVES = 5000
+
+
+async def start_child(root: Path, budget: int, stall_at: int, until: bytes) -> trio.Process:
+    """The child writer, once it has printed `until`."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, str(CHILD), str(root), str(budget), str(stall_at)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    seen = b""
+    with trio.fail_after(30):
+        while until not in seen:
+            chunk = await process.stdout.receive_some()
+            assert chunk, "the child exited before it was ready"
+            seen += chunk
+    return process
+
+
+@pytest.mark.parametrize("kill", ["mid-write", "random-0", "random-1", "random-2"])
+async def test_a_writer_killed_at_random_points_leaves_valid_blocks_or_misses(tmp_path, kill):
+    block = file_size(make_save(1, "s1", elements=KILL_TEST_ELEMENTS))
+    if kill == "mid-write":
+        # The 4th call of the 31st file (a header and 3 tensors each): half a tensor in.
+        process = await start_child(tmp_path, 24 * block, stall_at=30 * 4 + 3, until=b"stalled")
+    else:
+        process = await start_child(tmp_path, 24 * block, stall_at=0, until=b"ready")
+        await trio.sleep(random.Random(kill).uniform(0.1, 0.6))
+    process.send_signal(signal.SIGKILL)
+    assert await process.wait() == -signal.SIGKILL
+    await process.stdout.aclose()
+    temps_left = len(temp_files(tmp_path))
+    if kill == "mid-write":
+        assert temps_left == 1
+    on_disk = block_files(tmp_path)
+    assert on_disk, "the child persisted nothing before the kill"
+
+    index_of = {block_hash(i): i for i in range(CHILD_SAVES)}
+    async with running_writer(tmp_path) as (w, ready):
+        assert ready.temps_removed == temps_left
+        assert temp_files(tmp_path) == []
+        assert ready.files == len(on_disk)
+        for h in on_disk:
+            result = await w.call(Load(hash=h))
+            assert result.reason is LoadReason.DISK  # checksum verified on the way
+            i = index_of[h]
+            expected = make_save(i, f"s{i % 3}", elements=KILL_TEST_ELEMENTS)
+            assert sorted(result.tensors, key=lambda t: t.name) == list(expected.tensors)
+        missing = next(h for h in index_of if h not in on_disk)
+        assert (await w.call(Load(hash=missing))).reason is LoadReason.MISSING
+        stats = await w.call(Flush())
+        assert stats.corrupt_discarded == 0
+        assert stats.load_hits == len(on_disk)
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 1 MiB tmpfs mounted for the test; skipped where mounting is not permitted."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+async def test_a_really_full_disk_fails_the_write_cleanly_and_shrinks_the_budget(
+    tiny_filesystem,
+):
+    root = tiny_filesystem
+    first, second, third = (make_save(i, elements=KILL_TEST_ELEMENTS) for i in (1, 2, 3))
+    async with running_writer(root, disk=Disk(free=None)) as (w, ready):
+        assert ready.effective_budget_bytes > file_size(first)
+        # Another program takes nearly all the room behind the writer's back.
+        hog = root / "hog"
+        hog.write_bytes(b"\0" * (900 * 1024))
+
+        await w.save(first)
+        stats = await w.call(Flush())
+        assert (stats.write_errors, stats.files, stats.saves_persisted) == (1, 0, 0)
+        assert list(root.rglob("*.tmp")) == [] and block_files(root) == {}
+        assert stats.effective_budget_bytes < file_size(second)  # re-read after ENOSPC
+
+        await w.save(second)
+        stats = await w.call(Flush())
+        assert (stats.write_errors, stats.saves_skipped) == (1, 1)  # refused, not tried
+
+        hog.unlink()
+        await w.save(third)
+        stats = await w.call(Flush())
+        assert (stats.saves_persisted, stats.files) == (1, 1)
+        assert balanced(stats)
+        assert (await w.call(Load(hash=third.hash))).reason is LoadReason.DISK
