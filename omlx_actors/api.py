@@ -33,6 +33,8 @@ from omlx_actors.config import RuntimeConfig
 from omlx_actors.engine import executor
 from omlx_actors.engine.core import EngineSettings
 from omlx_actors.engine.messages import (
+    RestoredBlock,
+    RestoreBlocks,
     Abort,
     EngineEvent,
     EngineInfo,
@@ -54,6 +56,16 @@ from omlx_actors.errors import (
     RequestTooLarge,
 )
 from omlx_actors.memory import enforcer
+from omlx_actors.ssd import writer as ssd_writer
+from omlx_actors.ssd.blockfile import BlockIdentity
+from omlx_actors.ssd.messages import CleanupAll as SsdCleanupAll
+from omlx_actors.ssd.messages import CleanupRequest as SsdCleanupRequest
+from omlx_actors.ssd.messages import Contains as SsdContains
+from omlx_actors.ssd.messages import Flush as SsdFlush
+from omlx_actors.ssd.messages import Load as SsdLoad
+from omlx_actors.ssd.messages import Shutdown as SsdShutdown
+from omlx_actors.ssd.messages import StatsQuery as SsdStatsQuery
+from omlx_actors.ssd.messages import WriterConfig
 from omlx_actors.runtime import (
     ActorError,
     Address,
@@ -162,6 +174,7 @@ class Runtime:
     _nursery: trio.Nursery
     cache_index: Address | None = None
     memory: Any = None  # the memory enforcer's handle (latest snapshot, subscriptions)
+    ssd: Any = None  # the SSD writer's address (None: no SSD tier)
     accepting: bool = True
 
     # -- requests ----------------------------------------------------------------------------
@@ -176,10 +189,13 @@ class Runtime:
         sampling: SamplingParams | None = None,
         ignore_eos: bool = False,
         request_id: str | None = None,
+        cache_scope: str = "",
         **sampling_kwargs: Any,
     ) -> Session:
         """A session for a chat. Sampling settings come as `sampling=` or as keyword
-        arguments of `SamplingParams` (temperature=, top_p=, seed=, logprobs=, ...)."""
+        arguments of `SamplingParams` (temperature=, top_p=, seed=, logprobs=, ...).
+        `cache_scope` files the request's new blocks on the SSD tier under that name, so
+        `cleanup_cache_scope` can remove them (e.g. an agent session's id)."""
         return Session(
             self,
             GenerationRequest(
@@ -190,6 +206,7 @@ class Runtime:
                 sampling=sampling or SamplingParams(**sampling_kwargs),
                 ignore_eos=ignore_eos,
                 request_id=request_id,
+                cache_scope=cache_scope,
             ),
         )
 
@@ -202,6 +219,7 @@ class Runtime:
         sampling: SamplingParams | None = None,
         ignore_eos: bool = False,
         request_id: str | None = None,
+        cache_scope: str = "",
         **sampling_kwargs: Any,
     ) -> Session:
         """A session for a raw prompt (text, or token ids)."""
@@ -214,6 +232,7 @@ class Runtime:
                 sampling=sampling or SamplingParams(**sampling_kwargs),
                 ignore_eos=ignore_eos,
                 request_id=request_id,
+                cache_scope=cache_scope,
             ),
         )
 
@@ -259,14 +278,63 @@ class Runtime:
         hashes = block_hashes(prompt_tokens[:-1], self.info.block_size, self.info.cache_namespace)
         if not hashes:
             return ()
+        timeout = self.config.submit_timeout_s
         try:
             result = await self.cache_index.call(
-                Lookup(request_id=request_id, hashes=tuple(hashes)), timeout=self.config.submit_timeout_s
+                Lookup(request_id=request_id, hashes=tuple(hashes)), timeout=timeout
             )
+            matched = tuple(result.matched)
+            if self.ssd is not None and len(matched) < len(hashes):
+                if await self._restore_from_ssd(hashes[len(matched):]):
+                    # Pin again: the new pin covers the restored blocks too.
+                    result = await self.cache_index.call(
+                        Lookup(request_id=request_id, hashes=tuple(hashes)), timeout=timeout
+                    )
+                    matched = tuple(result.matched)
         except ActorError as exc:  # the cache is an optimisation: serve without it
             log.warning("prefix cache lookup failed (%s); prefilling in full", exc)
             return ()
-        return tuple(result.matched)
+        return matched
+
+    async def _restore_from_ssd(self, hashes: Sequence[str]) -> int:
+        """Load the leading run of `hashes` found on the SSD tier (stopping at the first
+        miss: a chain is usable only up to its first gap) into the engine's block store."""
+        timeout = self.config.submit_timeout_s
+        present = set((await self.ssd.call(SsdContains(hashes=tuple(hashes)), timeout=timeout)).present)
+        blocks = []
+        for block_hash in hashes:
+            if block_hash not in present:
+                break
+            loaded = await self.ssd.call(SsdLoad(hash=block_hash), timeout=timeout)
+            if not loaded.hit:
+                break
+            blocks.append(RestoredBlock(hash=block_hash, parent=loaded.parent, tensors=loaded.tensors))
+        if not blocks:
+            return 0
+        restored = await self._executor.call(RestoreBlocks(blocks=tuple(blocks)), timeout=timeout)
+        return len(restored)
+
+    async def cleanup_cache_scope(self, scope: str) -> None:
+        """Remove the SSD tier's blocks filed under `scope`; returns once the writer has
+        acknowledged every save of that scope queued or in progress before the call."""
+        if self.ssd is not None:
+            await self.ssd.call(SsdCleanupRequest(scope=scope))
+
+    async def flush_ssd_cache(self) -> None:
+        """Return once every block handed to the SSD tier so far is on disk. (Blocks still on
+        their way from the engine - at most one step's worth - are not waited for.)"""
+        if self.ssd is not None:
+            await self.ssd.call(SsdFlush())
+
+    async def cleanup_ssd_cache(self) -> None:
+        """Remove every block file of the SSD tier (acknowledged like `cleanup_cache_scope`)."""
+        if self.ssd is not None:
+            await self.ssd.call(SsdCleanupAll())
+
+    async def ssd_stats(self, timeout: float = 5.0):
+        if self.ssd is None:
+            return None
+        return await self.ssd.call(SsdStatsQuery(), timeout=timeout)
 
     def release_prefix(self, request_id: str) -> None:
         """Unpin a request's blocks when it never reached the engine (never blocks)."""
@@ -373,7 +441,11 @@ async def open_runtime(
         prefill_step_size=config.prefill_step_size,
         block_size=config.block_size if config.prefix_cache_bytes > 0 else 0,
         max_requests=config.max_batch_size + config.max_waiting_requests,
+        ssd_enabled=config.ssd_cache_dir is not None and config.prefix_cache_bytes > 0,
     )
+    ssd_address = None
+    if settings.ssd_enabled:
+        ssd_address, ssd_control, ssd_saves = ssd_writer.open_writer_inboxes()
     events_send, events_recv = trio.open_memory_channel[EngineEvent](executor.ENGINE_EVENT_BACKLOG)
     address, inbox = open_inbox("executor", EXECUTOR_INBOX_CAPACITY, Overflow.WAIT)
     gauge = executor.MlxGauge()
@@ -429,8 +501,25 @@ async def open_runtime(
                 events_send,
                 cache_address,
                 wiring,
+                ssd_address,
                 policy=RestartPolicy(max_restarts=0, within=1.0),
             )
+            if ssd_address is not None and info.cache_namespace is not None:
+                # Started once the engine knows its cache identity (the namespace names the
+                # model, its cache layout and the block size; other files are skipped).
+                # Not restarted: a new incarnation would forget the cleanup barriers.
+                await sup.start(
+                    "ssd-writer", ssd_writer.run, ssd_control, ssd_saves,
+                    WriterConfig(
+                        directory=str(config.ssd_cache_dir),
+                        identity=BlockIdentity(namespace=info.cache_namespace,
+                                               layout=info.cache_layout, block_size=info.block_size),
+                        budget_bytes=config.ssd_cache_bytes,
+                    ),
+                    policy=RestartPolicy(max_restarts=0, within=1.0),
+                )
+            else:
+                ssd_address = None
             runtime = Runtime(
                 config=config,
                 info=info,
@@ -442,6 +531,7 @@ async def open_runtime(
                 nursery=nursery,
                 cache_index=cache_address,
                 memory=memory_handle,
+                ssd=ssd_address,
             )
             try:
                 yield runtime
@@ -449,5 +539,14 @@ async def open_runtime(
                 runtime.accepting = False
                 mode = ShutdownMode.DRAIN if config.shutdown_mode == "drain" else ShutdownMode.ABORT
                 with trio.CancelScope(shield=True):
+                    # The engine first (its last blocks go to the writer), then the writer
+                    # flushes what it was sent, then everyone else.
+                    await sup.stop("executor", mode)
+                    if ssd_address is not None:
+                        with trio.move_on_after(config.drain_timeout_s):
+                            try:
+                                await ssd_address.call(SsdShutdown(flush=mode is ShutdownMode.DRAIN))
+                            except ActorError as exc:
+                                log.warning("SSD writer did not shut down cleanly: %s", exc)
                     await sup.shutdown(mode)
         events_send.close()

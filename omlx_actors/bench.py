@@ -246,6 +246,34 @@ async def _ttft(rt, prompt: list[int], max_tokens: int):
     return first, session.completion_token_ids, done
 
 
+def _restart_bench(args: argparse.Namespace, config: RuntimeConfig) -> int:
+    """The same long prompt before and after a restart, its prefix served from the SSD tier."""
+    import shutil
+
+    from omlx_actors.api import open_runtime
+
+    shutil.rmtree(args.ssd_dir, ignore_errors=True)
+    config = attrs.evolve(config, ssd_cache_dir=args.ssd_dir)
+
+    async def once(label: str) -> tuple[float, int]:
+        async with open_runtime(config=config) as rt:
+            (warmup,) = make_prompts(1, 64, rt.info.vocab_size, offset=999)
+            await _ttft(rt, warmup, 2)
+            (prompt,) = make_prompts(1, args.history_tokens, rt.info.vocab_size, offset=7)
+            ttft, _, done = await _ttft(rt, prompt, args.max_tokens)
+            print(f"{label:28s} TTFT {ttft * 1000:9.1f} ms  cached_tokens {done.usage.cached_tokens}",
+                  flush=True)
+            return ttft, done.usage.cached_tokens
+
+    cold, _ = trio.run(once, "cold (empty SSD tier)")
+    warm, cached = trio.run(once, "after restart (from SSD)")
+    print(f"ratio restart/cold = {warm / cold:.3f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"cold_ttft_s": cold, "restart_ttft_s": warm,
+                                         "ratio": warm / cold, "cached_tokens": cached}, indent=2))
+    return 0
+
+
 def cache_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
     """Second turn of a conversation with a long history vs its cold first turn."""
     from omlx_actors.api import open_runtime
@@ -272,6 +300,8 @@ def cache_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
                 "block_size": rt.info.block_size,
             }
 
+    if args.ssd_dir is not None:
+        return _restart_bench(args, config)
     result = trio.run(main)
     print(f"history {result['history_tokens']} tokens; turn 2 prompt {result['turn2_prompt_tokens']} tokens")
     print(f"cold first-turn TTFT  {result['cold_ttft_s'] * 1000:9.1f} ms")

@@ -1,4 +1,4 @@
-"""`omlx-actors`: serve, bench, build-demo.
+"""`omlx-actors`: serve, bench, replay, build-demo.
 
 Flags become one `RuntimeConfig`; nothing below reads the environment.
 """
@@ -10,6 +10,13 @@ import sys
 from pathlib import Path
 
 from omlx_actors.config import RuntimeConfig
+
+
+def _default_ssd_dir() -> Path:
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "omlx-actors" / "kv"
 
 
 def _size(text: str) -> int:
@@ -58,6 +65,8 @@ def runtime_config(args: argparse.Namespace, **extra) -> RuntimeConfig:
             block_size=args.block_size,
             prefix_cache_bytes=args.prefix_cache_bytes,
             memory_budget_bytes=args.memory_budget,
+            ssd_cache_dir=getattr(args, "ssd_cache_dir", None),
+            ssd_cache_bytes=getattr(args, "ssd_cache_bytes", 16 * 1024**3),
             **extra,
         )
     except (ValueError, TypeError) as exc:
@@ -70,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = sub.add_parser("serve", help="run the OpenAI/Anthropic-compatible HTTP server")
     _add_runtime_flags(serve)
+    serve.add_argument("--ssd-cache-dir", type=Path, default=_default_ssd_dir(),
+                       help="SSD tier of the prefix cache (default: %(default)s); blocks are "
+                            "written through and survive restarts")
+    serve.add_argument("--no-ssd-cache", dest="ssd_cache_dir", action="store_const", const=None,
+                       help="keep the prefix cache in memory only")
+    serve.add_argument("--ssd-cache-bytes", type=_size, default=16 * 1024**3,
+                       help="byte budget of the SSD tier, e.g. 64G (also shrunk when the disk runs low)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None,
@@ -102,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     cache_bench.add_argument("--history-tokens", type=int, default=4000)
     cache_bench.add_argument("--new-tokens", type=int, default=50)
     cache_bench.add_argument("--max-tokens", type=int, default=16)
+    cache_bench.add_argument("--ssd-dir", type=Path, default=None,
+                             help="measure a restart instead: the prompt's prefix comes back from "
+                                  "this SSD tier directory (emptied first)")
     cache_bench.add_argument("--json", type=Path, default=None)
 
     full = sub.add_parser(
@@ -116,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     full.add_argument("--turns", type=int, default=3)
     full.add_argument("--history-words", type=int, default=600)
     full.add_argument("--json", type=Path, default=None)
+
+    replay = sub.add_parser("replay", help="run a scenario file and check its expectations")
+    from omlx_actors.replay.cli import add_replay_arguments
+
+    add_replay_arguments(replay)
 
     build = sub.add_parser("build-demo", help="build a random-weight demo model directory")
     build.add_argument("name", help="demo-150m, tiny-llama or tiny-hybrid")
@@ -149,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         from omlx_actors.bench import cache_bench_main
 
         return cache_bench_main(args, runtime_config(args))
+    if args.command == "replay":
+        from omlx_actors.replay.cli import replay_main
+
+        return replay_main(args)
     if args.command == "build-demo":
         from omlx_actors.models import build_demo_model
 

@@ -55,3 +55,8 @@ class RuntimeConfig:
     # (413) before any work; ones that fit later wait (bounded by max_waiting_requests).
     memory_budget_bytes: int | None = attrs.field(default=None, validator=_positive)
     memory_poll_interval_s: float = attrs.field(default=0.5, validator=_positive)
+    # SSD tier of the prefix cache: a directory for block files (None: off) and its byte
+    # budget (also shrunk when the disk runs low). Blocks are written through as they are
+    # stored in memory, so a restarted server finds its conversations' prefixes there.
+    ssd_cache_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
+    ssd_cache_bytes: int = attrs.field(default=16 * 1024**3, validator=_positive)

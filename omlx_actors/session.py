@@ -126,6 +126,7 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams()
     ignore_eos: bool = False
     request_id: str | None = None
+    cache_scope: str = ""
 
 
 def validate_sampling(p: SamplingParams) -> None:
@@ -233,6 +234,7 @@ class Session:
                     sampling=req.sampling,
                     stop_token_ids=tuple(stop_ids),
                     cached_blocks=cached_blocks,
+                    cache_scope=req.cache_scope,
                 )
             )
         except BaseException:

@@ -10,7 +10,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_readme_embedding_example_runs_and_prints_a_finish_reason(tmp_path):
-    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    code = next(b for b in blocks if "open_runtime" in b)
     script = tmp_path / "example.py"
     script.write_text(code)
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")

@@ -42,6 +42,21 @@ class _BlockTensors:
     nbytes: int
 
 
+def _to_tensor_data(name: str, array: Any):
+    import numpy as np
+
+    from omlx_actors.ssd.blockfile import TensorData
+
+    if array.dtype == mx.bfloat16:  # numpy has no bfloat16: its bits travel as uint16
+        return TensorData.from_array(name, np.array(array.view(mx.uint16)), dtype="bfloat16")
+    return TensorData.from_array(name, np.array(array))
+
+
+def _from_tensor_data(tensor) -> Any:
+    array = mx.array(tensor.to_array())
+    return array.view(mx.bfloat16) if tensor.dtype == "bfloat16" else array
+
+
 def cache_layout(model) -> tuple[str, ...]:
     """Class names of the model's per-layer caches: part of the blocks' namespace."""
     from mlx_lm.models.cache import make_prompt_cache
@@ -180,6 +195,48 @@ class BlockStore:
                 )
             )
         return result
+
+    # -- the SSD tier: evaluated data out, arrays back in (MLX thread only) ---------------------
+
+    def tensor_data(self, block_hash: str) -> tuple[Any, ...]:
+        """The block's arrays as plain `TensorData` (bytes) for the SSD writer, which never
+        touches MLX: `l{layer}.k`, `l{layer}.v`, `l{layer}.s{i}`."""
+        assert_on_mlx_thread("BlockStore.tensor_data")
+        block = self._blocks[block_hash]
+        out = []
+        for layer, (k, v) in block.kv.items():
+            out += [_to_tensor_data(f"l{layer}.k", k), _to_tensor_data(f"l{layer}.v", v)]
+        for layer, arrays in block.arrays.items():
+            out += [_to_tensor_data(f"l{layer}.s{i}", a) for i, a in enumerate(arrays)]
+        return tuple(out)
+
+    def insert_tensors(self, block_hash: str, parent: str | None, tensors) -> StoredBlock | None:
+        """A block loaded from the SSD tier, as arrays on this thread. None if its tensors do
+        not fit this model's layout (then it is simply not used)."""
+        assert_on_mlx_thread("BlockStore.insert_tensors")
+        if block_hash in self._blocks:
+            return None
+        by_name = {t.name: t for t in tensors}
+        kv, arrays = {}, {}
+        try:
+            for layer, kind in enumerate(self.layout):
+                if kind == KV:
+                    kv[layer] = (_from_tensor_data(by_name[f"l{layer}.k"]),
+                                 _from_tensor_data(by_name[f"l{layer}.v"]))
+                else:
+                    names = sorted((n for n in by_name if n.startswith(f"l{layer}.s")),
+                                   key=lambda n: int(n.rsplit("s", 1)[1]))
+                    if not names:
+                        return None
+                    arrays[layer] = [_from_tensor_data(by_name[n]) for n in names]
+        except KeyError:
+            return None
+        everything = [a for pair in kv.values() for a in pair] + [a for xs in arrays.values() for a in xs]
+        mx.eval(everything)
+        self._generations += 1
+        nbytes = sum(a.nbytes for a in everything)
+        self._blocks[block_hash] = _BlockTensors(self._generations, kv, arrays, nbytes)
+        return StoredBlock(hash=block_hash, parent=parent, nbytes=nbytes, generation=self._generations)
 
     def drop(self, block_hash: str, generation: int) -> bool:
         """Drop a block the index evicted - only the generation it evicted, so a block

@@ -69,6 +69,15 @@ class CoreDropBlocks:
 
 
 @attrs.frozen
+class CoreRestoreBlocks:
+    """Blocks loaded from the SSD tier (plain data) to put back into the block store;
+    `tag` names the executor's waiting caller."""
+
+    tag: int
+    blocks: tuple[tuple[str, str | None, tuple[Any, ...]], ...]  # (hash, parent, tensors)
+
+
+@attrs.frozen
 class CoreFault:
     """Fault injection: make a step raise `MemoryError(error)` - the next one, the one
     numbered `at_step`, or the first starting with active memory above `above_bytes`."""
@@ -96,7 +105,8 @@ class CoreSetPrefillStep:
 
 
 CoreCommand = Union[
-    CoreSubmit, CoreAbort, CoreStop, CoreFault, CoreDropBlocks, CoreSetLimits, CoreSetPrefillStep
+    CoreSubmit, CoreAbort, CoreStop, CoreFault, CoreDropBlocks, CoreSetLimits, CoreSetPrefillStep,
+    CoreRestoreBlocks,
 ]
 
 # ---------------------------------------------------------------------------------------
@@ -143,6 +153,10 @@ class StepOutput:
     generation_tokens: int
     stored: tuple[StoredBlock, ...] = ()  # blocks newly in the block store, for the index
     block_store_bytes: int = 0
+    # New blocks as plain data for the SSD writer: (hash, parent, scope, tokens, tensors).
+    ssd_saves: tuple[tuple[str, str | None, str, int, tuple[Any, ...]], ...] = ()
+    # Answers to CoreRestoreBlocks: (tag, blocks now in the store).
+    restored: tuple[tuple[int, tuple[StoredBlock, ...]], ...] = ()
 
 
 @attrs.frozen
@@ -168,6 +182,8 @@ class EngineSettings:
     block_size: int = 256
     # Requests queued or running at once when they cannot be priced by memory.
     max_requests: int = 32 + 256
+    # Hand every newly stored block to the SSD tier as plain data (write-through).
+    ssd_enabled: bool = False
 
 
 @attrs.define
@@ -254,6 +270,8 @@ class EngineCore:
         self._stop_sequences: dict[tuple[int, ...], Any] = {}
         self._store: BlockStore | None = None
         self._stored: list[StoredBlock] = []  # saved since the last output
+        self._ssd_saves: list[tuple] = []
+        self._restored: list[tuple[int, tuple[StoredBlock, ...]]] = []
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -396,12 +414,20 @@ class EngineCore:
                         mx.set_cache_limit(cache)
                     if wired and mx.metal.is_available():
                         mx.set_wired_limit(wired)
+                case CoreRestoreBlocks(tag=tag, blocks=blocks):
+                    restored = []
+                    if self._store is not None:
+                        for block_hash, parent, tensors in blocks:
+                            stored = self._store.insert_tensors(block_hash, parent, tensors)
+                            if stored is not None:
+                                restored.append(stored)
+                    self._restored.append((tag, tuple(restored)))
                 case CoreSetPrefillStep(tokens=tokens):
                     self._gen.prefill_step_size = tokens
                     self._gen._prompt_batch.prefill_step_size = tokens
                 case _:
                     raise TypeError(f"unknown core command {command!r}")
-        if pending_finished or admitted or self._stored or dropped:
+        if pending_finished or admitted or self._stored or dropped or self._restored:
             # Aborts and admissions are reported at once, not with the next step, so a
             # cancelled request is confirmed gone even if no step follows.
             self._emit(self._step_output(tuple(admitted), (), (), tuple(pending_finished)))
@@ -561,12 +587,10 @@ class EngineCore:
         batch = self._gen._generation_batch  # the row moved there with its last prompt token
         idx = batch.uids.index(uid)
         row = [c.extract(idx) for c in batch.prompt_cache]
-        self._stored.extend(
-            self._store.save(
-                live.slot, list(batch.tokens[idx]), row,
-                skip=live.cached_tokens // self._store.block_size, keep_snapshots=True,
-            )
-        )
+        self._keep(live, self._store.save(
+            live.slot, list(batch.tokens[idx]), row,
+            skip=live.cached_tokens // self._store.block_size, keep_snapshots=True,
+        ))
 
     def _snapshot_generation_boundaries(self) -> None:
         batch = self._gen._generation_batch
@@ -588,11 +612,19 @@ class EngineCore:
         if self._store is None:
             return
         if tokens and cache:
-            self._stored.extend(
-                self._store.save(live.slot, tokens, cache, skip=live.cached_tokens // self._store.block_size)
-            )
+            self._keep(live, self._store.save(
+                live.slot, tokens, cache, skip=live.cached_tokens // self._store.block_size))
         else:
             self._store.forget_request(live.slot)
+
+    def _keep(self, live: _Live, stored: list[StoredBlock]) -> None:
+        """Report newly stored blocks to the index and, write-through, to the SSD tier."""
+        self._stored.extend(stored)
+        if self.settings.ssd_enabled:
+            scope = live.command.submit.cache_scope if live.command is not None else ""
+            for block in stored:
+                self._ssd_saves.append((block.hash, block.parent, scope, self._store.block_size,
+                                        self._store.tensor_data(block.hash)))
 
     def _token_choice(self, live: _Live, token: int, logprobs: Any) -> TokenChoice:
         p = live.sampling
@@ -708,7 +740,15 @@ class EngineCore:
             generation_tokens=self._generation_tokens,
             stored=self._take_stored(),
             block_store_bytes=self._store.nbytes if self._store is not None else 0,
+            ssd_saves=self._take(self._ssd_saves),
+            restored=self._take(self._restored),
         )
+
+    @staticmethod
+    def _take(items: list) -> tuple:
+        taken = tuple(items)
+        items.clear()
+        return taken
 
     def _take_stored(self) -> tuple[StoredBlock, ...]:
         stored, self._stored = tuple(self._stored), []

@@ -32,6 +32,7 @@ from omlx_actors.cache.actor import DropBlocks, Release, Stored
 from omlx_actors.engine.core import (
     CoreAbort,
     CoreDropBlocks,
+    CoreRestoreBlocks,
     CoreSetLimits,
     CoreSetPrefillStep,
     CoreFault,
@@ -55,6 +56,7 @@ from omlx_actors.engine.messages import (
     FinishReason,
     InjectFault,
     Ping,
+    RestoreBlocks,
     PrefillProgress,
     Pong,
     Submit,
@@ -77,6 +79,7 @@ from omlx_actors.memory.estimator import (
     padded_batch_kv_bytes,
 )
 from omlx_actors.runtime import ActorError, Address, Inbox, unknown_message
+from omlx_actors.ssd.messages import Save
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,9 @@ DRAIN_POLL_INTERVAL = 0.01
 # joining one and the result coexist: the batch's KV is priced three times. (Priced once or
 # twice, the 200-request replay test's MLX peak overshot its budget by 3-6%.)
 BATCH_KV_COPIES = 3
+
+# Saves in flight from the engine to the SSD writer (see `run`).
+SSD_FORWARD_BACKLOG = 32
 
 # Under memory pressure prefill chunks shrink, but not below this many tokens (smaller
 # chunks cost more per token than the scratch they save).
@@ -191,6 +197,8 @@ class ExecutorState:
     gauge: MlxGauge | None = None
     max_requests: int = 1 << 30  # unpriced admission: batch + waiting bound
     cache_shrunk: bool = False  # the prefix cache budget was cut to make room
+    restores: dict[int, Any] = attrs.field(factory=dict)  # RestoreBlocks callers by tag
+    ssd_saves_dropped: int = 0
 
     def add(self, submit: Submit) -> _Request:
         request = _Request(submit.request_id, next(self.slots), len(submit.prompt_tokens))
@@ -210,6 +218,7 @@ async def run(
     events: trio.MemorySendChannel[EngineEvent],
     cache_index: Address | None = None,
     memory: MemoryWiring | None = None,
+    ssd_writer: Any = None,
     *,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -239,6 +248,11 @@ async def run(
         except trio.RunFinishedError:
             pass
 
+    # New blocks on their way to the SSD writer. The writer takes a save within SAVE_WAIT_S
+    # or drops it (counted); this buffer only smooths bursts, and past it saves are dropped
+    # here, counted in `ssd_saves_dropped` and logged - inference never waits for the disk.
+    to_ssd, from_engine = trio.open_memory_channel[Any](SSD_FORWARD_BACKLOG)
+    forwarded = trio.Event()
     core = EngineCore(settings, commands, outputs, notify)
     acquire_worker().run_job(core.run)
     state = ExecutorState()
@@ -257,6 +271,8 @@ async def run(
                 match output:
                     case StepOutput():
                         await _deliver(state, output, events, cache_index, commands)
+                        if ssd_writer is not None:
+                            _forward_saves(state, output, to_ssd)
                     case CoreStopped():
                         core_stopped.set()
                         return
@@ -283,6 +299,10 @@ async def run(
             await _start_admission(state, info, memory, commands)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump)
+            if ssd_writer is not None:
+                nursery.start_soon(_forward_to_ssd, from_engine, ssd_writer, forwarded)
+            else:
+                forwarded.set()
             if memory is not None and state.ledger is not None:
                 nursery.start_soon(_watch_memory, state, info, memory, commands, cache_index)
             task_status.started(info)
@@ -294,6 +314,10 @@ async def run(
                 await trio.sleep(DRAIN_POLL_INTERVAL)
             commands.put(CoreStop())
             await core_stopped.wait()
+            # The engine's last blocks go to the SSD writer before we stop forwarding.
+            to_ssd.close()
+            with trio.move_on_after(CORE_STOP_TIMEOUT):
+                await forwarded.wait()
             nursery.cancel_scope.cancel()  # the memory watcher runs until told to stop
     finally:
         commands.put(CoreStop())
@@ -319,10 +343,20 @@ async def run(
                 )
             state.by_slot.clear()
             state.by_id.clear()
+            for envelope in state.restores.values():
+                if not envelope.answered:
+                    envelope.reply(())  # nothing restored: the caller prefills instead
+            state.restores.clear()
 
 
 async def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue, events,
                   cache_index: Address | None = None) -> None:
+    if isinstance(envelope.message, RestoreBlocks):
+        tag = next(state.slots)
+        state.restores[tag] = envelope
+        commands.put(CoreRestoreBlocks(
+            tag, tuple((b.hash, b.parent, b.tensors) for b in envelope.message.blocks)))
+        return
     """One inbox message. Awaits only to report an abort of a request that never reached
     the engine (the event channel has room in practice): the inbox is served at once."""
     match envelope.message:
@@ -363,6 +397,23 @@ async def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue, e
             envelope.reply(None)
         case other:
             unknown_message("executor", other)
+
+
+def _forward_saves(state: ExecutorState, output: StepOutput, to_ssd) -> None:
+    for block_hash, parent, scope, tokens, tensors in output.ssd_saves:
+        try:
+            to_ssd.send_nowait(Save(hash=block_hash, parent=parent, scope=scope, tokens=tokens,
+                                    tensors=tensors))
+        except trio.WouldBlock:
+            state.ssd_saves_dropped += 1
+            log.warning("SSD tier is behind: dropped the save of block %s (%d dropped so far)",
+                        block_hash, state.ssd_saves_dropped)
+
+
+async def _forward_to_ssd(from_engine, writer, forwarded: trio.Event) -> None:
+    async for save in from_engine:
+        await writer.save(save)  # waits at most SAVE_WAIT_S, then the writer counts a drop
+    forwarded.set()
 
 
 def _admit(envelope, state: ExecutorState, submit: Submit, commands: queue.SimpleQueue) -> None:
@@ -512,6 +563,12 @@ async def _deliver(
 ) -> None:
     """Turn one step's output into events, dropping anything for aborted requests."""
     state.last = output
+    for tag, stored in output.restored:
+        if stored and cache_index is not None:
+            await cache_index.cast(Stored(blocks=stored))
+        envelope = state.restores.pop(tag, None)
+        if envelope is not None:
+            envelope.reply(tuple(b.hash for b in stored))
     if state.gauge is not None:
         state.gauge.active, state.gauge.cache, state.gauge.peak = (
             output.active_memory, output.cache_memory, output.peak_memory)

@@ -16,6 +16,8 @@ from typing import Union
 
 import attrs
 
+from omlx_actors.ssd.blockfile import TensorData
+
 # ---------------------------------------------------------------------------------------
 # Request parameters
 
@@ -78,6 +80,9 @@ class Submit:
     # Prefix blocks the cache index matched and pinned for this request (a hash chain from
     # the start of the prompt); the engine restores them instead of prefilling.
     cached_blocks: tuple[str, ...] = ()
+    # The SSD tier files this request's new blocks under this scope ("" = shared), so
+    # a cleanup of the scope removes them.
+    cache_scope: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -110,7 +115,24 @@ class InjectFault:
     above_bytes: int | None = None
 
 
-EngineCommand = Union[Submit, Abort, Ping, EngineStatsQuery, InjectFault]
+@attrs.frozen(kw_only=True)
+class RestoredBlock:
+    """A prefix block read back from the SSD tier: its tensors as plain data."""
+
+    hash: str
+    parent: str | None
+    tensors: tuple[TensorData, ...]
+
+
+@attrs.frozen(kw_only=True)
+class RestoreBlocks:
+    """Put blocks loaded from the SSD tier back into the engine's block store (a call: the
+    reply, the hashes now in the store, comes once the index has been told about them)."""
+
+    blocks: tuple[RestoredBlock, ...]
+
+
+EngineCommand = Union[Submit, Abort, Ping, EngineStatsQuery, InjectFault, RestoreBlocks]
 
 # ---------------------------------------------------------------------------------------
 # Replies
@@ -239,4 +261,6 @@ ALL_MESSAGE_TYPES = (
     TokenChoice,
     TokenDelta,
     Finished,
+    RestoredBlock,
+    RestoreBlocks,
 )

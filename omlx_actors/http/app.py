@@ -316,6 +316,12 @@ def _install_service_routes(app: QuartTrio, state: ServerState) -> None:
             cache = None
         if cache is not None:
             m.observe_cache(cache)
+        try:
+            ssd = await state.runtime.ssd_stats(timeout=settings.health_ping_timeout_s)
+        except Exception:  # noqa: BLE001 - optional tier; keep the last values
+            ssd = None
+        if ssd is not None:
+            m.observe_ssd(ssd)
         if state.runtime.memory is not None and state.runtime.memory.latest is not None:
             m.observe_memory(state.runtime.memory.latest)
         m.pending.set(state.runtime.pending_requests)

@@ -76,6 +76,10 @@ class HttpMetrics:
         self.memory_level = Gauge(
             "omlx_memory_level", "memory pressure: 0 ok, 1 soft, 2 hard", registry=r,
         )
+        self.ssd = Gauge(
+            "omlx_ssd_cache", "SSD tier: save/load counters (cumulative) and bytes on disk",
+            ["what"], registry=r,
+        )
         self.engine_cache_bytes = Gauge(
             "omlx_prefix_cache_engine_bytes", "block tensors the engine holds", registry=r,
         )
@@ -103,6 +107,12 @@ class HttpMetrics:
         for what in ("hits", "misses", "hit_blocks", "evictions", "inserted", "blocks",
                      "used_bytes", "budget_bytes", "referenced_bytes"):
             self.cache_index.labels(what).set(getattr(stats, what))
+
+    def observe_ssd(self, stats) -> None:
+        for what in ("saves_enqueued", "saves_persisted", "saves_dropped", "write_errors",
+                     "evictions", "load_hits", "load_misses", "corrupt_discarded", "files",
+                     "bytes_on_disk", "effective_budget_bytes"):
+            self.ssd.labels(what).set(getattr(stats, what))
 
     def observe_memory(self, snapshot) -> None:
         for what in ("budget_bytes", "used_bytes", "pressure_bytes", "mlx_active", "mlx_cache",

@@ -6,13 +6,15 @@ import pytest
 
 from omlx_actors.engine import messages as m
 from omlx_actors.runtime import assert_plain_data, decode, encode
+from omlx_actors.ssd.blockfile import TensorData
 
 EXAMPLES = [
     m.SamplingParams(temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, seed=7,
                      repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=-0.5,
                      logit_bias=((5, -100.0), (9, 2.5)), logprobs=True, top_logprobs=3),
     m.Submit(request_id="r1", prompt_tokens=(1, 2, 3), max_tokens=16,
-             sampling=m.SamplingParams(seed=1, temperature=1.0), stop_token_ids=(2,)),
+             sampling=m.SamplingParams(seed=1, temperature=1.0), stop_token_ids=(2,),
+             cached_blocks=("ab" * 16,), cache_scope="agent-7"),
     m.Abort(request_id="r1"),
     m.Ping(),
     m.EngineStatsQuery(),
@@ -36,6 +38,10 @@ EXAMPLES = [
                completion_tokens=4, step=12),
     m.Finished(request_id="r", reason=m.FinishReason.ERROR, prompt_tokens=3,
                completion_tokens=0, error="oom", error_type="MemoryError"),
+    m.InjectFault(error="x", at_step=4, above_bytes=1 << 20),
+    m.RestoredBlock(hash="ab" * 16, parent=None, tensors=(
+        TensorData(name="l0.k", dtype="float32", shape=(1, 2), data=b"\x00" * 8),)),
+    m.RestoreBlocks(blocks=(m.RestoredBlock(hash="cd" * 16, parent="ab" * 16, tensors=()),)),
 ]
 
 AnyMessage = Union[tuple(m.ALL_MESSAGE_TYPES)]

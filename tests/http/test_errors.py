@@ -220,7 +220,7 @@ async def test_engine_failure_mid_stream_ends_openai_stream_with_error_then_done
     payloads = sse_payloads(lines)
     assert payloads[-1] == "[DONE]"
     error = json.loads(payloads[-2])["error"]
-    assert error["code"] == "generation_failed"
+    assert error["code"] == "out_of_memory"
     assert "injected out-of-memory" in error["message"]
 
 
@@ -237,10 +237,10 @@ async def test_engine_failure_mid_stream_ends_anthropic_stream_with_error_event(
     assert events[-1] == "error"
     assert "message_stop" not in events
     last = json.loads(sse_payloads(lines)[-1])
-    assert last["type"] == "error" and last["error"]["type"] == "api_error"
+    assert last["type"] == "error" and last["error"]["type"] == "overloaded_error"
 
 
-async def test_engine_failure_without_stream_is_a_500_in_shape(server):
+async def test_out_of_memory_without_stream_is_a_503_in_shape(server):
     async with http_client(server) as http, trio.open_nursery() as nursery:
         result = {}
 
@@ -250,4 +250,4 @@ async def test_engine_failure_without_stream_is_a_500_in_shape(server):
         nursery.start_soon(ask)
         await wait_until(lambda: len(server.runtime.dispatcher) == 1, timeout=5)
         await server.runtime.inject_fault("injected out-of-memory")
-    assert_openai_error(result["r"], 500, "generation_failed")
+    assert_openai_error(result["r"], 503, "out_of_memory")

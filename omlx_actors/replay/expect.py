@@ -1,0 +1,257 @@
+"""Expectations, checked against what a replay observed.
+
+Each check gives a `Verdict`: held (True), failed (False) or could not be measured against
+this target (None: shown, never counted as a failure - e.g. leaks against a server whose
+/metrics says nothing). The replay passes iff no verdict failed. A failed verdict says
+which expectation, in which scope, what was expected and what was found.
+
+Pure: no trio, no MLX.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import attrs
+
+from omlx_actors.replay.records import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    LOST,
+    REFUSED,
+    LeakCheck,
+    RequestRecord,
+    percentile,
+)
+from omlx_actors.replay.schema import Expectations
+
+_SHOW = 3  # examples named in a failure message
+
+
+@attrs.frozen(kw_only=True)
+class Verdict:
+    name: str
+    scope: str  # "run" or a phase name
+    ok: bool | None
+    expected: str
+    actual: str
+
+    @property
+    def status(self) -> str:
+        return {True: "pass", False: "FAIL", None: "skip"}[self.ok]
+
+    def line(self) -> str:
+        return f"{self.status:4}  {self.name} [{self.scope}]: expected {self.expected}; got {self.actual}"
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "scope": self.scope, "status": self.status,
+                "expected": self.expected, "actual": self.actual}
+
+
+@attrs.frozen(kw_only=True)
+class Observed:
+    """Everything the checks read."""
+
+    records: Sequence[RequestRecord]
+    reference: Mapping[str, RequestRecord] | None
+    leak_checks: Sequence[LeakCheck]
+    budget_bytes: int | None
+    peak_bytes: int | None
+    new_request: RequestRecord | None
+    compare_tokens: bool  # token ids (in process) or text (over HTTP)
+
+
+def evaluate(expect: Expectations, scope: str, obs: Observed) -> list[Verdict]:
+    """Every expectation `expect` sets, over the records of `scope` ("run": all)."""
+    records = [r for r in obs.records if scope == "run" or r.phase == scope]
+    v: list[Verdict] = []
+
+    def add(name: str, ok: bool | None, expected: str, actual: str) -> None:
+        v.append(Verdict(name=name, scope=scope, ok=ok, expected=expected, actual=actual))
+
+    if expect.no_lost_requests:
+        lost = [r for r in records if r.outcome in (LOST, None)]
+        add("no_lost_requests", not lost, "every request to end with a known outcome",
+            "none lost" if not lost else
+            f"{len(lost)} lost: " + "; ".join(f"{r.key} in {r.phase}: {r.error}" for r in lost[:_SHOW]))
+
+    if expect.allowed_status is not None:
+        allowed = set(expect.allowed_status)
+        bad = [r for r in records
+               if (r.outcome == COMPLETED and 200 not in allowed)
+               or (r.outcome in (REFUSED, FAILED) and r.status not in allowed)]
+        seen = sorted({r.status for r in records if r.status is not None})
+        add("allowed_status", not bad, f"statuses within {sorted(allowed)}",
+            f"statuses {seen}" if not bad else
+            f"{len(bad)} outside: " + "; ".join(
+                f"{r.key} in {r.phase}: {r.status} {r.error_code or ''} {_clip(r.error)}".rstrip()
+                for r in bad[:_SHOW]))
+
+    for name, minimum in expect.min_outcomes:
+        n = count_outcome(records, name)
+        add(f"min_outcomes.{name}", n >= minimum, f"at least {minimum} {_noun(name)}", f"{n}")
+    for name, maximum in expect.max_outcomes:
+        n = count_outcome(records, name)
+        add(f"max_outcomes.{name}", n <= maximum, f"at most {maximum} {_noun(name)}", f"{n}")
+
+    if expect.identical_to_reference:
+        v.append(_identity(scope, records, obs))
+
+    if expect.min_cache_hit_ratio is not None:
+        v.append(_cache_hits(scope, records, expect))
+
+    for name, q, ratio in (("ttft_p50_max_ratio", 50, expect.ttft_p50_max_ratio),
+                           ("ttft_p99_max_ratio", 99, expect.ttft_p99_max_ratio)):
+        if ratio is not None:
+            v.append(_latency_ratio(name, scope, records, obs, q, ratio, expect.latency_floor_s,
+                                    lambda r: [r.ttft_s] if r.ttft_s is not None else [], "TTFT"))
+    if expect.itl_p50_max_ratio is not None:
+        v.append(_latency_ratio("itl_p50_max_ratio", scope, records, obs, 50, expect.itl_p50_max_ratio,
+                                expect.latency_floor_s, RequestRecord.itl_gaps, "inter-token latency"))
+
+    if expect.memory_under_budget:
+        if obs.budget_bytes is None or obs.peak_bytes is None:
+            add("memory_under_budget", None, "peak memory <= the memory budget",
+                "not measurable against this target (no budget or no memory numbers)")
+        else:
+            add("memory_under_budget", obs.peak_bytes <= obs.budget_bytes,
+                f"peak memory <= budget {_mib(obs.budget_bytes)}", f"peak {_mib(obs.peak_bytes)}")
+
+    if expect.no_leaks:
+        checks = [c for c in obs.leak_checks if scope == "run" or c.phase == scope]
+        dirty = [c for c in checks if c.clean is False]
+        measured = [c for c in checks if c.clean is not None]
+        if not measured:
+            add("no_leaks", None, "nothing left registered or running after each phase",
+                checks[0].detail if checks else "no phase was checked")
+        else:
+            add("no_leaks", not dirty, "nothing left registered or running after each phase",
+                "clean after " + ", ".join(c.phase for c in measured) if not dirty else
+                "; ".join(f"{c.phase}: {c.detail}" for c in dirty))
+
+    if expect.new_request_succeeds:
+        r = obs.new_request
+        if r is None:
+            add("new_request_succeeds", False, "a new request after the run to complete", "none was sent")
+        else:
+            add("new_request_succeeds", r.outcome == COMPLETED, "a new request after the run to complete",
+                "completed" if r.outcome == COMPLETED else
+                f"{r.outcome} {r.status or ''} {r.error_code or ''} {_clip(r.error)}".strip())
+
+    if expect.error_message_contains is not None:
+        needle = expect.error_message_contains
+        failed = [r for r in records if r.outcome == FAILED]
+        unclear = [r for r in failed if needle.lower() not in (r.error or "").lower()]
+        add("error_message_contains", not unclear,
+            f"every failed request's error to mention {needle!r}",
+            f"{len(failed)} failed, all say so" if failed and not unclear else
+            "no request failed" if not failed else
+            f"{len(unclear)} do not: " + "; ".join(f"{r.key}: {r.error!r}" for r in unclear[:_SHOW]))
+    return v
+
+
+def count_outcome(records: Sequence[RequestRecord], name: str) -> int:
+    if name.isdigit():
+        status = int(name)
+        return sum(1 for r in records if r.status == status and r.outcome in (COMPLETED, REFUSED, FAILED))
+    return sum(1 for r in records if r.outcome == name)
+
+
+def _noun(name: str) -> str:
+    return f"requests with status {name}" if name.isdigit() else f"{name} requests"
+
+
+def _identity(scope: str, records: Sequence[RequestRecord], obs: Observed) -> Verdict:
+    expected = ("greedy/seeded outputs identical to the reference pass "
+                "(cancelled ones a prefix of it)")
+    if obs.reference is None:
+        return Verdict(name="identical_to_reference", scope=scope, ok=False, expected=expected,
+                       actual="no reference pass was run")
+    compared = 0
+    diffs: list[str] = []
+    for r in records:
+        ref = obs.reference.get(r.key)
+        if not r.reproducible or ref is None or ref.outcome != COMPLETED:
+            continue
+        if r.outcome not in (COMPLETED, CANCELLED):
+            continue
+        compared += 1
+        problem = _differs(r, ref, obs.compare_tokens)
+        if problem:
+            diffs.append(f"{r.key} in {r.phase} {problem}")
+    unit = "token ids" if obs.compare_tokens else "texts"
+    if compared == 0:
+        return Verdict(name="identical_to_reference", scope=scope, ok=False, expected=expected,
+                       actual="no request could be compared (none completed in both passes)")
+    actual = (f"all {compared} {unit} match" if not diffs else
+              f"{len(diffs)} of {compared} differ: " + "; ".join(diffs[:_SHOW]))
+    return Verdict(name="identical_to_reference", scope=scope, ok=not diffs, expected=expected,
+                   actual=actual)
+
+
+def _differs(r: RequestRecord, ref: RequestRecord, tokens: bool) -> str | None:
+    got: Sequence = r.token_ids if tokens and r.token_ids is not None else r.text
+    want: Sequence = ref.token_ids if tokens and ref.token_ids is not None else ref.text
+    what = "token" if isinstance(got, list) else "character"
+    if r.outcome == CANCELLED:
+        if list(got[: len(want)]) == list(want[: len(got)]) and len(got) <= len(want):
+            return None
+    elif list(got) == list(want):
+        return None
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            return f"differs at {what} {i} (reference {b!r}, got {a!r})"
+    return f"has {len(got)} {what}s, the reference {len(want)}"
+
+
+def _cache_hits(scope: str, records: Sequence[RequestRecord], expect: Expectations) -> Verdict:
+    assert expect.min_cache_hit_ratio is not None
+    which = "later turns" if expect.cache_hit_turns == "later" else "all requests"
+    expected = f"cached/prompt tokens >= {expect.min_cache_hit_ratio:.2f} over {which}"
+    pool = [r for r in records if r.outcome == COMPLETED and r.prompt_tokens
+            and (expect.cache_hit_turns == "all" or r.turn >= 2)]
+    if not pool:
+        return Verdict(name="min_cache_hit_ratio", scope=scope, ok=False, expected=expected,
+                       actual=f"no completed request among {which}")
+    if all(r.cached_tokens is None for r in pool):
+        return Verdict(name="min_cache_hit_ratio", scope=scope, ok=None, expected=expected,
+                       actual="the target does not report cached tokens")
+    cached = sum(r.cached_tokens or 0 for r in pool)
+    prompt = sum(r.prompt_tokens or 0 for r in pool)
+    ratio = cached / prompt
+    return Verdict(name="min_cache_hit_ratio", scope=scope, ok=ratio >= expect.min_cache_hit_ratio,
+                   expected=expected,
+                   actual=f"{ratio:.3f} ({cached} of {prompt} prompt tokens over {len(pool)} requests)")
+
+
+def _latency_ratio(name, scope, records, obs: Observed, q, ratio, floor, values, what) -> Verdict:
+    expected = f"{what} p{q} <= {ratio:g} x the reference pass's"
+    if obs.reference is None:
+        return Verdict(name=name, scope=scope, ok=False, expected=expected,
+                       actual="no reference pass was run")
+    mine: list[float] = []
+    base: list[float] = []
+    for r in records:
+        ref = obs.reference.get(r.key)
+        if r.outcome in (COMPLETED, CANCELLED) and ref is not None and ref.outcome == COMPLETED:
+            mine.extend(values(r))
+            base.extend(values(ref))
+    if not mine or not base:
+        return Verdict(name=name, scope=scope, ok=None, expected=expected,
+                       actual=f"no {what} measured in both passes")
+    got, ref_q = percentile(mine, q), percentile(base, q)
+    bound = ratio * max(ref_q, floor)
+    return Verdict(name=name, scope=scope, ok=got <= bound, expected=expected,
+                   actual=f"{got * 1000:.1f} ms vs reference {ref_q * 1000:.1f} ms "
+                          f"(bound {bound * 1000:.1f} ms, ratio {got / max(ref_q, floor):.2f})")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _clip(text: str | None, n: int = 80) -> str:
+    if not text:
+        return ""
+    return text if len(text) <= n else text[: n - 3] + "..."

@@ -1,0 +1,816 @@
+"""Scenario files: the TOML format, its typed form, and readable errors.
+
+A scenario names a model and its server settings, a request trace (workloads of
+conversations, grouped into phases), faults to inject, and the expectations that decide the
+exit status. `load_scenario(path)` parses and validates a file and returns a `Scenario`, or
+raises `ScenarioError` whose message lists every problem as `file:line: [table] key: what
+was expected, what was found` (unknown keys are rejected, with a suggestion).
+
+Pure: no trio, no MLX. `scenarios/README.md` documents the format with an example.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - 3.10 only
+    import tomli as tomllib
+
+from omlx_actors.config import RuntimeConfig
+
+MODES = ("chat", "completion")
+ARRIVALS = ("burst", "uniform", "poisson")
+CACHE_HIT_TURNS = ("later", "all")
+# Fault kinds the harness can inject in this build.
+SUPPORTED_FAULTS = ("executor_oom",)
+# Fault kinds the format reserves for features that land later: a scenario naming one loads,
+# and replay refuses to run it with this reason instead of pretending.
+UNSUPPORTED_FAULTS = {
+    "writer_stall": "it needs the SSD cache tier's writer wired into the runtime (issue 6)",
+    "disk_full": "it needs the SSD cache tier's writer wired into the runtime (issue 6)",
+    "process_restart": "it needs the engine in its own process (the isolation issue)",
+}
+# Outcome names usable in min_outcomes / max_outcomes (besides HTTP status codes).
+OUTCOMES = ("completed", "cancelled", "refused", "failed", "lost", "skipped")
+# RuntimeConfig fields a scenario may not set: the model comes from [model] / --model.
+_NOT_SERVER_KEYS = ("model", "demo_model", "model_cache_dir")
+_SIZE_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used. `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+# ---------------------------------------------------------------------------------------
+# The typed form
+
+
+@attrs.frozen(kw_only=True)
+class ByteSize:
+    """A byte count written as `123`, `"512M"`, `"1.5G"` or `"weights + 6M"` (the model's
+    weight files plus a margin, so a budget follows the model it runs with)."""
+
+    plus_weights: bool
+    bytes: int
+
+    def resolve(self, weights_bytes: int) -> int:
+        return self.bytes + (weights_bytes if self.plus_weights else 0)
+
+    def __str__(self) -> str:
+        return f"weights + {self.bytes}" if self.plus_weights else str(self.bytes)
+
+
+@attrs.frozen(kw_only=True)
+class RequestParams:
+    """How each request of a workload is sent."""
+
+    max_tokens: int = 16
+    ignore_eos: bool = False
+    stream: bool = True
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def reproducible(self) -> bool:
+        """Greedy, or seeded: the output is a function of the prompt alone."""
+        return self.temperature == 0.0 or self.seed is not None
+
+
+REQUEST_KEYS = tuple(a.name for a in attrs.fields(RequestParams))
+
+
+@attrs.frozen(kw_only=True)
+class CancelPlan:
+    """Cancel `fraction` of a workload's requests (picked by the scenario's seed), each after
+    a number of tokens or a number of seconds drawn from the range."""
+
+    fraction: float
+    after_tokens: tuple[int, int] | None = None
+    after_s: tuple[float, float] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Workload:
+    """A set of conversations with the same shape. A one-turn conversation is a single
+    request. Turn k > 1 appends the previous answer (and, with tools, a tool call and its
+    result) and a new user message to the conversation so far."""
+
+    name: str
+    mode: str = "chat"
+    conversations: int = 1
+    turns: int = 1
+    system: str | None = None  # literal shared system prompt
+    system_words: int = 0  # or one generated from the seed, shared by every conversation
+    prompt_words: tuple[int, ...] = (20,)  # user message sizes, cycled over conversations
+    prompt_tokens: tuple[int, ...] = ()  # completion mode: token-id prompts of these sizes
+    tools: tuple[str, ...] = ()  # tool names; each gets a small JSON-schema definition
+    tool_calls_in_history: bool = False
+    tool_result_words: int = 30
+    params: RequestParams = RequestParams()
+    start_s: float = 0.0
+    arrival: str = "burst"
+    rate: float | None = None  # conversations started per second (uniform / poisson)
+    concurrency: int | None = None  # requests of this workload in flight at once
+    think_s: float = 0.0  # pause between a conversation's turns
+    cancel: CancelPlan | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Expectations:
+    """What must hold for the replay to pass (each None/False: not checked)."""
+
+    no_lost_requests: bool = True
+    allowed_status: tuple[int, ...] | None = (200,)
+    min_outcomes: tuple[tuple[str, int], ...] = ()
+    max_outcomes: tuple[tuple[str, int], ...] = ()
+    identical_to_reference: bool = False
+    min_cache_hit_ratio: float | None = None
+    cache_hit_turns: str = "later"
+    ttft_p50_max_ratio: float | None = None
+    ttft_p99_max_ratio: float | None = None
+    itl_p50_max_ratio: float | None = None
+    latency_floor_s: float = 0.005
+    memory_under_budget: bool = False
+    no_leaks: bool = False
+    new_request_succeeds: bool = False
+    error_message_contains: str | None = None
+
+    @property
+    def needs_reference(self) -> bool:
+        return bool(self.identical_to_reference or self.ttft_p50_max_ratio
+                    or self.ttft_p99_max_ratio or self.itl_p50_max_ratio)
+
+
+@attrs.frozen(kw_only=True)
+class Phase:
+    """Workloads run together; phases run one after another (a list of concurrency levels
+    in the file expands to one phase per level, named `NAME@cN`)."""
+
+    name: str
+    workloads: tuple[str, ...]
+    concurrency: int | None = None  # overrides every workload's concurrency
+    expect: Expectations | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Fault:
+    kind: str
+    phase: str
+    at_step: int | None = None  # engine steps after the phase started
+    after_s: float | None = None  # seconds after the phase started (the next step fails)
+    above_bytes: ByteSize | None = None  # the first step above this active memory fails
+    error: str = "injected out-of-memory"
+
+    @property
+    def supported(self) -> bool:
+        return self.kind in SUPPORTED_FAULTS
+
+
+@attrs.frozen(kw_only=True)
+class Scenario:
+    name: str
+    path: Path | None
+    description: str = ""
+    seed: int = 0
+    model: str = "tiny-llama"  # a demo model name or a model directory / repo id
+    server: tuple[tuple[str, Any], ...] = ()  # RuntimeConfig overrides (sizes as ByteSize)
+    workloads: tuple[Workload, ...] = ()
+    phases: tuple[Phase, ...] = ()
+    faults: tuple[Fault, ...] = ()
+    expect: Expectations = Expectations()
+    request_timeout_s: float = 60.0
+    timeout_s: float = 600.0
+
+    def workload(self, name: str) -> Workload:
+        for w in self.workloads:
+            if w.name == name:
+                return w
+        raise KeyError(name)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.expect.needs_reference or any(
+            p.expect is not None and p.expect.needs_reference for p in self.phases
+        )
+
+    def unsupported_faults(self) -> list[str]:
+        return [
+            f"fault {i + 1} ({f.kind}) is not supported in this build: {UNSUPPORTED_FAULTS[f.kind]}"
+            for i, f in enumerate(self.faults)
+            if not f.supported
+        ]
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario file. Raises `ScenarioError` (every problem found, one
+    per line, each with file:line where it can be located) or `OSError`."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    return parse_scenario(text, path)
+
+
+def parse_scenario(text: str, path: Path | None = None) -> Scenario:
+    where = str(path) if path is not None else "<scenario>"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError([f"{where}: not valid TOML: {exc}"]) from None
+    ctx = _Context(where, text.splitlines())
+    scenario = _build(ctx, data, path)
+    if ctx.problems:
+        raise ScenarioError(ctx.problems)
+    assert scenario is not None
+    return scenario
+
+
+def parse_size(value: Any) -> ByteSize:
+    """`123` / `"512M"` / `"1.5G"` / `"weights + 6M"` → ByteSize; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("a size, not a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size must be >= 0")
+        return ByteSize(plus_weights=False, bytes=value)
+    if not isinstance(value, str):
+        raise ValueError(f"a size (an integer or a string like \"512M\"), got {_show(value)}")
+    text = value.strip()
+    plus = False
+    m = re.fullmatch(r"weights\s*(?:\+\s*(.+))?", text, re.I)
+    if m:
+        plus = True
+        text = (m.group(1) or "0").strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", text, re.I)
+    if not m:
+        raise ValueError(f"a size like 1048576, \"512M\", \"1.5G\" or \"weights + 6M\", got {value!r}")
+    number = float(m.group(1)) * _SIZE_UNITS.get(m.group(2).upper(), 1)
+    return ByteSize(plus_weights=plus, bytes=int(number))
+
+
+# ---------------------------------------------------------------------------------------
+# The validating reader
+
+
+_REQUIRED = object()
+
+
+class _Context:
+    """Where problems are collected, and how a key is found back in the source."""
+
+    def __init__(self, where: str, lines: list[str]):
+        self.where = where
+        self.lines = lines
+        self.problems: list[str] = []
+        self._headers = [(i, _header(line)) for i, line in enumerate(lines)]
+        self._headers = [(i, h) for i, h in self._headers if h is not None]
+
+    def report(self, table: tuple, key: str | None, message: str) -> None:
+        line = self.locate(table, key)
+        loc = f"{self.where}:{line}" if line else self.where
+        name = _table_name(table)
+        subject = f"[{name}] {key}" if key and name else (key or f"[{name}]" if name else "")
+        self.problems.append(f"{loc}: {subject}: {message}" if subject else f"{loc}: {message}")
+
+    def region(self, table: tuple) -> tuple[int, int] | None:
+        """The lines (start, end) of a table given as a path like ("phase", 2, "expect")."""
+        if not table:
+            end = self._headers[0][0] if self._headers else len(self.lines)
+            return 0, end
+        start, end = 0, len(self.lines)
+        names: list[str] = []
+        found = False
+        for seg in table:
+            if isinstance(seg, int):
+                hits = [i for i, (kind, h) in self._headers_in(start, end) if kind == "[[" and h == names]
+                if seg >= len(hits):
+                    return None
+                start = hits[seg]
+                end = hits[seg + 1] if seg + 1 < len(hits) else end
+                found = True
+                continue
+            names.append(seg)
+            hits = [i for i, (kind, h) in self._headers_in(start, end) if kind == "[" and h == names]
+            if hits:
+                start = hits[0]
+                found = True
+        if not found:
+            return None
+        nxt = [i for i, _ in self._headers_in(start + 1, end)]
+        return start, (nxt[0] if nxt else end)
+
+    def _headers_in(self, start: int, end: int):
+        return [(i, h) for i, h in self._headers if start <= i < end]
+
+    def locate(self, table: tuple, key: str | None) -> int | None:
+        region = self.region(table)
+        if region is None and table:
+            # An inline table (`expect = {...}`): look for its key in the parent's region.
+            parent = self.region(table[:-1])
+            if parent is None:
+                return None
+            name = table[-1]
+            region = parent
+            if key is None:
+                key = str(name)
+        if region is None:
+            return None
+        start, end = region
+        if key is None:
+            return start + 1
+        pattern = re.compile(r"^\s*(?:[\w.\"'-]+\.)?[\"']?" + re.escape(key) + r"[\"']?\s*=")
+        inline = re.compile(r"[{,]\s*[\"']?" + re.escape(key) + r"[\"']?\s*=")
+        for i in range(start, end):
+            if pattern.search(self.lines[i]) or inline.search(self.lines[i]):
+                return i + 1
+        return start + 1 if table else None
+
+
+def _header(line: str) -> tuple[str, list[str]] | None:
+    m = re.match(r"^\s*(\[\[|\[)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$", line)
+    if not m:
+        return None
+    parts = [p.strip().strip("\"'") for p in m.group(2).split(".")]
+    return m.group(1), parts
+
+
+def _table_name(table: tuple) -> str:
+    out = ""
+    for seg in table:
+        if isinstance(seg, int):
+            out += f"[{seg + 1}]"
+        else:
+            out += ("." if out else "") + seg
+    return out
+
+
+def _show(value: Any) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{text} ({kind})"
+
+
+class _Table:
+    """Reads one TOML table: typed getters record problems instead of raising, and
+    `finish()` rejects the keys nobody asked for."""
+
+    def __init__(self, ctx: _Context, data: Any, table: tuple):
+        self.ctx = ctx
+        self.table = table
+        self.known: list[str] = []
+        if not isinstance(data, Mapping):
+            ctx.report(table[:-1], str(table[-1]) if table else None,
+                       f"expected a table, got {_show(data)}")
+            data = {}
+        self.data = dict(data)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def _get(self, key: str, default: Any) -> Any:
+        self.known.append(key)
+        if key not in self.data:
+            if default is _REQUIRED:
+                self.ctx.report(self.table, None, f"missing required key {key!r}")
+            return default
+        return self.data[key]
+
+    def bad(self, key: str, message: str) -> None:
+        self.ctx.report(self.table, key, message)
+
+    def str(self, key: str, default: Any = _REQUIRED, choices: tuple[str, ...] | None = None):
+        value = self._get(key, default)
+        if value is default:
+            return None if default is _REQUIRED else default
+        if not isinstance(value, str):
+            self.bad(key, f"expected a string, got {_show(value)}")
+            return None if default is _REQUIRED else default
+        if choices is not None and value not in choices:
+            self.bad(key, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+            return default if default is not _REQUIRED else None
+        return value
+
+    def int(self, key: str, default: Any = _REQUIRED, minimum: int | None = None):
+        value = self._get(key, default)
+        if value is default:
+            return None if default is _REQUIRED else default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.bad(key, f"expected an integer{_bound(minimum)}, got {_show(value)}")
+            return None if default is _REQUIRED else default
+        if minimum is not None and value < minimum:
+            self.bad(key, f"expected an integer{_bound(minimum)}, got {value}")
+            return None if default is _REQUIRED else default
+        return value
+
+    def float(self, key: str, default: Any = _REQUIRED, minimum: float | None = None,
+              maximum: float | None = None, positive: bool = False):
+        value = self._get(key, default)
+        if value is default:
+            return None if default is _REQUIRED else default
+        what = "a number" + (" > 0" if positive else _bound(minimum)) + (
+            f" and <= {maximum}" if maximum is not None else "")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.bad(key, f"expected {what}, got {_show(value)}")
+            return None if default is _REQUIRED else default
+        if ((positive and value <= 0) or (minimum is not None and value < minimum)
+                or (maximum is not None and value > maximum)):
+            self.bad(key, f"expected {what}, got {value}")
+            return None if default is _REQUIRED else default
+        return float(value)
+
+    def bool(self, key: str, default: Any = _REQUIRED):
+        value = self._get(key, default)
+        if value is default:
+            return default
+        if not isinstance(value, bool):
+            self.bad(key, f"expected true or false, got {_show(value)}")
+            return default
+        return value
+
+    def ints(self, key: str, default: Any, minimum: int | None = None) -> Any:
+        """An integer or an array of integers → a tuple."""
+        value = self._get(key, default)
+        if value is default:
+            return default
+        items = value if isinstance(value, list) else [value]
+        if not items or any(isinstance(v, bool) or not isinstance(v, int) for v in items) or (
+            minimum is not None and any(v < minimum for v in items)
+        ):
+            self.bad(key, f"expected an integer{_bound(minimum)} or a non-empty array of them, "
+                          f"got {_show(value)}")
+            return default
+        return tuple(items)
+
+    def strs(self, key: str, default: Any) -> Any:
+        value = self._get(key, default)
+        if value is default:
+            return default
+        items = value if isinstance(value, list) else [value]
+        if any(not isinstance(v, str) or not v for v in items):
+            self.bad(key, f"expected a string or an array of non-empty strings, got {_show(value)}")
+            return default
+        return tuple(items)
+
+    def range(self, key: str, kind: type, minimum: float) -> Any:
+        """A number, or [low, high] → (low, high)."""
+        value = self._get(key, None)
+        if value is None:
+            return None
+        items = value if isinstance(value, list) else [value, value]
+        name = "an integer" if kind is int else "a number"
+        ok = len(items) == 2 and all(
+            not isinstance(v, bool) and isinstance(v, (int,) if kind is int else (int, float))
+            and v >= minimum for v in items
+        ) and items[0] <= items[1]
+        if not ok:
+            self.bad(key, f"expected {name} >= {minimum} or [low, high] with low <= high, "
+                          f"got {_show(value)}")
+            return None
+        return (kind(items[0]), kind(items[1]))
+
+    def size(self, key: str) -> ByteSize | None:
+        value = self._get(key, None)
+        if value is None:
+            return None
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.bad(key, f"expected {exc}" if str(exc).startswith("a ") else str(exc))
+            return None
+
+    def sub(self, key: str) -> _Table | None:
+        value = self._get(key, None)
+        if value is None:
+            return None
+        return _Table(self.ctx, value, self.table + (key,))
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key not in self.known:
+                close = difflib.get_close_matches(key, self.known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.bad(key, f"unknown key{hint}; expected one of: {', '.join(sorted(self.known))}")
+
+
+def _bound(minimum) -> str:
+    return "" if minimum is None else f" >= {minimum}"
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+
+
+def _build(ctx: _Context, data: dict, path: Path | None) -> Scenario | None:
+    root = _Table(ctx, data, ())
+    head_data = root._get("scenario", _REQUIRED)
+    head = _Table(ctx, {} if head_data is _REQUIRED else head_data, ("scenario",))
+    name = head.str("name")
+    description = head.str("description", "")
+    seed = head.int("seed", 0, minimum=0)
+    request_timeout_s = head.float("request_timeout_s", 60.0, positive=True)
+    timeout_s = head.float("timeout_s", 600.0, positive=True)
+    head.finish()
+
+    model = "tiny-llama"
+    model_table = root.sub("model")
+    if model_table is not None:
+        model = model_table.str("name", "tiny-llama")
+        model_table.finish()
+
+    server = _server(ctx, root.sub("server"))
+
+    defaults: dict[str, Any] = {}
+    defaults_table = root.sub("defaults")
+    if defaults_table is not None:
+        defaults = _request_params(defaults_table, {})
+        defaults_table.finish()
+
+    workloads: list[Workload] = []
+    workload_data = root._get("workload", _REQUIRED)
+    if workload_data is not _REQUIRED:
+        if not isinstance(workload_data, Mapping) or not workload_data:
+            ctx.report((), "workload", "expected one or more [workload.NAME] tables")
+        else:
+            for wname, wdata in workload_data.items():
+                w = _workload(_Table(ctx, wdata, ("workload", wname)), wname, defaults)
+                if w is not None:
+                    workloads.append(w)
+    names = tuple(w.name for w in workloads)
+
+    expect = Expectations()
+    expect_table = root.sub("expect")
+    if expect_table is not None:
+        expect = _expectations(expect_table)
+
+    phases: list[Phase] = []
+    phase_data = root._get("phase", None)
+    if phase_data is None:
+        phases.append(Phase(name="main", workloads=names))
+    elif not isinstance(phase_data, list):
+        ctx.report((), "phase", "expected [[phase]] tables (an array of tables)")
+    else:
+        for i, pdata in enumerate(phase_data):
+            phases.extend(_phases(_Table(ctx, pdata, ("phase", i)), names, i))
+    phase_names = [p.name for p in phases]
+    for dup in sorted({n for n in phase_names if phase_names.count(n) > 1}):
+        ctx.report((), "phase", f"phase name {dup!r} is used more than once")
+
+    faults: list[Fault] = []
+    fault_data = root._get("fault", None)
+    if fault_data is not None:
+        if not isinstance(fault_data, list):
+            ctx.report((), "fault", "expected [[fault]] tables (an array of tables)")
+        else:
+            base_names = {p.name.split("@c")[0] for p in phases} | set(phase_names)
+            for i, fdata in enumerate(fault_data):
+                f = _fault(_Table(ctx, fdata, ("fault", i)), phases, base_names)
+                if f is not None:
+                    faults.extend(f)
+    root.finish()
+    if ctx.problems or name is None:
+        return None
+    return Scenario(
+        name=name, path=path, description=description, seed=seed, model=model,
+        server=server, workloads=tuple(workloads), phases=tuple(phases), faults=tuple(faults),
+        expect=expect, request_timeout_s=request_timeout_s, timeout_s=timeout_s,
+    )
+
+
+def server_keys() -> dict[str, str]:
+    """RuntimeConfig fields a scenario's [server] table may set → their annotation."""
+    return {
+        a.name: str(a.type)
+        for a in attrs.fields(RuntimeConfig)
+        if a.name not in _NOT_SERVER_KEYS
+    }
+
+
+def _server(ctx: _Context, t: _Table | None) -> tuple[tuple[str, Any], ...]:
+    if t is None:
+        return ()
+    out: list[tuple[str, Any]] = []
+    for key, annotation in server_keys().items():
+        if not t.has(key):
+            t.known.append(key)
+            continue
+        if key.endswith("_bytes"):
+            value = t.size(key)
+        elif "bool" in annotation:
+            value = t.bool(key)
+        elif "int" in annotation:
+            value = t.int(key, minimum=0)
+        elif "float" in annotation:
+            value = t.float(key, positive=True)
+        else:  # str, Path
+            value = t.str(key)
+        if value is not None:
+            out.append((key, value))
+    t.finish()
+    # Let RuntimeConfig's own validators speak (choices, positivity), sizes left out.
+    plain = {k: v for k, v in out if not isinstance(v, ByteSize)}
+    try:
+        RuntimeConfig(**plain)
+    except (ValueError, TypeError) as exc:
+        ctx.report(("server",), None, f"invalid setting: {exc}")
+    return tuple(out)
+
+
+def _request_params(t: _Table, base: dict[str, Any]) -> dict[str, Any]:
+    """The request keys present in `t`, over `base`."""
+    out = dict(base)
+    getters = {
+        "max_tokens": lambda: t.int("max_tokens", minimum=1),
+        "ignore_eos": lambda: t.bool("ignore_eos"),
+        "stream": lambda: t.bool("stream"),
+        "temperature": lambda: t.float("temperature", minimum=0.0, maximum=100.0),
+        "top_p": lambda: t.float("top_p", minimum=0.0, maximum=1.0),
+        "seed": lambda: t.int("seed", minimum=0),
+        "stop": lambda: t.strs("stop", None),
+    }
+    for key in REQUEST_KEYS:
+        if t.has(key):
+            value = getters[key]()
+            if value is not None:
+                out[key] = value
+        else:
+            t.known.append(key)
+    return out
+
+
+def _workload(t: _Table, name: str, defaults: dict[str, Any]) -> Workload | None:
+    problems = len(t.ctx.problems)
+    mode = t.str("mode", "chat", choices=MODES)
+    conversations = t.int("conversations", 1, minimum=1)
+    turns = t.int("turns", 1, minimum=1)
+    system = t.str("system", None)
+    system_words = t.int("system_words", 0, minimum=0)
+    prompt_words = t.ints("prompt_words", None, minimum=1)
+    prompt_tokens = t.ints("prompt_tokens", None, minimum=1)
+    tools = t.strs("tools", ())
+    tool_calls_in_history = t.bool("tool_calls_in_history", False)
+    tool_result_words = t.int("tool_result_words", 30, minimum=1)
+    start_s = t.float("start_s", 0.0, minimum=0.0)
+    arrival = t.str("arrival", None, choices=ARRIVALS)
+    rate = t.float("rate", None, positive=True)
+    concurrency = t.int("concurrency", None, minimum=1)
+    think_s = t.float("think_s", 0.0, minimum=0.0)
+    cancel_fraction = t.float("cancel_fraction", None, minimum=0.0, maximum=1.0)
+    cancel_tokens = t.range("cancel_after_tokens", int, 1)
+    cancel_s = t.range("cancel_after_s", float, 0.0)
+    params = RequestParams(**_request_params(t, defaults))
+    t.finish()
+    if len(t.ctx.problems) > problems:
+        return None
+    if system is not None and system_words:
+        t.bad("system_words", "give either system (a literal prompt) or system_words, not both")
+    if prompt_tokens is not None:
+        if mode != "completion":
+            t.bad("prompt_tokens", 'token-id prompts need mode = "completion"')
+        if prompt_words is not None:
+            t.bad("prompt_tokens", "give either prompt_words or prompt_tokens, not both")
+        if turns != 1:
+            t.bad("prompt_tokens", "token-id prompts are single-turn (turns = 1)")
+        if system is not None or system_words:
+            t.bad("prompt_tokens", "token-id prompts have no system prompt")
+    if (tools or tool_calls_in_history) and mode != "chat":
+        t.bad("tools", 'tools need mode = "chat"')
+    if tool_calls_in_history and not tools:
+        t.bad("tool_calls_in_history", "needs at least one tool in tools")
+    if rate is not None and arrival == "burst":
+        t.bad("rate", 'a rate needs arrival = "uniform" or "poisson"')
+    if rate is None and arrival in ("uniform", "poisson"):
+        t.bad("arrival", f"arrival = {arrival!r} needs a rate (conversations per second)")
+    cancel = None
+    if cancel_tokens is not None and cancel_s is not None:
+        t.bad("cancel_after_s", "give either cancel_after_tokens or cancel_after_s, not both")
+    elif cancel_tokens is not None or cancel_s is not None:
+        if cancel_tokens is not None and not params.stream:
+            t.bad("cancel_after_tokens", "cancelling after N tokens needs stream = true")
+        cancel = CancelPlan(fraction=1.0 if cancel_fraction is None else cancel_fraction,
+                            after_tokens=cancel_tokens, after_s=cancel_s)
+    elif cancel_fraction is not None:
+        t.bad("cancel_fraction", "needs cancel_after_tokens or cancel_after_s")
+    if len(t.ctx.problems) > problems:
+        return None
+    return Workload(
+        name=name, mode=mode, conversations=conversations, turns=turns, system=system,
+        system_words=system_words,
+        prompt_words=() if prompt_tokens is not None else (prompt_words or (20,)),
+        prompt_tokens=prompt_tokens or (), tools=tools, tool_calls_in_history=tool_calls_in_history,
+        tool_result_words=tool_result_words, params=params, start_s=start_s,
+        arrival=arrival or ("burst" if rate is None else "uniform"), rate=rate,
+        concurrency=concurrency, think_s=think_s, cancel=cancel,
+    )
+
+
+def _outcome_counts(t: _Table, key: str) -> tuple[tuple[str, int], ...]:
+    value = t._get(key, None)
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        t.bad(key, f"expected a table like {{ completed = 5, \"413\" = 1 }}, got {_show(value)}")
+        return ()
+    out = []
+    for name, count in value.items():
+        if name not in OUTCOMES and not re.fullmatch(r"[1-5]\d\d", name):
+            t.bad(key, f"unknown outcome {name!r}: expected one of {', '.join(OUTCOMES)} "
+                       "or an HTTP status code like \"413\"")
+        elif isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            t.bad(key, f"{name}: expected a count >= 0, got {_show(count)}")
+        else:
+            out.append((name, count))
+    return tuple(out)
+
+
+def _expectations(t: _Table, *, phase: bool = False) -> Expectations:
+    """[expect], or a phase's (which checks only what it names: the run-wide defaults
+    no_lost_requests and allowed_status already cover every phase)."""
+    allowed = t.ints("allowed_status", None if phase else (200,), minimum=100)
+    e = Expectations(
+        no_lost_requests=t.bool("no_lost_requests", not phase),
+        allowed_status=allowed,
+        min_outcomes=_outcome_counts(t, "min_outcomes"),
+        max_outcomes=_outcome_counts(t, "max_outcomes"),
+        identical_to_reference=t.bool("identical_to_reference", False),
+        min_cache_hit_ratio=t.float("min_cache_hit_ratio", None, minimum=0.0, maximum=1.0),
+        cache_hit_turns=t.str("cache_hit_turns", "later", choices=CACHE_HIT_TURNS),
+        ttft_p50_max_ratio=t.float("ttft_p50_max_ratio", None, positive=True),
+        ttft_p99_max_ratio=t.float("ttft_p99_max_ratio", None, positive=True),
+        itl_p50_max_ratio=t.float("itl_p50_max_ratio", None, positive=True),
+        latency_floor_s=t.float("latency_floor_s", 0.005, minimum=0.0),
+        memory_under_budget=t.bool("memory_under_budget", False),
+        no_leaks=t.bool("no_leaks", False),
+        new_request_succeeds=t.bool("new_request_succeeds", False),
+        error_message_contains=t.str("error_message_contains", None),
+    )
+    t.finish()
+    return e
+
+
+def _phases(t: _Table, workloads: tuple[str, ...], index: int) -> list[Phase]:
+    name = t.str("name", f"phase{index + 1}")
+    chosen = t.strs("workloads", workloads)
+    for w in chosen or ():
+        if w not in workloads:
+            t.bad("workloads", f"no workload named {w!r}; defined: {', '.join(workloads) or 'none'}")
+    levels = t.ints("concurrency", None, minimum=1)
+    expect = None
+    sub = t.sub("expect")
+    if sub is not None:
+        expect = _expectations(sub, phase=True)
+    t.finish()
+    if name is None:
+        return []
+    if levels is None:
+        return [Phase(name=name, workloads=tuple(chosen or ()), expect=expect)]
+    if len(levels) == 1:
+        return [Phase(name=name, workloads=tuple(chosen or ()), concurrency=levels[0], expect=expect)]
+    return [
+        Phase(name=f"{name}@c{level}", workloads=tuple(chosen or ()), concurrency=level, expect=expect)
+        for level in levels
+    ]
+
+
+def _fault(t: _Table, phases: list[Phase], phase_names: set[str]) -> list[Fault] | None:
+    kinds = SUPPORTED_FAULTS + tuple(UNSUPPORTED_FAULTS)
+    kind = t.str("kind", choices=kinds)
+    phase = t.str("phase", phases[0].name if phases else "main")
+    at_step = t.int("at_step", None, minimum=1)
+    after_s = t.float("after_s", None, minimum=0.0)
+    above = t.size("above_bytes")
+    error = t.str("error", "injected out-of-memory")
+    t.finish()
+    if phase is not None and phase not in phase_names:
+        t.bad("phase", f"no phase named {phase!r}; phases: {', '.join(sorted(phase_names))}")
+        return None
+    if kind == "executor_oom" and sum(x is not None for x in (at_step, after_s, above)) != 1:
+        t.bad("kind", "an executor_oom fault needs exactly one of at_step, after_s, above_bytes")
+        return None
+    if kind is None or phase is None:
+        return None
+    # A fault on a swept phase ("sweep") strikes in each of its levels.
+    targets = [p.name for p in phases if p.name == phase or p.name.split("@c")[0] == phase]
+    return [
+        Fault(kind=kind, phase=target, at_step=at_step, after_s=after_s, above_bytes=above, error=error)
+        for target in targets
+    ]
