@@ -485,12 +485,15 @@ def full_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
     from omlx_actors.backend import OPENBLAS_CANDIDATES
 
     preload = next((p for p in OPENBLAS_CANDIDATES if os.path.exists(p)), None)
+    sides = set(args.sides.split(","))
     ours = ServerProcess("omlx-actors", [
         _sys.executable, "-m", "omlx_actors.cli", "serve", "--model", str(path),
         "--port", str(port_c := _free_port()), "--max-batch-size", str(batch),
         "--prefill-batch-size", str(config.prefill_batch_size),
-        "--prefill-step-size", str(config.prefill_step_size)], port_c)
-    theirs = ServerProcess("mlx_lm.server", [
+        "--prefill-step-size", str(config.prefill_step_size),
+        # The SSD tier is measured by bench-cache; here, serving (in-memory prefix cache on).
+        "--no-ssd-cache"], port_c)
+    theirs = None if "d" not in sides else ServerProcess("mlx_lm.server", [
         _sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--port",
         str(port_d := _free_port()), "--decode-concurrency", str(batch),
         "--prompt-concurrency", str(config.prefill_batch_size),
@@ -502,7 +505,8 @@ def full_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
     rows: list[dict[str, Any]] = []
     try:
         ours.wait_ready()
-        theirs.wait_ready()
+        if theirs is not None:
+            theirs.wait_ready()
 
         async def main() -> None:
             async with open_runtime(config=config) as rt:
@@ -512,7 +516,8 @@ def full_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
                 await trio.to_thread.run_sync(bare.run, [tok.encode(p) for p in warm], 4)
                 await runtime_level(rt, [tok.encode(p) for p in warm], 4)
                 await http_level("c", ours.url, model_id, warm, 4)
-                await http_level("d", theirs.url, their_id, warm, 4)
+                if theirs is not None:
+                    await http_level("d", theirs.url, their_id, warm, 4)
                 for level in levels:
                     texts = make_text_prompts(level, args.prompt_words, offset=level)
                     ids = [tok.encode(p) for p in texts]
@@ -521,11 +526,14 @@ def full_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
                         runs["a"].append(await trio.to_thread.run_sync(bare.run, ids, args.max_tokens))
                         runs["b"].append(await runtime_level(rt, ids, args.max_tokens))
                         runs["c"].append(await http_level("omlx-actors HTTP", ours.url, model_id, texts, args.max_tokens))
-                        runs["d"].append(await http_level("mlx_lm.server", theirs.url, their_id, texts, args.max_tokens))
-                    chosen = {k: _median_run(v) for k, v in runs.items()}
+                        if theirs is not None:
+                            runs["d"].append(await http_level("mlx_lm.server", theirs.url, their_id, texts, args.max_tokens))
+                    chosen = {k: _median_run(v) for k, v in runs.items() if v}
                     base = chosen["a"]
                     for key, label in (("a", "(a) bare BatchGenerator"), ("b", "(b) in-process"),
                                        ("c", "(c) omlx-actors HTTP"), ("d", "(d) mlx_lm.server")):
+                        if key not in chosen:
+                            continue
                         r = chosen[key]
                         rows.append({
                             "concurrency": level, "side": label,
@@ -535,18 +543,23 @@ def full_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
                         })
                         print(f"  c={level:<3d} {label:26s} {r.tokens_per_s:8.1f} tok/s  ratio {r.tokens_per_s / base.tokens_per_s:5.3f}  "
                               f"TTFT p50 {r.ttft_p50 * 1000:8.1f} ms  p99 {r.ttft_p99 * 1000:8.1f} ms", flush=True)
+                if args.turns < 2:
+                    return
                 conversations = make_text_prompts(args.conversations, args.history_words, offset=5000)
                 turns_b = await runtime_turns(rt, conversations, args.turns, args.max_tokens)
                 conversations_c = make_text_prompts(args.conversations, args.history_words, offset=6000)
                 turns_c = await http_turns(ours.url, model_id, conversations_c, args.turns, args.max_tokens)
                 conversations_d = make_text_prompts(args.conversations, args.history_words, offset=7000)
-                turns_d = await http_turns(theirs.url, their_id, conversations_d, args.turns, args.max_tokens)
+                turns_d = ([] if theirs is None else
+                           await http_turns(theirs.url, their_id, conversations_d, args.turns, args.max_tokens))
                 # (a) has no prefix cache: a later turn is a cold prefill of the whole history.
                 hist = [tok.encode(c) for c in make_text_prompts(args.conversations, args.history_words + 40, offset=8000)]
                 cold = await trio.to_thread.run_sync(bare.run, hist, 1)
                 for label, values in (("(a) bare (cold prefill)", list(cold.ttft_s)),
                                       ("(b) in-process", turns_b), ("(c) omlx-actors HTTP", turns_c),
                                       ("(d) mlx_lm.server", turns_d)):
+                    if not values:
+                        continue
                     p50 = statistics.median(values)
                     rows.append({"workload": "multi-turn later turns", "side": label, "ttft_p50_s": p50})
                     print(f"  multi-turn later-turn TTFT p50  {label:26s} {p50 * 1000:8.1f} ms", flush=True)
@@ -554,7 +567,8 @@ def full_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
         trio.run(main)
     finally:
         ours.stop()
-        theirs.stop()
+        if theirs is not None:
+            theirs.stop()
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2))
         print(f"wrote {args.json}")

@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     full.add_argument("--conversations", type=int, default=4)
     full.add_argument("--turns", type=int, default=3)
     full.add_argument("--history-words", type=int, default=600)
+    full.add_argument("--sides", default="a,b,c,d", help="which of a,b,c,d to run")
     full.add_argument("--json", type=Path, default=None)
 
     replay = sub.add_parser("replay", help="run a scenario file and check its expectations")

@@ -1,0 +1,41 @@
+"""GPU benchmark (issue 8): random-weight bf16 llamas of ~1B and ~8B parameters,
+(a) bare BatchGenerator vs (b) in-process vs (c) over HTTP at concurrency 1, 8, 64.
+
+Run on the GPU machine (see ../shared/tools/gpu/README.md):
+    PYTHONPATH=$PWD python3 benchmarks/gpu_bench.py 1b /tmp/models out.json
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from omlx_actors.bench import full_bench_main
+from omlx_actors.config import RuntimeConfig
+from omlx_actors.models import build_demo_model, get_spec
+
+SPECS = {
+    # ~1.2B: Llama-3.2-1B-like shapes with a 32k vocabulary.
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, intermediate_size=8192),
+    # ~7.5B: Llama-3-8B-like shapes with a 32k vocabulary.
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, intermediate_size=14336),
+}
+
+
+def main() -> int:
+    which, root, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    spec = get_spec("demo-150m").with_(name=f"llama-{which}-bf16", dtype="bfloat16", **SPECS[which])
+    path = root / spec.name
+    if not (path / "omlx_demo.json").exists():
+        build_demo_model(spec, path, overwrite=True)
+    print(f"built {path}", flush=True)
+    args = argparse.Namespace(concurrency="1,8,64", prompt_words=100, max_tokens=64, repeat=1,
+                              conversations=4, turns=1, history_words=600, json=out, sides="a,b,c")
+    config = RuntimeConfig(model=str(path), max_batch_size=64, prefill_batch_size=8,
+                           prefill_step_size=2048)
+    return full_bench_main(args, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
