@@ -492,7 +492,8 @@ def full_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
         "--prefill-batch-size", str(config.prefill_batch_size),
         "--prefill-step-size", str(config.prefill_step_size),
         # The SSD tier is measured by bench-cache; here, serving (in-memory prefix cache on).
-        "--no-ssd-cache"], port_c)
+        "--no-ssd-cache", *(["--gil-switch-interval", str(args.gil_switch_interval)]
+                            if getattr(args, "gil_switch_interval", None) else [])], port_c)
     theirs = None if "d" not in sides else ServerProcess("mlx_lm.server", [
         _sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--port",
         str(port_d := _free_port()), "--decode-concurrency", str(batch),

@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="keep the prefix cache in memory only")
     serve.add_argument("--ssd-cache-bytes", type=_size, default=16 * 1024**3,
                        help="byte budget of the SSD tier, e.g. 64G (also shrunk when the disk runs low)")
+    serve.add_argument("--gil-switch-interval", type=float, default=None,
+                       help="seconds; a shorter Python thread switch interval lets the engine "
+                            "thread take the GIL back sooner after each step (e.g. 0.0005)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None,
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         except (ValueError, TypeError) as exc:
             raise SystemExit(f"omlx-actors: invalid setting: {exc}") from exc
-        return serve_main(config, host=args.host, port=args.port, settings=settings)
+        return serve_main(config, host=args.host, port=args.port, settings=settings,
+                          gil_switch_interval=args.gil_switch_interval)
     if args.command == "bench":
         from omlx_actors.bench import bench_main
 

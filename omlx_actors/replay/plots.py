@@ -81,7 +81,7 @@ def _shade_phases(ax, result: ReplayResult) -> None:
 def _throughput(result: ReplayResult, path: Path) -> Path:
     fig, ax = _figure()
     end = max(result.duration_s, 1e-3)
-    width = max(0.05, end / 120)
+    width = max(0.01, end / 120)
     bins = [0.0] * (int(end / width) + 1)
     for r in result.records:
         for t, n in r.token_times:

@@ -278,16 +278,22 @@ class _Context:
     def __init__(self, where: str, lines: list[str]):
         self.where = where
         self.lines = lines
-        self.problems: list[str] = []
+        self._problems: list[tuple[int, int, str]] = []
         self._headers = [(i, _header(line)) for i, line in enumerate(lines)]
         self._headers = [(i, h) for i, h in self._headers if h is not None]
+
+    @property
+    def problems(self) -> list[str]:
+        """Every problem so far, in the order of the file's lines."""
+        return [text for _, _, text in sorted(self._problems, key=lambda p: (p[0], p[1]))]
 
     def report(self, table: tuple, key: str | None, message: str) -> None:
         line = self.locate(table, key)
         loc = f"{self.where}:{line}" if line else self.where
         name = _table_name(table)
         subject = f"[{name}] {key}" if key and name else (key or f"[{name}]" if name else "")
-        self.problems.append(f"{loc}: {subject}: {message}" if subject else f"{loc}: {message}")
+        text = f"{loc}: {subject}: {message}" if subject else f"{loc}: {message}"
+        self._problems.append((line or 0, len(self._problems), text))
 
     def region(self, table: tuple) -> tuple[int, int] | None:
         """The lines (start, end) of a table given as a path like ("phase", 2, "expect")."""
@@ -546,16 +552,18 @@ def _build(ctx: _Context, data: dict, path: Path | None) -> Scenario | None:
         defaults_table.finish()
 
     workloads: list[Workload] = []
-    workload_data = root._get("workload", _REQUIRED)
-    if workload_data is not _REQUIRED:
-        if not isinstance(workload_data, Mapping) or not workload_data:
-            ctx.report((), "workload", "expected one or more [workload.NAME] tables")
-        else:
-            for wname, wdata in workload_data.items():
-                w = _workload(_Table(ctx, wdata, ("workload", wname)), wname, defaults)
-                if w is not None:
-                    workloads.append(w)
-    names = tuple(w.name for w in workloads)
+    root.known.append("workload")
+    workload_data = data.get("workload")
+    names: tuple[str, ...] = ()
+    if not isinstance(workload_data, Mapping) or not workload_data:
+        ctx.report((), None if workload_data is None else "workload",
+                   "no workload: add at least one [workload.NAME] table")
+    else:
+        names = tuple(workload_data)
+        for wname, wdata in workload_data.items():
+            w = _workload(_Table(ctx, wdata, ("workload", wname)), wname, defaults)
+            if w is not None:
+                workloads.append(w)
 
     expect = Expectations()
     expect_table = root.sub("expect")
@@ -618,7 +626,7 @@ def _server(ctx: _Context, t: _Table | None) -> tuple[tuple[str, Any], ...]:
         elif "bool" in annotation:
             value = t.bool(key)
         elif "int" in annotation:
-            value = t.int(key, minimum=0)
+            value = t.int(key)
         elif "float" in annotation:
             value = t.float(key, positive=True)
         else:  # str, Path
