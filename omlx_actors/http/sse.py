@@ -125,11 +125,23 @@ async def sse_body(
                     last_frame = now
                     yield encoder.keepalive()
                 continue
-            if isinstance(event, Done):
-                on_done(event)
-            for frame in encoder.feed(event):
+            # Whatever else is already waiting goes out in the same write: under load
+            # (many streams, fast steps) one write per token costs more than the token.
+            frames: list[bytes] = []
+            while True:
+                if isinstance(event, Done):
+                    on_done(event)
+                if not isinstance(event, Progress):
+                    frames.extend(encoder.feed(event))
+                if encoder.finished:
+                    break
+                try:
+                    event = receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            if frames:
                 last_frame = now
-                yield frame
+                yield b"".join(frames)
         complete = True
     finally:
         receive.close()
