@@ -3,9 +3,9 @@
 Quart cuts any response still sending after RESPONSE_TIMEOUT (60 s by default) without a
 word; the server disables that. To prove it with the tiny model (which generates a whole
 answer in about two seconds) the client is slow instead: it reads the stream a couple of
-kilobytes at a time for 65 s through a small receive buffer, so the server is still sending
+kilobytes at a time for 90 s through a small receive buffer, so the server is still sending
 (blocked on the socket) past the 60 s mark. The server's own stream-duration metric checks
-that the stream really lasted that long on its side. Costs ~66 s of wall time, little CPU.
+that the stream really lasted that long on its side. Costs ~91 s of wall time, little CPU.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from http_support import MODEL, http_client
 from prometheus_client.parser import text_string_to_metric_families
 
 QUART_DEFAULT_RESPONSE_TIMEOUT_S = 60.0
-SLOW_FOR_S = QUART_DEFAULT_RESPONSE_TIMEOUT_S + 5.0
+# The issue asks for a 90-second stream: 30 s past the default cut-off.
+SLOW_FOR_S = 90.0
 
 
 @pytest.mark.slow
