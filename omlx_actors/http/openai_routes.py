@@ -98,21 +98,8 @@ def register(app, state: ServerState) -> None:
             ignore_eos=body.ignore_eos,
             request_id=request_id,
         )
-        await start_session(state, session, CHAT_ROUTE)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        if body.stream:
-            encoder = ChatStream(
-                id=request_id, model=state.model_id, created=int(time.time()),
-                include_usage=include_usage, logprobs=want_logprobs, token_text=state.token_text,
-            )
-            return stream_response(state, session, encoder, CHAT_ROUTE)
-        events = await collect(state, session, CHAT_ROUTE)
-        return json_response(
-            chat_completion(
-                events, id=request_id, model=state.model_id, logprobs=want_logprobs,
-                token_text=state.token_text,
-            )
-        )
+        return await _respond(state, session, body, CHAT_ROUTE, ChatStream, chat_completion,
+                              request_id=request_id, logprobs=want_logprobs)
 
     @app.post(COMPLETIONS_ROUTE)
     async def completions():
@@ -141,25 +128,31 @@ def register(app, state: ServerState) -> None:
             ignore_eos=body.ignore_eos,
             request_id=request_id,
         )
-        await start_session(state, session, COMPLETIONS_ROUTE)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        if body.stream:
-            encoder = CompletionStream(
-                id=request_id, model=state.model_id, created=int(time.time()),
-                include_usage=include_usage, logprobs=want_logprobs, token_text=state.token_text,
-            )
-            return stream_response(state, session, encoder, COMPLETIONS_ROUTE)
-        events = await collect(state, session, COMPLETIONS_ROUTE)
-        return json_response(
-            text_completion(
-                events, id=request_id, model=state.model_id, logprobs=want_logprobs,
-                token_text=state.token_text,
-            )
-        )
+        return await _respond(state, session, body, COMPLETIONS_ROUTE, CompletionStream,
+                              text_completion, request_id=request_id, logprobs=want_logprobs)
 
 
 # ---------------------------------------------------------------------------------------
 # Request mapping
+
+
+async def _respond(state: ServerState, session, body, route: str, stream_cls, build, *,
+                   request_id: str, logprobs: bool):
+    """Start the session (refusals become error responses before any byte), then stream it
+    with `stream_cls` or collect it into one body with `build`."""
+    await start_session(state, session, route)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        encoder = stream_cls(
+            id=request_id, model=state.model_id, created=int(time.time()),
+            include_usage=include_usage, logprobs=logprobs, token_text=state.token_text,
+        )
+        return stream_response(state, session, encoder, route)
+    events = await collect(state, session, route)
+    return json_response(
+        build(events, id=request_id, model=state.model_id, logprobs=logprobs,
+              token_text=state.token_text)
+    )
 
 
 def _check_common(body: OpenAISampling) -> None:
