@@ -18,7 +18,7 @@ def _weights(path) -> int:
 
 
 async def test_a_prompt_that_can_never_fit_is_refused_fast_with_no_prefill_while_a_small_one_runs(tiny_llama):
-    budget = _weights(tiny_llama) + 4 * MiB
+    budget = _weights(tiny_llama) + 2 * MiB
     async with open_runtime(tiny_llama, memory_budget_bytes=budget, prefix_cache_bytes=0) as rt:
         small = rt.complete("a small request", max_tokens=40, ignore_eos=True)
         async with trio.open_nursery() as nursery:
@@ -84,7 +84,7 @@ async def test_out_of_memory_at_a_step_fails_the_requests_in_it_and_the_rest_fin
 
 async def test_memory_stays_under_budget_through_200_mixed_requests_at_3x_demand(tiny_llama):
     weights = _weights(tiny_llama)
-    budget = weights + 6 * MiB
+    budget = weights + 2 * MiB + MiB // 2
     outcomes: dict[str, int] = {}
     async with open_runtime(tiny_llama, memory_budget_bytes=budget, prefix_cache_bytes=0,
                             max_waiting_requests=40, memory_poll_interval_s=0.05) as rt:

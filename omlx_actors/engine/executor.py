@@ -406,8 +406,10 @@ def _forward_saves(state: ExecutorState, output: StepOutput, to_ssd) -> None:
                                     tensors=tensors))
         except trio.WouldBlock:
             state.ssd_saves_dropped += 1
-            log.warning("SSD tier is behind: dropped the save of block %s (%d dropped so far)",
-                        block_hash, state.ssd_saves_dropped)
+            # Counted in EngineStats/metrics; logged at powers of two, not once per block.
+            if state.ssd_saves_dropped & (state.ssd_saves_dropped - 1) == 0:
+                log.warning("SSD tier is behind the engine: %d block saves dropped so far",
+                            state.ssd_saves_dropped)
 
 
 async def _forward_to_ssd(from_engine, writer, forwarded: trio.Event) -> None:
@@ -449,6 +451,27 @@ def _admit(envelope, state: ExecutorState, submit: Submit, commands: queue.Simpl
         context_tokens=estimate.kv_capacity_tokens,
         other_bytes=estimate.scratch_bytes + estimate.recurrent_state_bytes,
     )
+    if state.ledger.refusal(submit.request_id, cost) is not None:
+        # "Never fits" is judged at the smallest prefill chunk we would use: a request that
+        # fits with chunks at the floor is not refused - chunks shrink to the floor for it.
+        floor = min(state.prefill_step_size, PREFILL_STEP_FLOOR)
+        small = estimate_request_bytes(
+            state.facts,
+            prompt_tokens=len(submit.prompt_tokens),
+            cached_tokens=min(cached, len(submit.prompt_tokens) - 1),
+            max_tokens=submit.max_tokens,
+            prefill_chunk=floor,
+            prefix_shared=False,
+        )
+        floor_cost = RequestCost(
+            context_tokens=small.kv_capacity_tokens,
+            other_bytes=small.scratch_bytes + small.recurrent_state_bytes,
+        )
+        if state.ledger.refusal(submit.request_id, floor_cost) is None:
+            cost = floor_cost
+            if state.prefill_step_size != floor:
+                state.prefill_step_size = floor
+                commands.put(CoreSetPrefillStep(floor))
     if full and state.ledger.refusal(submit.request_id, cost) is None:
         queue_full()
         return
@@ -666,6 +689,7 @@ def _stats(state: ExecutorState) -> EngineStats:
         cache_memory_bytes=last.cache_memory,
         peak_memory_bytes=last.peak_memory,
         prefix_cache_bytes=last.block_store_bytes,
+        ssd_saves_dropped=state.ssd_saves_dropped,
     )
 
 

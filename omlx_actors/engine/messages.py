@@ -162,6 +162,7 @@ class EngineStats:
     cache_memory_bytes: int
     peak_memory_bytes: int
     prefix_cache_bytes: int = 0  # block tensors held by the engine for the prefix cache
+    ssd_saves_dropped: int = 0  # blocks not handed to the SSD tier because it was behind
 
 
 @attrs.frozen(kw_only=True)

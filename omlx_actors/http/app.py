@@ -310,6 +310,7 @@ def _install_service_routes(app: QuartTrio, state: ServerState) -> None:
             m.queue_waiting.set(stats.waiting)
             m.queue_running.set(stats.running)
             m.engine_cache_bytes.set(stats.prefix_cache_bytes)
+            m.ssd.labels("engine_saves_dropped").set(stats.ssd_saves_dropped)
         try:
             cache = await state.runtime.cache_stats(timeout=settings.health_ping_timeout_s)
         except Exception:  # noqa: BLE001 - the cache is optional; keep the last values

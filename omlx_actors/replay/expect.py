@@ -22,6 +22,7 @@ from omlx_actors.replay.records import (
     REFUSED,
     LeakCheck,
     RequestRecord,
+    SsdCheck,
     percentile,
 )
 from omlx_actors.replay.schema import Expectations
@@ -60,6 +61,7 @@ class Observed:
     peak_bytes: int | None
     new_request: RequestRecord | None
     compare_tokens: bool  # token ids (in process) or text (over HTTP)
+    ssd_check: SsdCheck | None = None
 
 
 def evaluate(expect: Expectations, scope: str, obs: Observed) -> list[Verdict]:
@@ -96,7 +98,7 @@ def evaluate(expect: Expectations, scope: str, obs: Observed) -> list[Verdict]:
         add(f"max_outcomes.{name}", n <= maximum, f"at most {maximum} {_noun(name)}", f"{n}")
 
     if expect.identical_to_reference:
-        v.append(_identity(scope, records, obs))
+        v.append(_identity(scope, records, obs, expect.tie_margin))
 
     if expect.min_cache_hit_ratio is not None:
         v.append(_cache_hits(scope, records, expect))
@@ -139,6 +141,13 @@ def evaluate(expect: Expectations, scope: str, obs: Observed) -> list[Verdict]:
                 "completed" if r.outcome == COMPLETED else
                 f"{r.outcome} {r.status or ''} {r.error_code or ''} {_clip(r.error)}".strip())
 
+    if expect.ssd_no_orphans:
+        check = obs.ssd_check
+        add("ssd_no_orphans", None if check is None else check.clean,
+            "after the run, flushed then cleaned up: no file left in the SSD directory, "
+            "the writer's counters balanced",
+            "not checked" if check is None else check.detail)
+
     if expect.error_message_contains is not None:
         needle = expect.error_message_contains
         failed = [r for r in records if r.outcome == FAILED]
@@ -162,7 +171,7 @@ def _noun(name: str) -> str:
     return f"requests with status {name}" if name.isdigit() else f"{name} requests"
 
 
-def _identity(scope: str, records: Sequence[RequestRecord], obs: Observed) -> Verdict:
+def _identity(scope: str, records: Sequence[RequestRecord], obs: Observed, tie_margin: float) -> Verdict:
     expected = ("greedy/seeded outputs identical to the reference pass "
                 "(cancelled ones a prefix of it)")
     if obs.reference is None:
@@ -170,6 +179,7 @@ def _identity(scope: str, records: Sequence[RequestRecord], obs: Observed) -> Ve
                        actual="no reference pass was run")
     compared = 0
     diffs: list[str] = []
+    ties: list[str] = []
     for r in records:
         ref = obs.reference.get(r.key)
         if not r.reproducible or ref is None or ref.outcome != COMPLETED:
@@ -177,32 +187,60 @@ def _identity(scope: str, records: Sequence[RequestRecord], obs: Observed) -> Ve
         if r.outcome not in (COMPLETED, CANCELLED):
             continue
         compared += 1
-        problem = _differs(r, ref, obs.compare_tokens)
-        if problem:
-            diffs.append(f"{r.key} in {r.phase} {problem}")
-    unit = "token ids" if obs.compare_tokens else "texts"
+        found = _differs(r, ref, obs.compare_tokens, tie_margin)
+        if found is not None:
+            tie, problem = found
+            (ties if tie else diffs).append(f"{r.key} in {r.phase} {problem}")
+    unit = "token ids" if obs.compare_tokens else "outputs"
     if compared == 0:
         return Verdict(name="identical_to_reference", scope=scope, ok=False, expected=expected,
                        actual="no request could be compared (none completed in both passes)")
-    actual = (f"all {compared} {unit} match" if not diffs else
-              f"{len(diffs)} of {compared} differ: " + "; ".join(diffs[:_SHOW]))
+    if diffs:
+        actual = f"{len(diffs)} of {compared} differ: " + "; ".join(diffs[:_SHOW])
+    elif ties:
+        actual = f"all {compared - len(ties)} of {compared} {unit} match"
+    else:
+        actual = f"all {compared} {unit} match"
+    if ties:
+        actual += (f"; {len(ties)} diverged at a greedy tie (not counted): "
+                   + "; ".join(ties[:_SHOW]))
     return Verdict(name="identical_to_reference", scope=scope, ok=not diffs, expected=expected,
                    actual=actual)
 
 
-def _differs(r: RequestRecord, ref: RequestRecord, tokens: bool) -> str | None:
-    got: Sequence = r.token_ids if tokens and r.token_ids is not None else r.text
-    want: Sequence = ref.token_ids if tokens and ref.token_ids is not None else ref.text
-    what = "token" if isinstance(got, list) else "character"
+def _differs(r: RequestRecord, ref: RequestRecord, tokens: bool,
+             tie_margin: float) -> tuple[bool, str] | None:
+    """None if `r` matches `ref` (a prefix of it, if cancelled); else (at a tie?, where)."""
+    got: Sequence
+    want: Sequence
+    if tokens and r.token_ids is not None and ref.token_ids is not None:
+        got, want, what = r.token_ids, ref.token_ids, "token"
+    elif r.token_texts is not None and ref.token_texts is not None and r.outcome == COMPLETED:
+        got, want, what = r.token_texts, ref.token_texts, "token"
+    else:  # text; cancelled streams over HTTP may stop mid-token-list, the text is exact
+        got, want, what = r.text, ref.text, "character"
     if r.outcome == CANCELLED:
-        if list(got[: len(want)]) == list(want[: len(got)]) and len(got) <= len(want):
+        if len(got) <= len(want) and list(got) == list(want[: len(got)]):
             return None
     elif list(got) == list(want):
         return None
     for i, (a, b) in enumerate(zip(got, want)):
         if a != b:
-            return f"differs at {what} {i} (reference {b!r}, got {a!r})"
-    return f"has {len(got)} {what}s, the reference {len(want)}"
+            margin = _margin_at(ref, r, i) if what == "token" else None
+            if margin is not None and margin < tie_margin:
+                return True, (f"at token {i}, top-2 logprobs {margin:.2g} apart "
+                              f"(reference {b!r}, got {a!r})")
+            return False, f"differs at {what} {i} (reference {b!r}, got {a!r})"
+    return False, f"has {len(got)} {what}s, the reference {len(want)}"
+
+
+def _margin_at(ref: RequestRecord, r: RequestRecord, i: int) -> float | None:
+    """How far the reference's choice at position i led its runner-up, if known. Only the
+    reference (run alone) decides: overturning a clear lead there takes a real difference
+    in the computation, whatever the other pass's own margin was."""
+    if ref.token_margins is not None and i < len(ref.token_margins):
+        return ref.token_margins[i]
+    return None
 
 
 def _cache_hits(scope: str, records: Sequence[RequestRecord], expect: Expectations) -> Verdict:

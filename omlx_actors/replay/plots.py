@@ -3,7 +3,8 @@
 - `latency.png`: the distribution (empirical CDF) of TTFT and of inter-token latency, one
   line per phase, the reference pass dashed.
 - `throughput.png`: completion tokens per second over time, phases shaded and named,
-  armed faults as red lines, failed/refused requests as red ticks where they ended.
+  armed faults as red lines, restarts as dotted black lines, actions (SSD cleanups) as
+  dashed purple lines, failed/refused requests as red ticks where they ended.
 - `memory.png`: MLX active and peak memory and the prefix cache's bytes over time, with
   the budget as a line (omitted when the target reports no memory).
 """
@@ -76,6 +77,10 @@ def _shade_phases(ax, result: ReplayResult) -> None:
                 ha="center", va="bottom", fontsize=6, clip_on=False)
     for f in result.faults:
         ax.axvline(f.at_s, color="red", linewidth=1, zorder=3)
+    for t in result.restarts:
+        ax.axvline(t, color="black", linestyle=":", linewidth=1.2, zorder=3)
+    for a in result.actions:
+        ax.axvline(a.at_s, color="tab:purple", linestyle="--", linewidth=0.8, zorder=3)
 
 
 def _throughput(result: ReplayResult, path: Path) -> Path:

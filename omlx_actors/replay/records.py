@@ -51,6 +51,9 @@ class RequestRecord:
     finish_reason: str | None = None
     text: str = ""
     token_ids: list[int] | None = None  # in-process only
+    token_texts: list[str] | None = None  # over HTTP with margins: each token's text
+    # top-1 minus top-2 logprob of each delivered token (when margins were asked for)
+    token_margins: list[float] | None = None
     tool_calls: int = 0
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -154,6 +157,22 @@ class PhaseWindow:
     name: str
     start_s: float
     end_s: float
+
+
+@attrs.frozen(kw_only=True)
+class ActionRecord:
+    kind: str
+    phase: str
+    at_s: float  # when it was done
+    took_s: float  # until it was acknowledged
+
+
+@attrs.frozen(kw_only=True)
+class SsdCheck:
+    """The SSD tier after the run: flushed, then cleaned up; None where unmeasurable."""
+
+    clean: bool | None
+    detail: str
 
 
 @attrs.frozen(kw_only=True)

@@ -82,6 +82,16 @@ def render_text(result: ReplayResult) -> str:
         out.append("memory: not measured (the target reports none)")
     for f in result.faults:
         out.append(f"fault: {f.kind} armed in {f.phase} {f.what}")
+    for t in result.restarts:
+        out.append(f"restart: the runtime was stopped and started again at {t:.2f} s")
+    if result.actions:
+        took = max(a.took_s for a in result.actions)
+        out.append(f"actions: {len(result.actions)} x " + ", ".join(sorted({a.kind for a in result.actions}))
+                   + f" (slowest acknowledged in {took * 1000:.1f} ms)")
+    for phase, stats in result.ssd_stats.items():
+        out.append(f"ssd after {phase}: {stats['files']} files, persisted {stats['saves_persisted']}, "
+                   f"loaded {stats['load_hits']}, cancelled {stats['saves_cancelled']}, "
+                   f"removed by cleanups {stats['cleanup_removed']}")
     out.append("")
     out.extend(v.line() for v in result.verdicts)
     failed = result.failures
@@ -122,6 +132,12 @@ def report_json(result: ReplayResult) -> dict[str, Any]:
                         for c in result.leak_checks],
         "faults": [{"kind": f.kind, "phase": f.phase, "what": f.what, "at_s": round(f.at_s, 4)}
                    for f in result.faults],
+        "restarts_at_s": [round(t, 4) for t in result.restarts],
+        "actions": [{"kind": a.kind, "phase": a.phase, "at_s": round(a.at_s, 4),
+                     "took_s": round(a.took_s, 4)} for a in result.actions],
+        "ssd": {"after_phase": result.ssd_stats,
+                "check": None if result.ssd_check is None else {
+                    "clean": result.ssd_check.clean, "detail": result.ssd_check.detail}},
         "new_request": None if result.new_request is None else result.new_request.as_json(),
         "requests": [r.as_json() for r in result.records],
         "reference_requests": None if result.reference is None else [

@@ -3,8 +3,8 @@
 `replay(scenario, ...)` is the whole harness as one async function (the CLI and the tests
 call it). In order:
 
-1. Refuse what this build cannot do (unsupported fault kinds; faults through a bare URL)
-   with `UnsupportedScenario`, before anything runs.
+1. Refuse what this build or this target cannot do (unsupported fault kinds; faults,
+   actions or restarts through a bare URL) with `UnsupportedScenario`, before anything runs.
 2. Resolve the model and the scenario's server settings into one `RuntimeConfig`.
 3. If an expectation needs it, a *reference pass*: every conversation of every workload
    the phases use, one request at a time, no cancellations, no faults. In process (and
@@ -13,10 +13,16 @@ call it). In order:
 4. The phases, one after another; within a phase, its workloads' conversations start at
    their arrival offsets and each sends its turns in order (a later turn carries the
    earlier answers), at most `concurrency` requests of a workload in flight. Faults are
-   armed when their phase starts (and disarmed when it ends). After each phase the
-   engine must settle: nothing registered, nothing running (the leak check).
+   armed when their phase starts (and disarmed when it ends); actions (SSD cleanups) run
+   at their times within the phase. With an identity expectation, greedy requests ask for
+   top-2 logprobs so a tie can be told from a divergence. After each phase the
+   engine must settle: nothing registered, nothing running (the leak check). A phase with
+   `restart_before` first stops the runtime (drain) and starts it again with the same
+   settings (in process and with `serve=True` only; `ssd_cache_dir = "<tmp>"` is one
+   temporary directory for the whole main run, another for the reference pass).
 5. Memory is sampled all along (engine stats in process, /metrics over a URL).
-6. Optionally one new request after the run; then every expectation is evaluated.
+6. Optionally one new request and the SSD check (flush, counters, cleanup, empty
+   directory) after the run; then every expectation is evaluated.
 
 Cancellation: cancelling `replay` cancels every request in flight (each session is closed
 and aborted in the engine, or its connection closed) and stops the runtime it started.
@@ -28,6 +34,7 @@ import contextlib
 import datetime
 import logging
 import math
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -40,13 +47,22 @@ from omlx_actors.replay.expect import Observed, Verdict, evaluate
 from omlx_actors.replay.records import (
     COMPLETED,
     SKIPPED,
+    ActionRecord,
     FaultRecord,
     LeakCheck,
     MemorySample,
     PhaseWindow,
     RequestRecord,
+    SsdCheck,
 )
-from omlx_actors.replay.schema import ByteSize, Phase, RequestParams, Scenario, Workload
+from omlx_actors.replay.schema import (
+    TEMPORARY_DIR,
+    ByteSize,
+    Phase,
+    RequestParams,
+    Scenario,
+    Workload,
+)
 from omlx_actors.replay.targets import HttpTarget, InProcessTarget
 from omlx_actors.replay.trace import (
     ConversationPlan,
@@ -87,6 +103,10 @@ class ReplayResult:
     samples: list[MemorySample] = attrs.field(factory=list)
     leak_checks: list[LeakCheck] = attrs.field(factory=list)
     faults: list[FaultRecord] = attrs.field(factory=list)
+    restarts: list[float] = attrs.field(factory=list)  # when the runtime was restarted
+    actions: list[ActionRecord] = attrs.field(factory=list)
+    ssd_stats: dict[str, dict[str, Any]] = attrs.field(factory=dict)  # SSD writer, per phase
+    ssd_check: SsdCheck | None = None
     budget_bytes: int | None = None
     peak_bytes: int | None = None
     new_request: RequestRecord | None = None
@@ -115,7 +135,7 @@ class _Progress:
         if self._bar is not None:
             self._bar.set_description(name)
 
-    def update(self, outcome: str | None) -> None:
+    def update(self) -> None:
         if self._bar is not None:
             self._bar.update(1)
 
@@ -182,6 +202,13 @@ async def replay(
         problems.append(
             f"fault {scenario.faults[0].kind} needs the engine in this process: run in process "
             "or with --serve, not against --url")
+    if url is not None and engine is None and scenario.actions:
+        problems.append(f"action {scenario.actions[0].kind} needs the engine in this process: "
+                        "run in process or with --serve, not against --url")
+    if url is not None and scenario.restarts:
+        restart = next(p.name for p in scenario.phases if p.restart_before)
+        problems.append(f"phase {restart} restarts the server: run in process or with --serve, "
+                        "not against --url")
     if problems:
         raise UnsupportedScenario("; ".join(problems))
     kind = "url" if url is not None else ("serve" if serve else "in-process")
@@ -199,31 +226,48 @@ async def replay(
     reference_total = sum(w.conversations * w.turns for w in reference_workloads(scenario))
     bar = _Progress(progress, total + (reference_total if scenario.needs_reference else 0),
                     scenario.name)
+    timeout = scenario.request_timeout_s
     try:
-        with trio.fail_after(scenario.timeout_s):
-            if scenario.needs_reference and kind != "url":
-                assert config is not None
-                async with _fresh_target(kind, config, scenario.request_timeout_s) as target:
-                    await _reference_pass(scenario, target, plans, result, bar)
+        with trio.fail_after(scenario.timeout_s), contextlib.ExitStack() as dirs:
             if kind == "url":
                 assert url is not None
                 target = HttpTarget(url, api_key=api_key, model=served_model, engine=engine,
-                                    timeout_s=scenario.request_timeout_s)
+                                    timeout_s=timeout)
                 try:
                     result.model = await target.resolve_model(scenario.model)
-                    await _main_run(scenario, target, plans, result, bar)
+                    await _main_run(scenario, lambda: _given(target), plans, result, bar)
                     if scenario.needs_reference:
                         await _reference_pass(scenario, target, plans, result, bar)
                 finally:
                     await target.aclose()
             else:
                 assert config is not None
-                async with _fresh_target(kind, config, scenario.request_timeout_s) as target:
-                    await _main_run(scenario, target, plans, result, bar)
+                if scenario.needs_reference:
+                    ref_config = _own_directories(config, dirs)
+                    async with _fresh_target(kind, ref_config, timeout) as target:
+                        await _reference_pass(scenario, target, plans, result, bar)
+                main_config = _own_directories(config, dirs)
+                if main_config.ssd_cache_dir is not None:
+                    result.config["ssd_cache_dir"] = str(main_config.ssd_cache_dir)
+                await _main_run(scenario, lambda: _fresh_target(kind, main_config, timeout), plans,
+                                result, bar)
     finally:
         bar.close()
     result.verdicts = verdicts(scenario, result, compare_tokens=kind == "in-process")
     return result
+
+
+def _own_directories(config: RuntimeConfig, dirs: contextlib.ExitStack) -> RuntimeConfig:
+    """`ssd_cache_dir = "<tmp>"` → a fresh temporary directory, removed when `dirs` closes."""
+    if config.ssd_cache_dir is None or str(config.ssd_cache_dir) != TEMPORARY_DIR:
+        return config
+    path = dirs.enter_context(tempfile.TemporaryDirectory(prefix="omlx-replay-ssd-"))
+    return attrs.evolve(config, ssd_cache_dir=Path(path))
+
+
+@contextlib.asynccontextmanager
+async def _given(target) -> AsyncIterator[Any]:
+    yield target
 
 
 def verdicts(scenario: Scenario, result: ReplayResult, *, compare_tokens: bool) -> list[Verdict]:
@@ -232,7 +276,7 @@ def verdicts(scenario: Scenario, result: ReplayResult, *, compare_tokens: bool) 
         reference=None if result.reference is None else {r.key: r for r in result.reference},
         leak_checks=result.leak_checks, budget_bytes=result.budget_bytes,
         peak_bytes=result.peak_bytes, new_request=result.new_request,
-        compare_tokens=compare_tokens,
+        compare_tokens=compare_tokens, ssd_check=result.ssd_check,
     )
     out = evaluate(scenario.expect, "run", obs)
     for phase in scenario.phases:
@@ -254,21 +298,49 @@ async def _reference_pass(scenario, target, plans, result: ReplayResult, bar: _P
     result.reference_duration_s = clock()
 
 
-async def _main_run(scenario: Scenario, target, plans, result: ReplayResult, bar: _Progress) -> None:
+@attrs.define
+class _Current:
+    """The target the phases talk to; None while the runtime restarts."""
+
+    target: Any = None
+
+
+async def _main_run(scenario: Scenario, open_target, plans, result: ReplayResult, bar: _Progress) -> None:
+    """The phases, with the memory sampler alongside. `open_target()` is entered at the start
+    and again after each restart (the previous one is closed first: drained, shut down)."""
     t0 = trio.current_time()
     clock = lambda: trio.current_time() - t0  # noqa: E731
+    current = _Current()
+    # The sampler's nursery encloses every target, so a target can be closed and opened
+    # again in this task while the sampler keeps running.
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_sample_memory, target, clock, result)
-        for phase in scenario.phases:
-            bar.phase(f"{scenario.name}: {phase.name}")
-            start = clock()
-            await _phase(scenario, target, phase, plans, clock, result, bar, t0)
-            result.windows.append(PhaseWindow(name=phase.name, start_s=start, end_s=clock()))
-            result.leak_checks.append(await target.check_idle(phase.name))
-        if any(e.new_request_succeeds for e in _all_expectations(scenario)):
-            result.new_request = await _new_request(scenario, target, clock)
-        await _take_sample(target, clock, result)
-        result.budget_bytes = await target.budget_bytes()
+        nursery.start_soon(_sample_memory, current, clock, result)
+        async with contextlib.AsyncExitStack() as stack:
+            current.target = await stack.enter_async_context(open_target())
+            for phase in scenario.phases:
+                if phase.restart_before:
+                    bar.phase(f"{scenario.name}: restarting")
+                    current.target = None
+                    await stack.aclose()
+                    result.restarts.append(clock())
+                    current.target = await stack.enter_async_context(open_target())
+                target = current.target
+                bar.phase(f"{scenario.name}: {phase.name}")
+                start = clock()
+                await _phase(scenario, target, phase, plans, clock, result, bar, t0)
+                result.windows.append(PhaseWindow(name=phase.name, start_s=start, end_s=clock()))
+                result.leak_checks.append(await target.check_idle(phase.name))
+                stats = await _ssd_stats(target)
+                if stats is not None:
+                    result.ssd_stats[phase.name] = stats
+            target = current.target
+            if any(e.new_request_succeeds for e in _all_expectations(scenario)):
+                result.new_request = await _new_request(scenario, target, clock)
+            if any(e.ssd_no_orphans for e in _all_expectations(scenario)):
+                result.ssd_check = await _ssd_check(target)
+            await _take_sample(target, clock, result)
+            result.budget_bytes = await target.budget_bytes()
+            current.target = None
         nursery.cancel_scope.cancel()
     result.duration_s = clock()
     peaks = [s.peak_bytes for s in result.samples]
@@ -288,6 +360,10 @@ async def _phase(scenario, target, phase: Phase, plans, clock, result: ReplayRes
     async with trio.open_nursery() as armed:
         for fault in faults:
             await _arm(target, fault, clock, result, armed)
+        for action in scenario.actions:
+            if action.phase == phase.name:
+                for at in action.at_s:
+                    armed.start_soon(_act, target, action.kind, phase.name, phase_t0 + at, clock, result)
         async with trio.open_nursery() as nursery:
             for name in phase.workloads:
                 workload = scenario.workload(name)
@@ -326,6 +402,60 @@ async def _arm(target, fault, clock, result: ReplayResult, nursery: trio.Nursery
     result.faults.append(FaultRecord(kind=fault.kind, phase=fault.phase, what=what, at_s=clock()))
 
 
+async def _act(target, kind: str, phase: str, when: float, clock, result: ReplayResult) -> None:
+    """An action at a moment of its phase (cancelled if the phase's requests end first)."""
+    await trio.sleep_until(when)
+    start = clock()
+    if kind == "ssd_cleanup":
+        await target.engine.cleanup_ssd_cache()
+    else:  # pragma: no cover - the schema admits only the kinds above
+        raise AssertionError(kind)
+    result.actions.append(ActionRecord(kind=kind, phase=phase, at_s=start, took_s=clock() - start))
+
+
+async def _ssd_stats(target) -> dict[str, Any] | None:
+    engine = target.engine
+    if engine is None or getattr(engine, "ssd", None) is None:
+        return None
+    return attrs.asdict(await engine.ssd_stats())
+
+
+# How long the last blocks of an idle engine may take to reach the SSD writer (they travel
+# through the executor's forwarder, which `flush_ssd_cache` does not wait for).
+SSD_SETTLE_S = 0.25
+
+
+async def _ssd_check(target) -> SsdCheck:
+    """Flush the SSD tier; its counters must balance; then clean it up: the directory must
+    be left with no file at all (an orphan - a block the writer no longer knows, a temp
+    file - is what a cleanup racing writes leaves behind)."""
+    engine = target.engine
+    if engine is None or getattr(engine, "ssd", None) is None:
+        return SsdCheck(clean=None, detail="no SSD tier in this runtime (set [server] ssd_cache_dir)")
+    await trio.sleep(SSD_SETTLE_S)
+    await engine.flush_ssd_cache()
+    s = await engine.ssd_stats()
+    ends = (s.saves_persisted + s.saves_duplicate + s.saves_cancelled + s.saves_skipped
+            + s.write_errors + s.pending)
+    balance = (f"enqueued {s.saves_enqueued} = persisted {s.saves_persisted} + duplicate "
+               f"{s.saves_duplicate} + cancelled {s.saves_cancelled} + skipped {s.saves_skipped} "
+               f"+ errors {s.write_errors} + pending {s.pending}")
+    if s.saves_enqueued != ends:
+        return SsdCheck(clean=False, detail=f"the writer's counters do not balance: {balance.replace(' = ', ' != ', 1)}")
+    files_before = s.files
+    await engine.cleanup_ssd_cache()
+    directory = Path(engine.config.ssd_cache_dir)
+    left = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    after = await engine.ssd_stats()
+    if left or after.files or after.bytes_on_disk:
+        return SsdCheck(clean=False, detail=(
+            f"after the cleanup {len(left)} files remain on disk ({', '.join(left[:3])}"
+            f"{', ...' if len(left) > 3 else ''}); the writer counts {after.files} files, "
+            f"{after.bytes_on_disk} bytes"))
+    return SsdCheck(clean=True, detail=(
+        f"{balance}; the cleanup removed all {files_before} files, none left"))
+
+
 async def _conversation(
     scenario: Scenario, target, workload: Workload, plan: ConversationPlan, phase: str,
     limiter: trio.CapacityLimiter | None, clock, records: list[RequestRecord], bar: _Progress,
@@ -345,12 +475,14 @@ async def _conversation(
         if broken_at is not None:
             rec.outcome, rec.error_code = SKIPPED, "skipped"
             rec.error = f"turn {broken_at} of this conversation did not complete"
-            bar.update(rec.outcome)
+            bar.update()
             continue
         body = conversation_body(workload, plan, turn.turn, answers)
+        if scenario.compares_outputs and workload.params.reproducible:
+            body = attrs.evolve(body, margins=True)
         async with limiter if limiter is not None else contextlib.nullcontext():
             await _send(scenario, target, body, rec, clock)
-        bar.update(rec.outcome)
+        bar.update()
         if rec.outcome != COMPLETED:
             broken_at = turn.turn
             continue
@@ -394,11 +526,13 @@ async def _take_sample(target, clock, result: ReplayResult) -> None:
         result.samples.append(sample)
 
 
-async def _sample_memory(target, clock, result: ReplayResult) -> None:
-    interval = SAMPLE_INTERVAL_S if target.has_engine else HTTP_SAMPLE_INTERVAL_S
+async def _sample_memory(current: _Current, clock, result: ReplayResult) -> None:
     while True:
-        await _take_sample(target, clock, result)
-        await trio.sleep(interval)
+        target = current.target
+        if target is not None:
+            await _take_sample(target, clock, result)
+        engine = target is None or target.has_engine
+        await trio.sleep(SAMPLE_INTERVAL_S if engine else HTTP_SAMPLE_INTERVAL_S)
 
 
 def _plain(value: Any) -> Any:

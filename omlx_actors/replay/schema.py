@@ -11,7 +11,6 @@ Pure: no trio, no MLX. `scenarios/README.md` documents the format with an exampl
 
 from __future__ import annotations
 
-import difflib
 import re
 import sys
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ else:  # pragma: no cover - 3.10 only
     import tomli as tomllib
 
 from omlx_actors.config import RuntimeConfig
+from omlx_actors.replay.tables import REQUIRED, ByteSize, Context, Table, show
 
 MODES = ("chat", "completion")
 ARRIVALS = ("burst", "uniform", "poisson")
@@ -35,15 +35,17 @@ SUPPORTED_FAULTS = ("executor_oom",)
 # Fault kinds the format reserves for features that land later: a scenario naming one loads,
 # and replay refuses to run it with this reason instead of pretending.
 UNSUPPORTED_FAULTS = {
-    "writer_stall": "it needs the SSD cache tier's writer wired into the runtime (issue 6)",
-    "disk_full": "it needs the SSD cache tier's writer wired into the runtime (issue 6)",
+    "writer_stall": "it needs a fault hook in the SSD tier's writer, which the runtime does not expose yet",
+    "disk_full": "it needs a fault hook in the SSD tier's writer, which the runtime does not expose yet",
     "process_restart": "it needs the engine in its own process (the isolation issue)",
 }
 # Outcome names usable in min_outcomes / max_outcomes (besides HTTP status codes).
 OUTCOMES = ("completed", "cancelled", "refused", "failed", "lost", "skipped")
 # RuntimeConfig fields a scenario may not set: the model comes from [model] / --model.
 _NOT_SERVER_KEYS = ("model", "demo_model", "model_cache_dir")
-_SIZE_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+# [server] ssd_cache_dir = "<tmp>": a fresh temporary directory for the replay's runtime (the
+# reference pass gets its own), kept across restarts, removed at the end.
+TEMPORARY_DIR = "<tmp>"
 
 
 class ScenarioError(ValueError):
@@ -56,21 +58,6 @@ class ScenarioError(ValueError):
 
 # ---------------------------------------------------------------------------------------
 # The typed form
-
-
-@attrs.frozen(kw_only=True)
-class ByteSize:
-    """A byte count written as `123`, `"512M"`, `"1.5G"` or `"weights + 6M"` (the model's
-    weight files plus a margin, so a budget follows the model it runs with)."""
-
-    plus_weights: bool
-    bytes: int
-
-    def resolve(self, weights_bytes: int) -> int:
-        return self.bytes + (weights_bytes if self.plus_weights else 0)
-
-    def __str__(self) -> str:
-        return f"weights + {self.bytes}" if self.plus_weights else str(self.bytes)
 
 
 @attrs.frozen(kw_only=True)
@@ -139,6 +126,9 @@ class Expectations:
     min_outcomes: tuple[tuple[str, int], ...] = ()
     max_outcomes: tuple[tuple[str, int], ...] = ()
     identical_to_reference: bool = False
+    # A greedy choice whose top-2 logprobs are closer than this is a tie: batching noise may
+    # order it either way, so outputs diverging there are reported but not a failure.
+    tie_margin: float = 1e-4
     min_cache_hit_ratio: float | None = None
     cache_hit_turns: str = "later"
     ttft_p50_max_ratio: float | None = None
@@ -149,6 +139,7 @@ class Expectations:
     no_leaks: bool = False
     new_request_succeeds: bool = False
     error_message_contains: str | None = None
+    ssd_no_orphans: bool = False
 
     @property
     def needs_reference(self) -> bool:
@@ -164,6 +155,9 @@ class Phase:
     name: str
     workloads: tuple[str, ...]
     concurrency: int | None = None  # overrides every workload's concurrency
+    # Stop the runtime (drain) and start it again with the same settings before this phase:
+    # the in-memory prefix cache is gone, an SSD tier ([server] ssd_cache_dir) is not.
+    restart_before: bool = False
     expect: Expectations | None = None
 
 
@@ -181,6 +175,20 @@ class Fault:
         return self.kind in SUPPORTED_FAULTS
 
 
+# What a scenario can do to a running server besides sending requests (needs the engine).
+ACTIONS = ("ssd_cleanup",)
+
+
+@attrs.frozen(kw_only=True)
+class Action:
+    """`ssd_cleanup`: `Runtime.cleanup_ssd_cache()` (remove every block file of the SSD tier,
+    acknowledged by the writer) at each of `at_s` seconds after the phase started."""
+
+    kind: str
+    phase: str
+    at_s: tuple[float, ...]
+
+
 @attrs.frozen(kw_only=True)
 class Scenario:
     name: str
@@ -192,6 +200,7 @@ class Scenario:
     workloads: tuple[Workload, ...] = ()
     phases: tuple[Phase, ...] = ()
     faults: tuple[Fault, ...] = ()
+    actions: tuple[Action, ...] = ()
     expect: Expectations = Expectations()
     request_timeout_s: float = 60.0
     timeout_s: float = 600.0
@@ -207,6 +216,16 @@ class Scenario:
         return self.expect.needs_reference or any(
             p.expect is not None and p.expect.needs_reference for p in self.phases
         )
+
+    @property
+    def compares_outputs(self) -> bool:
+        return self.expect.identical_to_reference or any(
+            p.expect is not None and p.expect.identical_to_reference for p in self.phases
+        )
+
+    @property
+    def restarts(self) -> bool:
+        return any(p.restart_before for p in self.phases)
 
     def unsupported_faults(self) -> list[str]:
         return [
@@ -234,7 +253,7 @@ def parse_scenario(text: str, path: Path | None = None) -> Scenario:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError([f"{where}: not valid TOML: {exc}"]) from None
-    ctx = _Context(where, text.splitlines())
+    ctx = Context(where, text.splitlines())
     scenario = _build(ctx, data, path)
     if ctx.problems:
         raise ScenarioError(ctx.problems)
@@ -242,294 +261,14 @@ def parse_scenario(text: str, path: Path | None = None) -> Scenario:
     return scenario
 
 
-def parse_size(value: Any) -> ByteSize:
-    """`123` / `"512M"` / `"1.5G"` / `"weights + 6M"` → ByteSize; ValueError otherwise."""
-    if isinstance(value, bool):
-        raise ValueError("a size, not a boolean")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("a size must be >= 0")
-        return ByteSize(plus_weights=False, bytes=value)
-    if not isinstance(value, str):
-        raise ValueError(f"a size (an integer or a string like \"512M\"), got {_show(value)}")
-    text = value.strip()
-    plus = False
-    m = re.fullmatch(r"weights\s*(?:\+\s*(.+))?", text, re.I)
-    if m:
-        plus = True
-        text = (m.group(1) or "0").strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", text, re.I)
-    if not m:
-        raise ValueError(f"a size like 1048576, \"512M\", \"1.5G\" or \"weights + 6M\", got {value!r}")
-    number = float(m.group(1)) * _SIZE_UNITS.get(m.group(2).upper(), 1)
-    return ByteSize(plus_weights=plus, bytes=int(number))
-
-
-# ---------------------------------------------------------------------------------------
-# The validating reader
-
-
-_REQUIRED = object()
-
-
-class _Context:
-    """Where problems are collected, and how a key is found back in the source."""
-
-    def __init__(self, where: str, lines: list[str]):
-        self.where = where
-        self.lines = lines
-        self._problems: list[tuple[int, int, str]] = []
-        self._headers = [(i, _header(line)) for i, line in enumerate(lines)]
-        self._headers = [(i, h) for i, h in self._headers if h is not None]
-
-    @property
-    def problems(self) -> list[str]:
-        """Every problem so far, in the order of the file's lines."""
-        return [text for _, _, text in sorted(self._problems, key=lambda p: (p[0], p[1]))]
-
-    def report(self, table: tuple, key: str | None, message: str) -> None:
-        line = self.locate(table, key)
-        loc = f"{self.where}:{line}" if line else self.where
-        name = _table_name(table)
-        subject = f"[{name}] {key}" if key and name else (key or f"[{name}]" if name else "")
-        text = f"{loc}: {subject}: {message}" if subject else f"{loc}: {message}"
-        self._problems.append((line or 0, len(self._problems), text))
-
-    def region(self, table: tuple) -> tuple[int, int] | None:
-        """The lines (start, end) of a table given as a path like ("phase", 2, "expect")."""
-        if not table:
-            end = self._headers[0][0] if self._headers else len(self.lines)
-            return 0, end
-        start, end = 0, len(self.lines)
-        names: list[str] = []
-        found = False
-        for seg in table:
-            if isinstance(seg, int):
-                hits = [i for i, (kind, h) in self._headers_in(start, end) if kind == "[[" and h == names]
-                if seg >= len(hits):
-                    return None
-                start = hits[seg]
-                end = hits[seg + 1] if seg + 1 < len(hits) else end
-                found = True
-                continue
-            names.append(seg)
-            hits = [i for i, (kind, h) in self._headers_in(start, end) if kind == "[" and h == names]
-            if hits:
-                start = hits[0]
-                found = True
-        if not found:
-            return None
-        nxt = [i for i, _ in self._headers_in(start + 1, end)]
-        return start, (nxt[0] if nxt else end)
-
-    def _headers_in(self, start: int, end: int):
-        return [(i, h) for i, h in self._headers if start <= i < end]
-
-    def locate(self, table: tuple, key: str | None) -> int | None:
-        region = self.region(table)
-        if region is None and table:
-            # An inline table (`expect = {...}`): look for its key in the parent's region.
-            parent = self.region(table[:-1])
-            if parent is None:
-                return None
-            name = table[-1]
-            region = parent
-            if key is None:
-                key = str(name)
-        if region is None:
-            return None
-        start, end = region
-        if key is None:
-            return start + 1
-        pattern = re.compile(r"^\s*(?:[\w.\"'-]+\.)?[\"']?" + re.escape(key) + r"[\"']?\s*=")
-        inline = re.compile(r"[{,]\s*[\"']?" + re.escape(key) + r"[\"']?\s*=")
-        for i in range(start, end):
-            if pattern.search(self.lines[i]) or inline.search(self.lines[i]):
-                return i + 1
-        return start + 1 if table else None
-
-
-def _header(line: str) -> tuple[str, list[str]] | None:
-    m = re.match(r"^\s*(\[\[|\[)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$", line)
-    if not m:
-        return None
-    parts = [p.strip().strip("\"'") for p in m.group(2).split(".")]
-    return m.group(1), parts
-
-
-def _table_name(table: tuple) -> str:
-    out = ""
-    for seg in table:
-        if isinstance(seg, int):
-            out += f"[{seg + 1}]"
-        else:
-            out += ("." if out else "") + seg
-    return out
-
-
-def _show(value: Any) -> str:
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
-    text = repr(value)
-    if len(text) > 40:
-        text = text[:37] + "..."
-    return f"{text} ({kind})"
-
-
-class _Table:
-    """Reads one TOML table: typed getters record problems instead of raising, and
-    `finish()` rejects the keys nobody asked for."""
-
-    def __init__(self, ctx: _Context, data: Any, table: tuple):
-        self.ctx = ctx
-        self.table = table
-        self.known: list[str] = []
-        if not isinstance(data, Mapping):
-            ctx.report(table[:-1], str(table[-1]) if table else None,
-                       f"expected a table, got {_show(data)}")
-            data = {}
-        self.data = dict(data)
-
-    def has(self, key: str) -> bool:
-        return key in self.data
-
-    def _get(self, key: str, default: Any) -> Any:
-        self.known.append(key)
-        if key not in self.data:
-            if default is _REQUIRED:
-                self.ctx.report(self.table, None, f"missing required key {key!r}")
-            return default
-        return self.data[key]
-
-    def bad(self, key: str, message: str) -> None:
-        self.ctx.report(self.table, key, message)
-
-    def str(self, key: str, default: Any = _REQUIRED, choices: tuple[str, ...] | None = None):
-        value = self._get(key, default)
-        if value is default:
-            return None if default is _REQUIRED else default
-        if not isinstance(value, str):
-            self.bad(key, f"expected a string, got {_show(value)}")
-            return None if default is _REQUIRED else default
-        if choices is not None and value not in choices:
-            self.bad(key, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
-            return default if default is not _REQUIRED else None
-        return value
-
-    def int(self, key: str, default: Any = _REQUIRED, minimum: int | None = None):
-        value = self._get(key, default)
-        if value is default:
-            return None if default is _REQUIRED else default
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.bad(key, f"expected an integer{_bound(minimum)}, got {_show(value)}")
-            return None if default is _REQUIRED else default
-        if minimum is not None and value < minimum:
-            self.bad(key, f"expected an integer{_bound(minimum)}, got {value}")
-            return None if default is _REQUIRED else default
-        return value
-
-    def float(self, key: str, default: Any = _REQUIRED, minimum: float | None = None,
-              maximum: float | None = None, positive: bool = False):
-        value = self._get(key, default)
-        if value is default:
-            return None if default is _REQUIRED else default
-        what = "a number" + (" > 0" if positive else _bound(minimum)) + (
-            f" and <= {maximum}" if maximum is not None else "")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.bad(key, f"expected {what}, got {_show(value)}")
-            return None if default is _REQUIRED else default
-        if ((positive and value <= 0) or (minimum is not None and value < minimum)
-                or (maximum is not None and value > maximum)):
-            self.bad(key, f"expected {what}, got {value}")
-            return None if default is _REQUIRED else default
-        return float(value)
-
-    def bool(self, key: str, default: Any = _REQUIRED):
-        value = self._get(key, default)
-        if value is default:
-            return default
-        if not isinstance(value, bool):
-            self.bad(key, f"expected true or false, got {_show(value)}")
-            return default
-        return value
-
-    def ints(self, key: str, default: Any, minimum: int | None = None) -> Any:
-        """An integer or an array of integers → a tuple."""
-        value = self._get(key, default)
-        if value is default:
-            return default
-        items = value if isinstance(value, list) else [value]
-        if not items or any(isinstance(v, bool) or not isinstance(v, int) for v in items) or (
-            minimum is not None and any(v < minimum for v in items)
-        ):
-            self.bad(key, f"expected an integer{_bound(minimum)} or a non-empty array of them, "
-                          f"got {_show(value)}")
-            return default
-        return tuple(items)
-
-    def strs(self, key: str, default: Any) -> Any:
-        value = self._get(key, default)
-        if value is default:
-            return default
-        items = value if isinstance(value, list) else [value]
-        if any(not isinstance(v, str) or not v for v in items):
-            self.bad(key, f"expected a string or an array of non-empty strings, got {_show(value)}")
-            return default
-        return tuple(items)
-
-    def range(self, key: str, kind: type, minimum: float) -> Any:
-        """A number, or [low, high] → (low, high)."""
-        value = self._get(key, None)
-        if value is None:
-            return None
-        items = value if isinstance(value, list) else [value, value]
-        name = "an integer" if kind is int else "a number"
-        ok = len(items) == 2 and all(
-            not isinstance(v, bool) and isinstance(v, (int,) if kind is int else (int, float))
-            and v >= minimum for v in items
-        ) and items[0] <= items[1]
-        if not ok:
-            self.bad(key, f"expected {name} >= {minimum} or [low, high] with low <= high, "
-                          f"got {_show(value)}")
-            return None
-        return (kind(items[0]), kind(items[1]))
-
-    def size(self, key: str) -> ByteSize | None:
-        value = self._get(key, None)
-        if value is None:
-            return None
-        try:
-            return parse_size(value)
-        except ValueError as exc:
-            self.bad(key, f"expected {exc}" if str(exc).startswith("a ") else str(exc))
-            return None
-
-    def sub(self, key: str) -> _Table | None:
-        value = self._get(key, None)
-        if value is None:
-            return None
-        return _Table(self.ctx, value, self.table + (key,))
-
-    def finish(self) -> None:
-        for key in self.data:
-            if key not in self.known:
-                close = difflib.get_close_matches(key, self.known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                self.bad(key, f"unknown key{hint}; expected one of: {', '.join(sorted(self.known))}")
-
-
-def _bound(minimum) -> str:
-    return "" if minimum is None else f" >= {minimum}"
-
-
 # ---------------------------------------------------------------------------------------
 # Sections
 
 
-def _build(ctx: _Context, data: dict, path: Path | None) -> Scenario | None:
-    root = _Table(ctx, data, ())
-    head_data = root._get("scenario", _REQUIRED)
-    head = _Table(ctx, {} if head_data is _REQUIRED else head_data, ("scenario",))
+def _build(ctx: Context, data: dict, path: Path | None) -> Scenario | None:
+    root = Table(ctx, data, ())
+    head_data = root.get("scenario", REQUIRED)
+    head = Table(ctx, {} if head_data is REQUIRED else head_data, ("scenario",))
     name = head.str("name")
     description = head.str("description", "")
     seed = head.int("seed", 0, minimum=0)
@@ -561,7 +300,7 @@ def _build(ctx: _Context, data: dict, path: Path | None) -> Scenario | None:
     else:
         names = tuple(workload_data)
         for wname, wdata in workload_data.items():
-            w = _workload(_Table(ctx, wdata, ("workload", wname)), wname, defaults)
+            w = _workload(Table(ctx, wdata, ("workload", wname)), wname, defaults)
             if w is not None:
                 workloads.append(w)
 
@@ -571,36 +310,46 @@ def _build(ctx: _Context, data: dict, path: Path | None) -> Scenario | None:
         expect = _expectations(expect_table)
 
     phases: list[Phase] = []
-    phase_data = root._get("phase", None)
+    phase_data = root.get("phase", None)
     if phase_data is None:
         phases.append(Phase(name="main", workloads=names))
     elif not isinstance(phase_data, list):
         ctx.report((), "phase", "expected [[phase]] tables (an array of tables)")
     else:
         for i, pdata in enumerate(phase_data):
-            phases.extend(_phases(_Table(ctx, pdata, ("phase", i)), names, i))
+            phases.extend(_phases(Table(ctx, pdata, ("phase", i)), names, i))
     phase_names = [p.name for p in phases]
     for dup in sorted({n for n in phase_names if phase_names.count(n) > 1}):
         ctx.report((), "phase", f"phase name {dup!r} is used more than once")
 
     faults: list[Fault] = []
-    fault_data = root._get("fault", None)
+    fault_data = root.get("fault", None)
     if fault_data is not None:
         if not isinstance(fault_data, list):
             ctx.report((), "fault", "expected [[fault]] tables (an array of tables)")
         else:
             base_names = {p.name.split("@c")[0] for p in phases} | set(phase_names)
             for i, fdata in enumerate(fault_data):
-                f = _fault(_Table(ctx, fdata, ("fault", i)), phases, base_names)
+                f = _fault(Table(ctx, fdata, ("fault", i)), phases, base_names)
                 if f is not None:
                     faults.extend(f)
+    actions: list[Action] = []
+    action_data = root.get("action", None)
+    if action_data is not None:
+        if not isinstance(action_data, list):
+            ctx.report((), "action", "expected [[action]] tables (an array of tables)")
+        else:
+            base_names = {p.name.split("@c")[0] for p in phases} | set(phase_names)
+            for i, adata in enumerate(action_data):
+                actions.extend(_action(Table(ctx, adata, ("action", i)), phases, base_names))
     root.finish()
     if ctx.problems or name is None:
         return None
     return Scenario(
         name=name, path=path, description=description, seed=seed, model=model,
         server=server, workloads=tuple(workloads), phases=tuple(phases), faults=tuple(faults),
-        expect=expect, request_timeout_s=request_timeout_s, timeout_s=timeout_s,
+        actions=tuple(actions), expect=expect, request_timeout_s=request_timeout_s,
+        timeout_s=timeout_s,
     )
 
 
@@ -613,7 +362,7 @@ def server_keys() -> dict[str, str]:
     }
 
 
-def _server(ctx: _Context, t: _Table | None) -> tuple[tuple[str, Any], ...]:
+def _server(ctx: Context, t: Table | None) -> tuple[tuple[str, Any], ...]:
     if t is None:
         return ()
     out: list[tuple[str, Any]] = []
@@ -629,7 +378,7 @@ def _server(ctx: _Context, t: _Table | None) -> tuple[tuple[str, Any], ...]:
             value = t.int(key)
         elif "float" in annotation:
             value = t.float(key, positive=True)
-        else:  # str, Path
+        else:  # str, Path (a directory "<tmp>": a fresh temporary one for each runtime)
             value = t.str(key)
         if value is not None:
             out.append((key, value))
@@ -643,7 +392,7 @@ def _server(ctx: _Context, t: _Table | None) -> tuple[tuple[str, Any], ...]:
     return tuple(out)
 
 
-def _request_params(t: _Table, base: dict[str, Any]) -> dict[str, Any]:
+def _request_params(t: Table, base: dict[str, Any]) -> dict[str, Any]:
     """The request keys present in `t`, over `base`."""
     out = dict(base)
     getters = {
@@ -665,7 +414,7 @@ def _request_params(t: _Table, base: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _workload(t: _Table, name: str, defaults: dict[str, Any]) -> Workload | None:
+def _workload(t: Table, name: str, defaults: dict[str, Any]) -> Workload | None:
     problems = len(t.ctx.problems)
     mode = t.str("mode", "chat", choices=MODES)
     conversations = t.int("conversations", 1, minimum=1)
@@ -731,12 +480,12 @@ def _workload(t: _Table, name: str, defaults: dict[str, Any]) -> Workload | None
     )
 
 
-def _outcome_counts(t: _Table, key: str) -> tuple[tuple[str, int], ...]:
-    value = t._get(key, None)
+def _outcome_counts(t: Table, key: str) -> tuple[tuple[str, int], ...]:
+    value = t.get(key, None)
     if value is None:
         return ()
     if not isinstance(value, Mapping):
-        t.bad(key, f"expected a table like {{ completed = 5, \"413\" = 1 }}, got {_show(value)}")
+        t.bad(key, f"expected a table like {{ completed = 5, \"413\" = 1 }}, got {show(value)}")
         return ()
     out = []
     for name, count in value.items():
@@ -744,13 +493,13 @@ def _outcome_counts(t: _Table, key: str) -> tuple[tuple[str, int], ...]:
             t.bad(key, f"unknown outcome {name!r}: expected one of {', '.join(OUTCOMES)} "
                        "or an HTTP status code like \"413\"")
         elif isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            t.bad(key, f"{name}: expected a count >= 0, got {_show(count)}")
+            t.bad(key, f"{name}: expected a count >= 0, got {show(count)}")
         else:
             out.append((name, count))
     return tuple(out)
 
 
-def _expectations(t: _Table, *, phase: bool = False) -> Expectations:
+def _expectations(t: Table, *, phase: bool = False) -> Expectations:
     """[expect], or a phase's (which checks only what it names: the run-wide defaults
     no_lost_requests and allowed_status already cover every phase)."""
     allowed = t.ints("allowed_status", None if phase else (200,), minimum=100)
@@ -760,6 +509,7 @@ def _expectations(t: _Table, *, phase: bool = False) -> Expectations:
         min_outcomes=_outcome_counts(t, "min_outcomes"),
         max_outcomes=_outcome_counts(t, "max_outcomes"),
         identical_to_reference=t.bool("identical_to_reference", False),
+        tie_margin=t.float("tie_margin", 1e-4, minimum=0.0),
         min_cache_hit_ratio=t.float("min_cache_hit_ratio", None, minimum=0.0, maximum=1.0),
         cache_hit_turns=t.str("cache_hit_turns", "later", choices=CACHE_HIT_TURNS),
         ttft_p50_max_ratio=t.float("ttft_p50_max_ratio", None, positive=True),
@@ -770,18 +520,20 @@ def _expectations(t: _Table, *, phase: bool = False) -> Expectations:
         no_leaks=t.bool("no_leaks", False),
         new_request_succeeds=t.bool("new_request_succeeds", False),
         error_message_contains=t.str("error_message_contains", None),
+        ssd_no_orphans=t.bool("ssd_no_orphans", False),
     )
     t.finish()
     return e
 
 
-def _phases(t: _Table, workloads: tuple[str, ...], index: int) -> list[Phase]:
+def _phases(t: Table, workloads: tuple[str, ...], index: int) -> list[Phase]:
     name = t.str("name", f"phase{index + 1}")
     chosen = t.strs("workloads", workloads)
     for w in chosen or ():
         if w not in workloads:
             t.bad("workloads", f"no workload named {w!r}; defined: {', '.join(workloads) or 'none'}")
     levels = t.ints("concurrency", None, minimum=1)
+    restart = t.bool("restart_before", False)
     expect = None
     sub = t.sub("expect")
     if sub is not None:
@@ -789,17 +541,18 @@ def _phases(t: _Table, workloads: tuple[str, ...], index: int) -> list[Phase]:
     t.finish()
     if name is None:
         return []
-    if levels is None:
-        return [Phase(name=name, workloads=tuple(chosen or ()), expect=expect)]
-    if len(levels) == 1:
-        return [Phase(name=name, workloads=tuple(chosen or ()), concurrency=levels[0], expect=expect)]
+    common = dict(workloads=tuple(chosen or ()), expect=expect)
+    if levels is None or len(levels) == 1:
+        return [Phase(name=name, concurrency=levels[0] if levels else None,
+                      restart_before=restart, **common)]
+    # A restart happens once, before the first level.
     return [
-        Phase(name=f"{name}@c{level}", workloads=tuple(chosen or ()), concurrency=level, expect=expect)
-        for level in levels
+        Phase(name=f"{name}@c{level}", concurrency=level, restart_before=restart and i == 0, **common)
+        for i, level in enumerate(levels)
     ]
 
 
-def _fault(t: _Table, phases: list[Phase], phase_names: set[str]) -> list[Fault] | None:
+def _fault(t: Table, phases: list[Phase], phase_names: set[str]) -> list[Fault] | None:
     kinds = SUPPORTED_FAULTS + tuple(UNSUPPORTED_FAULTS)
     kind = t.str("kind", choices=kinds)
     phase = t.str("phase", phases[0].name if phases else "main")
@@ -822,3 +575,25 @@ def _fault(t: _Table, phases: list[Phase], phase_names: set[str]) -> list[Fault]
         Fault(kind=kind, phase=target, at_step=at_step, after_s=after_s, above_bytes=above, error=error)
         for target in targets
     ]
+
+
+def _action(t: Table, phases: list[Phase], phase_names: set[str]) -> list[Action]:
+    kind = t.str("kind", choices=ACTIONS)
+    phase = t.str("phase", phases[0].name if phases else "main")
+    value = t.get("at_s", REQUIRED)
+    t.finish()
+    at_s: tuple[float, ...] | None = None
+    if value is not REQUIRED:
+        items = value if isinstance(value, list) else [value]
+        if items and all(not isinstance(v, bool) and isinstance(v, (int, float)) and v >= 0
+                         for v in items):
+            at_s = tuple(float(v) for v in items)
+        else:
+            t.bad("at_s", f"expected seconds >= 0 or an array of them, got {show(value)}")
+    if phase is not None and phase not in phase_names:
+        t.bad("phase", f"no phase named {phase!r}; phases: {', '.join(sorted(phase_names))}")
+        return []
+    if kind is None or phase is None or at_s is None:
+        return []
+    targets = [p.name for p in phases if p.name == phase or p.name.split("@c")[0] == phase]
+    return [Action(kind=kind, phase=target, at_s=at_s) for target in targets]

@@ -73,6 +73,9 @@ class InProcessTarget:
         p = body.params
         kwargs = dict(max_tokens=p.max_tokens, stop=list(p.stop) or None, ignore_eos=p.ignore_eos,
                       temperature=p.temperature, top_p=p.top_p, seed=p.seed)
+        if body.margins:
+            kwargs.update(logprobs=True, top_logprobs=2)
+            rec.token_margins = []
         if body.mode == "chat":
             session = rt.chat([dict(m) for m in body.messages],
                               tools=list(body.tools) if body.tools else None, **kwargs)
@@ -100,6 +103,9 @@ class InProcessTarget:
                         seen = n
                     if isinstance(event, TextDelta):
                         parts.append(event.text)
+                        if rec.token_margins is not None:
+                            rec.token_margins.extend(_margin([a.logprob for a in t.top])
+                                                     for t in event.tokens)
                     elif isinstance(event, ToolCall):
                         rec.tool_calls += 1
                     elif isinstance(event, Done):
@@ -237,6 +243,11 @@ class HttpTarget:
             payload["stop"] = list(p.stop)
         if p.ignore_eos:
             payload["ignore_eos"] = True  # non-standard; vLLM and this server accept it
+        if body.margins:
+            if body.mode == "chat":
+                payload.update(logprobs=True, top_logprobs=2)
+            else:
+                payload["logprobs"] = 2
         return payload
 
     async def send(self, body: RequestBody, cancel: CancelAt | None, rec: RequestRecord,
@@ -245,6 +256,8 @@ class HttpTarget:
 
         path = "/v1/chat/completions" if body.mode == "chat" else "/v1/completions"
         payload = self._payload(body)
+        if body.margins:
+            rec.token_texts, rec.token_margins = [], []
         deadline = math.inf if cancel is None or cancel.seconds is None else cancel.seconds
         rec.t_sent = clock()
         try:
@@ -284,12 +297,16 @@ class HttpTarget:
                 if chunk.get("usage"):
                     self._usage(rec, chunk["usage"])
                 for choice in chunk.get("choices") or []:
+                    counted = _add_logprobs(rec, choice.get("logprobs"))
                     piece, calls = _choice_text(choice, mode, delta=True)
                     rec.tool_calls += calls
-                    if piece or calls:
-                        tokens += 1
-                        rec.add_tokens(clock(), 1)
-                        parts.append(piece)
+                    # With logprobs, a chunk says how many tokens it carries (a token may
+                    # have no text yet); without, a chunk with content is one token.
+                    n = counted if counted is not None else int(bool(piece or calls))
+                    if n:
+                        tokens += n
+                        rec.add_tokens(clock(), n)
+                    parts.append(piece)
                     if choice.get("finish_reason"):
                         finish = choice["finish_reason"]
                 rec.text = "".join(parts)
@@ -313,6 +330,7 @@ class HttpTarget:
             return
         body = response.json()
         choice = body["choices"][0]
+        _add_logprobs(rec, choice.get("logprobs"))
         text, calls = _choice_text(choice, mode, delta=False)
         rec.text = text
         rec.tool_calls = calls
@@ -410,6 +428,29 @@ class HttpTarget:
         assert m is not None
         left = ", ".join(f"{n} {int(m[n])}" for n in names)
         return LeakCheck(phase=phase, clean=False, detail=f"after {SETTLE_S:g} s, /metrics: {left}")
+
+
+def _margin(logprobs: list[float | None]) -> float:
+    """How far the chosen token led the runner-up (inf: no runner-up)."""
+    values = sorted((v for v in logprobs if v is not None), reverse=True)
+    return values[0] - values[1] if len(values) >= 2 else math.inf
+
+
+def _add_logprobs(rec: RequestRecord, logprobs: Any) -> int | None:
+    """Token texts and margins from an OpenAI choice's logprobs (chat or legacy shape);
+    returns how many tokens they cover (None: no logprobs asked for or given)."""
+    if rec.token_texts is None or not logprobs:
+        return None
+    before = len(rec.token_texts)
+    if "content" in logprobs:  # chat: one entry per token
+        for entry in logprobs["content"] or []:
+            rec.token_texts.append(entry.get("token", ""))
+            rec.token_margins.append(_margin([t.get("logprob") for t in entry.get("top_logprobs") or []]))
+    elif "tokens" in logprobs:  # legacy completions: parallel lists
+        for token, top in zip(logprobs["tokens"], logprobs.get("top_logprobs") or []):
+            rec.token_texts.append(token)
+            rec.token_margins.append(_margin(list((top or {}).values())))
+    return len(rec.token_texts) - before
 
 
 def _opt_int(value: float | None) -> int | None:

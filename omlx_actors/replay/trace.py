@@ -78,6 +78,9 @@ class RequestBody:
     prompt: str | tuple[int, ...] | None
     tools: tuple[dict[str, Any], ...] | None
     params: RequestParams
+    # Ask for the top-2 logprobs of every token, to tell a greedy tie (two tokens with equal
+    # logprobs, which batching noise may order either way) from a real divergence.
+    margins: bool = False
 
 
 def words(rng: random.Random, n: int) -> str:

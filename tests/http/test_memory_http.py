@@ -19,8 +19,8 @@ def _weights(path) -> int:
 
 
 async def test_a_prompt_that_cannot_fit_gets_413_fast_while_a_small_stream_completes(tiny_llama):
-    huge = "hello " * 500  # ~1000 tokens: within the context, beyond the memory budget
-    async with serve(tiny_llama, memory_budget_bytes=_weights(tiny_llama) + 4 * MiB,
+    huge = "hello " * 600  # ~1800 tokens: within the context, beyond the memory budget
+    async with serve(tiny_llama, memory_budget_bytes=_weights(tiny_llama) + 2 * MiB,
                      prefix_cache_bytes=0) as server:
         async with http_client(server) as http, trio.open_nursery() as nursery:
             small_done = []
