@@ -32,6 +32,7 @@ class LevelResult:
     tokens: int
     wall_s: float
     ttft_s: tuple[float, ...]
+    errors: int = 0  # requests that failed (a server that died or cut the stream)
 
     @property
     def tokens_per_s(self) -> float:
@@ -383,7 +384,16 @@ async def http_level(side: str, url: str, model: str, prompts: list[str], max_to
     tokens = 0
     start = time.perf_counter()
 
+    errors = 0
+
     async def one(client, prompt: str) -> None:
+        nonlocal errors
+        try:
+            await attempt(client, prompt)
+        except (httpx.HTTPError, json.JSONDecodeError):
+            errors += 1
+
+    async def attempt(client, prompt: str) -> None:
         nonlocal tokens
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
                 "temperature": 0.0, "ignore_eos": True,
@@ -410,7 +420,9 @@ async def http_level(side: str, url: str, model: str, prompts: list[str], max_to
         async with trio.open_nursery() as nursery:
             for p in prompts:
                 nursery.start_soon(one, client, p)
-    return LevelResult(side, len(prompts), tokens, time.perf_counter() - start, tuple(ttft))
+    if not ttft:
+        ttft.append(float("nan"))
+    return LevelResult(side, len(prompts), tokens, time.perf_counter() - start, tuple(ttft), errors)
 
 
 async def http_turns(url: str, model: str, conversations: list[str], turns: int, max_tokens: int) -> list[float]:
@@ -474,6 +486,8 @@ def full_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
     """(a) bare BatchGenerator, (b) in-process, (c) our server over HTTP, (d) mlx_lm.server."""
     import os
     import sys as _sys
+
+    import httpx
 
     from omlx_actors.api import open_runtime, resolve_model
 
@@ -542,8 +556,10 @@ def full_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
                             "ttft_p50_s": r.ttft_p50, "ttft_p99_s": r.ttft_p99,
                             "tokens": r.tokens,
                         })
+                        rows[-1]["errors"] = r.errors
+                        failed = f"  {r.errors} of {level} requests FAILED" if r.errors else ""
                         print(f"  c={level:<3d} {label:26s} {r.tokens_per_s:8.1f} tok/s  ratio {r.tokens_per_s / base.tokens_per_s:5.3f}  "
-                              f"TTFT p50 {r.ttft_p50 * 1000:8.1f} ms  p99 {r.ttft_p99 * 1000:8.1f} ms", flush=True)
+                              f"TTFT p50 {r.ttft_p50 * 1000:8.1f} ms  p99 {r.ttft_p99 * 1000:8.1f} ms{failed}", flush=True)
                 if args.turns < 2:
                     return
                 conversations = make_text_prompts(args.conversations, args.history_words, offset=5000)
@@ -551,8 +567,12 @@ def full_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
                 conversations_c = make_text_prompts(args.conversations, args.history_words, offset=6000)
                 turns_c = await http_turns(ours.url, model_id, conversations_c, args.turns, args.max_tokens)
                 conversations_d = make_text_prompts(args.conversations, args.history_words, offset=7000)
-                turns_d = ([] if theirs is None else
-                           await http_turns(theirs.url, their_id, conversations_d, args.turns, args.max_tokens))
+                turns_d = []
+                if theirs is not None and theirs.proc.poll() is None:
+                    try:
+                        turns_d = await http_turns(theirs.url, their_id, conversations_d, args.turns, args.max_tokens)
+                    except* httpx.HTTPError:
+                        print("  (d) mlx_lm.server failed during the multi-turn workload", flush=True)
                 # (a) has no prefix cache: a later turn is a cold prefill of the whole history.
                 hist = [tok.encode(c) for c in make_text_prompts(args.conversations, args.history_words + 40, offset=8000)]
                 cold = await trio.to_thread.run_sync(bare.run, hist, 1)
