@@ -197,6 +197,9 @@ class ExecutorState:
     gauge: MlxGauge | None = None
     max_requests: int = 1 << 30  # unpriced admission: batch + waiting bound
     cache_shrunk: bool = False  # the prefix cache budget was cut to make room
+    under_pressure: bool = False  # the enforcer's last level was soft or hard
+    normal_prefill_step: int = 512  # the configured chunk, restored when nothing needs less
+    floor_priced: set[str] = attrs.field(factory=set)  # admitted only with floor-sized chunks
     restores: dict[int, Any] = attrs.field(factory=dict)  # RestoreBlocks callers by tag
     ssd_saves_dropped: int = 0
 
@@ -292,6 +295,7 @@ async def run(
                             "executor", f"{settings.model_path}: {error_type}: {error}"
                         )
         state.prefill_step_size = settings.prefill_step_size
+        state.normal_prefill_step = settings.prefill_step_size
         state.block_size = info.block_size
         state.max_requests = settings.max_requests
         if memory is not None:
@@ -377,6 +381,7 @@ async def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue, e
                 del state.waiting[request_id]
                 state.remove(request)
                 state.ledger.finish(request_id)
+                state.floor_priced.discard(request_id)
                 await events.send(
                     Finished(request_id=request_id, reason=FinishReason.ABORT,
                              prompt_tokens=request.prompt_tokens, completion_tokens=0)
@@ -418,6 +423,22 @@ async def _forward_to_ssd(from_engine, writer, forwarded: trio.Event) -> None:
     forwarded.set()
 
 
+def _request_cost(state: ExecutorState, submit: Submit, prefill_chunk: int) -> RequestCost:
+    cached = len(submit.cached_blocks) * state.block_size
+    estimate = estimate_request_bytes(
+        state.facts,
+        prompt_tokens=len(submit.prompt_tokens),
+        cached_tokens=min(cached, len(submit.prompt_tokens) - 1),
+        max_tokens=submit.max_tokens,
+        prefill_chunk=prefill_chunk,
+        prefix_shared=False,  # the restored prefix is copied into the batch
+    )
+    return RequestCost(
+        context_tokens=estimate.kv_capacity_tokens,
+        other_bytes=estimate.scratch_bytes + estimate.recurrent_state_bytes,
+    )
+
+
 def _admit(envelope, state: ExecutorState, submit: Submit, commands: queue.SimpleQueue) -> None:
     """Price the request and admit, queue or refuse it (see memory/admission.py).
 
@@ -438,37 +459,16 @@ def _admit(envelope, state: ExecutorState, submit: Submit, commands: queue.Simpl
         commands.put(CoreSubmit(request.slot, submit, time.monotonic()))
         envelope.reply(None)
         return
-    cached = len(submit.cached_blocks) * state.block_size
-    estimate = estimate_request_bytes(
-        state.facts,
-        prompt_tokens=len(submit.prompt_tokens),
-        cached_tokens=min(cached, len(submit.prompt_tokens) - 1),
-        max_tokens=submit.max_tokens,
-        prefill_chunk=state.prefill_step_size,
-        prefix_shared=False,  # the restored prefix is copied into the batch
-    )
-    cost = RequestCost(
-        context_tokens=estimate.kv_capacity_tokens,
-        other_bytes=estimate.scratch_bytes + estimate.recurrent_state_bytes,
-    )
+    cost = _request_cost(state, submit, state.prefill_step_size)
     if state.ledger.refusal(submit.request_id, cost) is not None:
         # "Never fits" is judged at the smallest prefill chunk we would use: a request that
-        # fits with chunks at the floor is not refused - chunks shrink to the floor for it.
+        # fits with chunks at the floor is not refused - chunks shrink to the floor while it
+        # is admitted, and grow back once it has finished (see `_deliver`).
         floor = min(state.prefill_step_size, PREFILL_STEP_FLOOR)
-        small = estimate_request_bytes(
-            state.facts,
-            prompt_tokens=len(submit.prompt_tokens),
-            cached_tokens=min(cached, len(submit.prompt_tokens) - 1),
-            max_tokens=submit.max_tokens,
-            prefill_chunk=floor,
-            prefix_shared=False,
-        )
-        floor_cost = RequestCost(
-            context_tokens=small.kv_capacity_tokens,
-            other_bytes=small.scratch_bytes + small.recurrent_state_bytes,
-        )
+        floor_cost = _request_cost(state, submit, floor)
         if state.ledger.refusal(submit.request_id, floor_cost) is None:
             cost = floor_cost
+            state.floor_priced.add(submit.request_id)
             if state.prefill_step_size != floor:
                 state.prefill_step_size = floor
                 commands.put(CoreSetPrefillStep(floor))
@@ -561,14 +561,14 @@ async def _watch_memory(state: ExecutorState, info: EngineInfo, memory: MemoryWi
             if step != state.prefill_step_size:
                 state.prefill_step_size = step
                 commands.put(CoreSetPrefillStep(step))
-        elif degraded:
+        elif degraded and not state.floor_priced:
             state.prefill_step_size = memory.prefill_step_size
             commands.put(CoreSetPrefillStep(memory.prefill_step_size))
         if not pressure and (degraded or state.cache_shrunk) and not state.waiting:
             state.cache_shrunk = False
             if cache_index is not None:
                 await cache_index.cast(SetBudget(budget_bytes=memory.prefix_cache_bytes))
-        degraded = pressure
+        degraded = state.under_pressure = pressure
         limits = memory.limits_for(snapshot.budget_bytes, info.weights_bytes)
         _admit_now(state, state.ledger.update(
             budget_bytes=snapshot.budget_bytes,
@@ -626,6 +626,11 @@ async def _deliver(
         state.remove(request)
         if state.ledger is not None:
             _admit_now(state, state.ledger.finish(request.request_id), commands)
+            state.floor_priced.discard(request.request_id)
+            if (not state.floor_priced and not state.under_pressure
+                    and state.prefill_step_size != state.normal_prefill_step):
+                state.prefill_step_size = state.normal_prefill_step
+                commands.put(CoreSetPrefillStep(state.normal_prefill_step))
         if cache_index is not None:
             await cache_index.cast(Release(request_id=request.request_id))
         reason = FinishReason.ABORT if request.aborted else done.reason
