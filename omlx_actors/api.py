@@ -14,11 +14,10 @@ messages (`Submit`, `Abort`).
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -26,20 +25,17 @@ from typing import Any
 import attrs
 import trio
 
-from omlx_actors.cache import actor as cache_actor
-from omlx_actors.cache.actor import CacheStats, CacheStatsQuery, Lookup, Release
-from omlx_actors.cache.blocks import block_hashes
+from omlx_actors.cache.actor import CacheStats, CacheStatsQuery, Release
 from omlx_actors.config import RuntimeConfig
 from omlx_actors.engine import executor
-from omlx_actors.engine.core import EngineSettings
+from omlx_actors.engine.assembly import open_engine_side
 from omlx_actors.engine.messages import (
-    RestoredBlock,
-    RestoreBlocks,
     Abort,
     EngineEvent,
     EngineInfo,
     EngineStats,
     EngineStatsQuery,
+    FaultKind,
     Finished,
     FinishReason,
     InjectFault,
@@ -55,27 +51,12 @@ from omlx_actors.errors import (
     QueueFull,
     RequestTooLarge,
 )
-from omlx_actors.memory import enforcer
-from omlx_actors.ssd import writer as ssd_writer
-from omlx_actors.ssd.blockfile import BlockIdentity
+from omlx_actors.isolation.link import EngineLink, EngineStatus, RemoteAddress, open_engine_link
 from omlx_actors.ssd.messages import CleanupAll as SsdCleanupAll
 from omlx_actors.ssd.messages import CleanupRequest as SsdCleanupRequest
-from omlx_actors.ssd.messages import Contains as SsdContains
 from omlx_actors.ssd.messages import Flush as SsdFlush
-from omlx_actors.ssd.messages import Load as SsdLoad
-from omlx_actors.ssd.messages import Shutdown as SsdShutdown
 from omlx_actors.ssd.messages import StatsQuery as SsdStatsQuery
-from omlx_actors.ssd.messages import WriterConfig
-from omlx_actors.runtime import (
-    ActorError,
-    Address,
-    InboxFull,
-    Overflow,
-    RestartPolicy,
-    ShutdownMode,
-    open_inbox,
-    open_supervisor,
-)
+from omlx_actors.runtime import ActorError, Address, InboxFull
 from omlx_actors.session import GenerationRequest, Session, coerce_stop
 
 log = logging.getLogger(__name__)
@@ -83,12 +64,6 @@ log = logging.getLogger(__name__)
 # Finished events the dispatcher remembers for inspection (tests, debugging); older ones
 # are forgotten.
 RECENT_FINISHED = 1024
-
-# The executor's inbox. Its handler never awaits, so it is only full if the trio loop is
-# starved; a Submit then waits (WAIT) up to `submit_timeout_s`, an Abort falls back to a
-# background cast (see Runtime.abort_nowait). 1024 covers a burst of that many requests.
-EXECUTOR_INBOX_CAPACITY = 1024
-
 
 class Dispatcher:
     """Routes engine events to sessions by request id. Never blocks on a session: each
@@ -170,11 +145,15 @@ class Runtime:
     model_path: Path
     is_demo: bool
     dispatcher: Dispatcher
-    _executor: Address
+    # The engine's actors: local `Address`es, or `RemoteAddress`es of the engine process -
+    # the same calls either way.
+    _executor: Address | RemoteAddress
     _nursery: trio.Nursery
-    cache_index: Address | None = None
-    memory: Any = None  # the memory enforcer's handle (latest snapshot, subscriptions)
-    ssd: Any = None  # the SSD writer's address (None: no SSD tier)
+    _lookup: Callable[[str, Sequence[int]], Awaitable[tuple[str, ...]]]
+    cache_index: Address | RemoteAddress | None = None
+    memory: Any = None  # the memory enforcer's latest snapshot as `.latest`
+    ssd: Address | RemoteAddress | None = None  # the SSD writer (None: no SSD tier)
+    link: EngineLink | None = None  # the engine process's link (isolation="process")
     accepting: bool = True
 
     # -- requests ----------------------------------------------------------------------------
@@ -266,53 +245,11 @@ class Runtime:
         except ActorError as exc:
             raise EngineUnavailable(f"the engine is unavailable: {exc}") from exc
 
-    @property
-    def prefix_cache_enabled(self) -> bool:
-        return self.cache_index is not None and self.info.cache_namespace is not None
-
     async def lookup_prefix(self, request_id: str, prompt_tokens: Sequence[int]) -> tuple[str, ...]:
-        """The longest cached prefix of the prompt, as block hashes pinned for this request.
-        Never the whole prompt: the last prompt token is always prefilled."""
-        if not self.prefix_cache_enabled:
-            return ()
-        hashes = block_hashes(prompt_tokens[:-1], self.info.block_size, self.info.cache_namespace)
-        if not hashes:
-            return ()
-        timeout = self.config.submit_timeout_s
-        try:
-            result = await self.cache_index.call(
-                Lookup(request_id=request_id, hashes=tuple(hashes)), timeout=timeout
-            )
-            matched = tuple(result.matched)
-            if self.ssd is not None and len(matched) < len(hashes):
-                if await self._restore_from_ssd(hashes[len(matched):]):
-                    # Pin again: the new pin covers the restored blocks too.
-                    result = await self.cache_index.call(
-                        Lookup(request_id=request_id, hashes=tuple(hashes)), timeout=timeout
-                    )
-                    matched = tuple(result.matched)
-        except ActorError as exc:  # the cache is an optimisation: serve without it
-            log.warning("prefix cache lookup failed (%s); prefilling in full", exc)
-            return ()
-        return matched
-
-    async def _restore_from_ssd(self, hashes: Sequence[str]) -> int:
-        """Load the leading run of `hashes` found on the SSD tier (stopping at the first
-        miss: a chain is usable only up to its first gap) into the engine's block store."""
-        timeout = self.config.submit_timeout_s
-        present = set((await self.ssd.call(SsdContains(hashes=tuple(hashes)), timeout=timeout)).present)
-        blocks = []
-        for block_hash in hashes:
-            if block_hash not in present:
-                break
-            loaded = await self.ssd.call(SsdLoad(hash=block_hash), timeout=timeout)
-            if not loaded.hit:
-                break
-            blocks.append(RestoredBlock(hash=block_hash, parent=loaded.parent, tensors=loaded.tensors))
-        if not blocks:
-            return 0
-        restored = await self._executor.call(RestoreBlocks(blocks=tuple(blocks)), timeout=timeout)
-        return len(restored)
+        """The longest cached prefix of the prompt, as block hashes pinned for this request
+        (restored from the SSD tier where needed, inside the engine). Never the whole
+        prompt: the last prompt token is always prefilled."""
+        return await self._lookup(request_id, prompt_tokens)
 
     async def cleanup_cache_scope(self, scope: str) -> None:
         """Remove the SSD tier's blocks filed under `scope`; returns once the writer has
@@ -356,6 +293,17 @@ class Runtime:
 
     # -- engine introspection --------------------------------------------------------------
 
+    def engine_status(self) -> EngineStatus:
+        """The engine's state (starting, ready, restarting, failed, stopped) and restarts."""
+        if self.link is not None:
+            return self.link.status()
+        return EngineStatus(state="ready", isolation="thread")
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine process's pid (None with isolation="thread": it is this process)."""
+        return self.link.pid if self.link is not None else None
+
     async def ping(self, timeout: float = 1.0) -> Pong:
         return await self._executor.call(Ping(), timeout=timeout)
 
@@ -368,13 +316,27 @@ class Runtime:
         *,
         at_step: int | None = None,
         above_bytes: int | None = None,
+        kind: FaultKind | str = FaultKind.OOM,
+        prompt_token: int | None = None,
+        sticky: bool = False,
     ) -> None:
-        """Make an engine step fail as an out-of-memory would (tests, scenarios; off unless
-        called): the next step, step number `at_step`, or the first step that starts with
-        MLX's active memory above `above_bytes`. The requests in that step end with
-        `finish_reason="error"`; requests still waiting for a batch are unaffected."""
+        """Fault injection (tests, scenarios; off unless called), at the next step, step
+        number `at_step`, the first step that starts with MLX's active memory above
+        `above_bytes`, or the first step while a request whose prompt holds `prompt_token`
+        is in the engine.
+
+        kind "oom": the step fails as an out-of-memory would - its requests end with
+        `finish_reason="error"`; requests still waiting for a batch are unaffected.
+        kind "abort": the engine process aborts (SIGABRT), as MLX's uncaught C++ errors do;
+        only with isolation="process" (it would take this process down otherwise).
+        `sticky`: sent again to every new engine process (a request that always crashes)."""
+        kind = FaultKind(kind)
+        if kind is FaultKind.ABORT and self.link is None:
+            raise ValueError('an "abort" fault needs isolation="process"')
         await self._executor.call(
-            InjectFault(error=error, at_step=at_step, above_bytes=above_bytes), timeout=5.0
+            InjectFault(error=error, at_step=at_step, above_bytes=above_bytes, kind=kind,
+                        prompt_token=prompt_token, sticky=sticky),
+            timeout=5.0,
         )
 
 
@@ -434,119 +396,60 @@ async def open_runtime(
     from mlx_lm.utils import load_tokenizer
 
     tokenizer = await trio.to_thread.run_sync(load_tokenizer, path)
-    settings = EngineSettings(
-        model_path=str(path),
-        completion_batch_size=config.max_batch_size,
-        prefill_batch_size=config.prefill_batch_size,
-        prefill_step_size=config.prefill_step_size,
-        block_size=config.block_size if config.prefix_cache_bytes > 0 else 0,
-        max_requests=config.max_batch_size + config.max_waiting_requests,
-        ssd_enabled=config.ssd_cache_dir is not None and config.prefix_cache_bytes > 0,
-    )
-    ssd_address = None
-    if settings.ssd_enabled:
-        ssd_address, ssd_control, ssd_saves = ssd_writer.open_writer_inboxes()
-    events_send, events_recv = trio.open_memory_channel[EngineEvent](executor.ENGINE_EVENT_BACKLOG)
-    address, inbox = open_inbox("executor", EXECUTOR_INBOX_CAPACITY, Overflow.WAIT)
-    gauge = executor.MlxGauge()
-    memory_address, memory_inbox = open_inbox(
-        "memory", enforcer.ENFORCER_INBOX_CAPACITY, Overflow.WAIT
-    )
-    budget = (
-        enforcer.MemoryBudget.auto()
-        if config.memory_budget_bytes is None
-        else enforcer.MemoryBudget.explicit(config.memory_budget_bytes)
-    )
-    cache_address = None
-    if config.prefix_cache_bytes > 0:
-        cache_address, cache_inbox = open_inbox(
-            "cache-index", cache_actor.CACHE_INBOX_CAPACITY, Overflow.WAIT
-        )
     dispatcher = Dispatcher()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(dispatcher.run, events_recv)
-        async with open_supervisor("engine", cleanup_timeout=config.drain_timeout_s) as sup:
-            memory_handle = await sup.start(
-                "memory",
-                functools.partial(
-                    enforcer.run, poll_interval=config.memory_poll_interval_s,
-                    read_mlx=gauge.reading,
-                ),
-                memory_inbox,
-                budget,
-            )
-            wiring = executor.MemoryWiring(
-                gauge=gauge,
-                snapshots=memory_handle.subscribe(),
-                limits_for=enforcer.mlx_limits_for,
-                max_waiting=config.max_waiting_requests,
-                prefix_cache_bytes=config.prefix_cache_bytes,
-                prefill_step_size=config.prefill_step_size,
-                prefill_batch_size=config.prefill_batch_size,
-            )
-            if cache_address is not None:
-                # Not restarted: a fresh index would not know the blocks the engine still
-                # holds, which then could never be evicted. A crash escalates instead.
-                await sup.start(
-                    "cache-index", cache_actor.run, cache_inbox, config.prefix_cache_bytes, address,
-                    policy=RestartPolicy(max_restarts=0, within=1.0),
-                )
-            # No restarts: a crashed executor has lost its batch, and its sessions are failed
-            # by its own cleanup; restarting with in-flight resume is the isolation issue's.
-            info = await sup.start(
-                "executor",
-                executor.run,
-                inbox,
-                settings,
-                events_send,
-                cache_address,
-                wiring,
-                ssd_address,
-                policy=RestartPolicy(max_restarts=0, within=1.0),
-            )
-            if ssd_address is not None and info.cache_namespace is not None:
-                # Started once the engine knows its cache identity (the namespace names the
-                # model, its cache layout and the block size; other files are skipped).
-                # Not restarted: a new incarnation would forget the cleanup barriers.
-                await sup.start(
-                    "ssd-writer", ssd_writer.run, ssd_control, ssd_saves,
-                    WriterConfig(
-                        directory=str(config.ssd_cache_dir),
-                        identity=BlockIdentity(namespace=info.cache_namespace,
-                                               layout=info.cache_layout, block_size=info.block_size),
-                        budget_bytes=config.ssd_cache_bytes,
-                    ),
-                    policy=RestartPolicy(max_restarts=0, within=1.0),
-                )
-            else:
-                ssd_address = None
+        async with _open_engine(config, path) as (engine, link):
+            nursery.start_soon(dispatcher.run, engine.events)
             runtime = Runtime(
                 config=config,
-                info=info,
+                info=engine.info,
                 tokenizer=tokenizer,
                 model_path=path,
                 is_demo=is_demo,
                 dispatcher=dispatcher,
-                executor=address,
+                executor=engine.executor,
                 nursery=nursery,
-                cache_index=cache_address,
-                memory=memory_handle,
-                ssd=ssd_address,
+                lookup=engine.lookup_prefix,
+                cache_index=engine.cache_index,
+                memory=engine.memory,
+                ssd=engine.ssd,
+                link=link,
             )
             try:
                 yield runtime
             finally:
                 runtime.accepting = False
-                mode = ShutdownMode.DRAIN if config.shutdown_mode == "drain" else ShutdownMode.ABORT
-                with trio.CancelScope(shield=True):
-                    # The engine first (its last blocks go to the writer), then the writer
-                    # flushes what it was sent, then everyone else.
-                    await sup.stop("executor", mode)
-                    if ssd_address is not None:
-                        with trio.move_on_after(config.drain_timeout_s):
-                            try:
-                                await ssd_address.call(SsdShutdown(flush=mode is ShutdownMode.DRAIN))
-                            except ActorError as exc:
-                                log.warning("SSD writer did not shut down cleanly: %s", exc)
-                    await sup.shutdown(mode)
-        events_send.close()
+
+
+@attrs.frozen
+class _RemoteEngine:
+    """The engine process, shaped like `EngineSide` for `open_runtime`."""
+
+    info: EngineInfo
+    executor: RemoteAddress
+    events: trio.MemoryReceiveChannel
+    memory: Any
+    cache_index: RemoteAddress | None
+    ssd: RemoteAddress | None
+    lookup_prefix: Callable[[str, Sequence[int]], Awaitable[tuple[str, ...]]]
+
+
+@asynccontextmanager
+async def _open_engine(config: RuntimeConfig, path: Path):
+    """The engine side in this process (isolation="thread") or in its own (="process"),
+    as (engine, link-or-None). Stops it on exit, per `config.shutdown_mode`."""
+    if config.isolation == "thread":
+        async with open_engine_side(config, str(path)) as side:
+            yield side, None
+        return
+    async with open_engine_link(config, path) as link:
+        ready = link.first_ready
+        yield _RemoteEngine(
+            info=ready.info,
+            executor=link.address("executor"),
+            events=link.events,
+            memory=link.memory,
+            cache_index=link.address("cache-index") if ready.cache_index else None,
+            ssd=link.address("ssd") if ready.ssd else None,
+            lookup_prefix=link.lookup_prefix,
+        ), link

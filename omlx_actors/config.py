@@ -5,6 +5,7 @@ No module reads the environment itself; the CLI builds a `RuntimeConfig` from fl
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import attrs
@@ -60,3 +61,32 @@ class RuntimeConfig:
     # stored in memory, so a restarted server finds its conversations' prefixes there.
     ssd_cache_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     ssd_cache_bytes: int = attrs.field(default=16 * 1024**3, validator=_positive)
+
+    # Where the engine runs: "thread" - on an MLX thread of this process (the in-process
+    # API's default); "process" - in a child process, so that a native crash of MLX (an
+    # abort, a segfault) kills only the engine: the front starts a new one and resumes every
+    # in-flight request where it stopped (`serve`'s default).
+    isolation: str = attrs.field(
+        default="thread", validator=attrs.validators.in_(("thread", "process"))
+    )
+    # The engine process: how long it may take to start (model load, SSD index rebuild),
+    # and how long it may leave a heartbeat unanswered before it is killed and restarted.
+    engine_start_timeout_s: float = attrs.field(default=300.0, validator=_positive)
+    engine_heartbeat_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    # More engine deaths than this within the window and the front gives up: the engine is
+    # "failed", in-flight requests end with an error and new ones get 503.
+    engine_max_restarts: int = attrs.field(default=10, validator=_positive)
+    engine_restart_window_s: float = attrs.field(default=60.0, validator=_positive)
+
+    def to_json(self) -> str:
+        """This config as JSON (paths as strings), for the engine process."""
+        return json.dumps(attrs.asdict(
+            self, value_serializer=lambda _, __, v: str(v) if isinstance(v, Path) else v))
+
+    @classmethod
+    def from_json(cls, text: str) -> RuntimeConfig:
+        data = json.loads(text)
+        for name in ("model_cache_dir", "ssd_cache_dir"):
+            if data.get(name) is not None:
+                data[name] = Path(data[name])
+        return cls(**data)

@@ -133,6 +133,20 @@ def decode(data: bytes, union_type: type[T] | Any) -> T:
     return message
 
 
+def decode_tagged(data: bytes, classes: dict[str, type]) -> Any:
+    """Decode bytes from `encode` as whichever of `classes` (class name → class) its tag
+    names - for a channel that carries many message types. ValueError on an unknown tag."""
+    raw = _DECODER.decode(data)
+    tag = raw.get(TAG_KEY) if isinstance(raw, dict) else None
+    cls = classes.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise ValueError(f"tag {tag!r} names no known message")
+    try:
+        return _converter().structure(raw, cls)
+    except cattrs.BaseValidationError as error:
+        raise ValueError(f"cannot decode {tag}: {error!r}") from error
+
+
 def _error_classes() -> dict[str, type[ActorError]]:
     # Walked on each decode, so error classes defined in modules imported later count too.
     found: dict[str, type[ActorError]] = {ActorError.__name__: ActorError}

@@ -1,0 +1,229 @@
+"""The engine side, assembled: memory enforcer, cache index, executor and SSD writer under one
+supervisor, started in order and stopped in order.
+
+Both ways of running the engine use this: in the front's own trio run (`isolation="thread"`,
+`api.open_runtime`) and in the engine process (`isolation="process"`, `isolation.host`). The
+front reaches what it yields only through addresses and the event channel, so it cannot tell
+which of the two it is talking to.
+
+Also here: the prefix lookup (`lookup_prefix`), which runs next to the actors it calls, so a
+block restored from the SSD tier goes from the writer to the executor without crossing the
+process boundary twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from omlx_actors.cache import actor as cache_actor
+from omlx_actors.cache.actor import Lookup
+from omlx_actors.cache.blocks import block_hashes
+from omlx_actors.config import RuntimeConfig
+from omlx_actors.engine import executor
+from omlx_actors.engine.core import EngineSettings
+from omlx_actors.engine.messages import EngineEvent, EngineInfo, RestoredBlock, RestoreBlocks
+from omlx_actors.memory import enforcer
+from omlx_actors.runtime import (
+    ActorError,
+    Address,
+    Overflow,
+    RestartPolicy,
+    ShutdownMode,
+    open_inbox,
+    open_supervisor,
+)
+from omlx_actors.ssd import writer as ssd_writer
+from omlx_actors.ssd.blockfile import BlockIdentity
+from omlx_actors.ssd.messages import Contains as SsdContains
+from omlx_actors.ssd.messages import Load as SsdLoad
+from omlx_actors.ssd.messages import Shutdown as SsdShutdown
+from omlx_actors.ssd.messages import WriterConfig
+
+log = logging.getLogger(__name__)
+
+# The executor's inbox. Its handler never awaits, so it is only full if the trio loop is
+# starved; a Submit then waits (WAIT) up to `submit_timeout_s`, an Abort falls back to a
+# background cast (see Runtime.abort_nowait). 1024 covers a burst of that many requests.
+EXECUTOR_INBOX_CAPACITY = 1024
+
+
+@attrs.define(eq=False)
+class EngineSide:
+    """A running engine side. `events` is its output: every `EngineEvent`, in order; it
+    ends when the executor has stopped. `cache_index` and `ssd` are None when off."""
+
+    info: EngineInfo
+    executor: Address
+    events: trio.MemoryReceiveChannel[EngineEvent]
+    memory: Any  # enforcer.EnforcerHandle: `.latest`, `.subscribe()`
+    cache_index: Address | None
+    ssd: Address | None
+    lookup_timeout_s: float
+
+    async def lookup_prefix(self, request_id: str, prompt_tokens: Sequence[int]) -> tuple[str, ...]:
+        """The longest cached prefix of the prompt, as block hashes pinned for this request.
+        Never the whole prompt: the last prompt token is always prefilled. Blocks missing
+        in memory but present on the SSD tier are restored first. Failures are logged and
+        give a shorter (or no) prefix: the cache is an optimisation."""
+        info = self.info
+        if self.cache_index is None or info.cache_namespace is None:
+            return ()
+        hashes = block_hashes(prompt_tokens[:-1], info.block_size, info.cache_namespace)
+        if not hashes:
+            return ()
+        timeout = self.lookup_timeout_s
+        lookup = Lookup(request_id=request_id, hashes=tuple(hashes))
+        try:
+            matched = tuple((await self.cache_index.call(lookup, timeout=timeout)).matched)
+            if self.ssd is not None and len(matched) < len(hashes):
+                if await self._restore_from_ssd(hashes[len(matched):]):
+                    # Pin again: the new pin covers the restored blocks too.
+                    matched = tuple((await self.cache_index.call(lookup, timeout=timeout)).matched)
+        except ActorError as exc:
+            log.warning("prefix cache lookup failed (%s); prefilling in full", exc)
+            return ()
+        return matched
+
+    async def _restore_from_ssd(self, hashes: Sequence[str]) -> int:
+        """Load the leading run of `hashes` found on the SSD tier (stopping at the first
+        miss: a chain is usable only up to its first gap) into the engine's block store."""
+        timeout = self.lookup_timeout_s
+        assert self.ssd is not None
+        present = set((await self.ssd.call(SsdContains(hashes=tuple(hashes)), timeout=timeout)).present)
+        blocks = []
+        for block_hash in hashes:
+            if block_hash not in present:
+                break
+            loaded = await self.ssd.call(SsdLoad(hash=block_hash), timeout=timeout)
+            if not loaded.hit:
+                break
+            blocks.append(RestoredBlock(hash=block_hash, parent=loaded.parent, tensors=loaded.tensors))
+        if not blocks:
+            return 0
+        restored = await self.executor.call(RestoreBlocks(blocks=tuple(blocks)), timeout=timeout)
+        return len(restored)
+
+
+def engine_settings(config: RuntimeConfig, model_path: str) -> EngineSettings:
+    return EngineSettings(
+        model_path=model_path,
+        completion_batch_size=config.max_batch_size,
+        prefill_batch_size=config.prefill_batch_size,
+        prefill_step_size=config.prefill_step_size,
+        block_size=config.block_size if config.prefix_cache_bytes > 0 else 0,
+        max_requests=config.max_batch_size + config.max_waiting_requests,
+        ssd_enabled=config.ssd_cache_dir is not None and config.prefix_cache_bytes > 0,
+    )
+
+
+@asynccontextmanager
+async def open_engine_side(
+    config: RuntimeConfig, model_path: str, *, stop_mode: list[ShutdownMode] | None = None
+) -> AsyncIterator[EngineSide]:
+    """Start the engine-side actors; yield once the model is loaded and the SSD index is
+    rebuilt. Raises `executor.EngineLoadFailed` if the model cannot be loaded.
+
+    On exit (cancellation included: the stop is shielded and time-bounded) the executor
+    stops first - draining running requests, or aborting them, per `stop_mode[0]` if given
+    (a one-item list the caller may set late), else `config.shutdown_mode` - so its last
+    blocks reach the writer; then the writer flushes (drain) and stops; then the rest.
+    """
+    settings = engine_settings(config, model_path)
+    ssd_address = None
+    if settings.ssd_enabled:
+        ssd_address, ssd_control, ssd_saves = ssd_writer.open_writer_inboxes()
+    events_send, events_recv = trio.open_memory_channel[EngineEvent](executor.ENGINE_EVENT_BACKLOG)
+    address, inbox = open_inbox("executor", EXECUTOR_INBOX_CAPACITY, Overflow.WAIT)
+    gauge = executor.MlxGauge()
+    memory_address, memory_inbox = open_inbox(
+        "memory", enforcer.ENFORCER_INBOX_CAPACITY, Overflow.WAIT
+    )
+    budget = (
+        enforcer.MemoryBudget.auto()
+        if config.memory_budget_bytes is None
+        else enforcer.MemoryBudget.explicit(config.memory_budget_bytes)
+    )
+    cache_address = None
+    if config.prefix_cache_bytes > 0:
+        cache_address, cache_inbox = open_inbox(
+            "cache-index", cache_actor.CACHE_INBOX_CAPACITY, Overflow.WAIT
+        )
+    async with open_supervisor("engine", cleanup_timeout=config.drain_timeout_s) as sup:
+        memory_handle = await sup.start(
+            "memory",
+            functools.partial(
+                enforcer.run, poll_interval=config.memory_poll_interval_s, read_mlx=gauge.reading,
+            ),
+            memory_inbox,
+            budget,
+        )
+        wiring = executor.MemoryWiring(
+            gauge=gauge,
+            snapshots=memory_handle.subscribe(),
+            limits_for=enforcer.mlx_limits_for,
+            max_waiting=config.max_waiting_requests,
+            prefix_cache_bytes=config.prefix_cache_bytes,
+            prefill_step_size=config.prefill_step_size,
+            prefill_batch_size=config.prefill_batch_size,
+        )
+        if cache_address is not None:
+            # Not restarted: a fresh index would not know the blocks the engine still
+            # holds, which then could never be evicted. A crash escalates instead.
+            await sup.start(
+                "cache-index", cache_actor.run, cache_inbox, config.prefix_cache_bytes, address,
+                policy=RestartPolicy(max_restarts=0, within=1.0),
+            )
+        # No restarts here: a crashed executor has lost its batch, and its sessions are
+        # failed by its own cleanup. Resuming in-flight requests needs the engine in its own
+        # process (isolation/), where the whole engine side is restarted at once.
+        info = await sup.start(
+            "executor", executor.run, inbox, settings, events_send, cache_address, wiring,
+            ssd_address,
+            policy=RestartPolicy(max_restarts=0, within=1.0),
+        )
+        if ssd_address is not None and info.cache_namespace is not None:
+            # Started once the engine knows its cache identity (the namespace names the
+            # model, its cache layout and the block size; other files are skipped).
+            # Not restarted: a new incarnation would forget the cleanup barriers.
+            await sup.start(
+                "ssd-writer", ssd_writer.run, ssd_control, ssd_saves,
+                WriterConfig(
+                    directory=str(config.ssd_cache_dir),
+                    identity=BlockIdentity(namespace=info.cache_namespace,
+                                           layout=info.cache_layout, block_size=info.block_size),
+                    budget_bytes=config.ssd_cache_bytes,
+                ),
+                policy=RestartPolicy(max_restarts=0, within=1.0),
+            )
+        else:
+            ssd_address = None
+        side = EngineSide(
+            info=info, executor=address, events=events_recv, memory=memory_handle,
+            cache_index=cache_address, ssd=ssd_address, lookup_timeout_s=config.submit_timeout_s,
+        )
+        try:
+            yield side
+        finally:
+            if stop_mode:
+                mode = stop_mode[0]
+            else:
+                mode = ShutdownMode.DRAIN if config.shutdown_mode == "drain" else ShutdownMode.ABORT
+            with trio.CancelScope(shield=True):
+                # The engine first (its last blocks go to the writer), then the writer
+                # flushes what it was sent, then everyone else.
+                await sup.stop("executor", mode)
+                events_send.close()
+                if ssd_address is not None:
+                    with trio.move_on_after(config.drain_timeout_s):
+                        try:
+                            await ssd_address.call(SsdShutdown(flush=mode is ShutdownMode.DRAIN))
+                        except ActorError as exc:
+                            log.warning("SSD writer did not shut down cleanly: %s", exc)
+                await sup.shutdown(mode)
