@@ -12,6 +12,8 @@ Every method here asserts it runs on the MLX thread (`assert_on_mlx_thread`).
 
 from __future__ import annotations
 
+import logging
+import os
 import queue
 import time
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from omlx_actors.engine.block_store import BlockStore, cache_layout
 from omlx_actors.engine.lifetime import ClearSchedule, RetiredRefs
 from omlx_actors.engine.messages import (
     EngineInfo,
+    FaultKind,
     FinishReason,
     SamplingParams,
     Submit,
@@ -36,6 +39,7 @@ from omlx_actors.engine.messages import (
 from omlx_actors.engine.mlx_thread import assert_on_mlx_thread
 
 mx = load_mlx()
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------
 # Commands into the core (trio side → MLX thread). Internal to the engine: they carry the
@@ -79,12 +83,14 @@ class CoreRestoreBlocks:
 
 @attrs.frozen
 class CoreFault:
-    """Fault injection: make a step raise `MemoryError(error)` - the next one, the one
-    numbered `at_step`, or the first starting with active memory above `above_bytes`."""
+    """Fault injection (see `InjectFault`): make a step raise `MemoryError(error)`, or
+    abort the process, when its conditions hold."""
 
     error: str
     at_step: int | None = None
     above_bytes: int | None = None
+    kind: FaultKind = FaultKind.OOM
+    prompt_token: int | None = None
 
 
 @attrs.frozen
@@ -523,11 +529,12 @@ class EngineCore:
 
     def _run_step(self) -> None:
         assert_on_mlx_thread("EngineCore._run_step")
+        self._maybe_inject_fault(FaultKind.ABORT)
         try:
             prompt_responses, generation_responses = self._gen.next()
             # After the step ran, as an out-of-memory while evaluating it would: the rows it
             # took into its batches are the ones affected.
-            self._maybe_inject_fault()
+            self._maybe_inject_fault(FaultKind.OOM)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not us
             self._fail_step(exc)
             return
@@ -639,15 +646,23 @@ class EngineCore:
             top = tuple(TokenLogprob(token=int(i), logprob=float(v)) for i, v in pairs)
         return TokenChoice(token=int(token), logprob=float(logprobs[token].item()), top=top)
 
-    def _maybe_inject_fault(self) -> None:
+    def _maybe_inject_fault(self, kind: FaultKind) -> None:
+        """Fire the pending fault of `kind` if its conditions hold for the coming step."""
         fault = self._pending_fault
-        if fault is None:
+        if fault is None or fault.kind is not kind:
             return
         if fault.at_step is not None and self._step + 1 < fault.at_step:
             return
         if fault.above_bytes is not None and mx.get_active_memory() <= fault.above_bytes:
             return
+        if fault.prompt_token is not None and not any(
+            fault.prompt_token in live.command.submit.prompt_tokens for live in self._live.values()
+        ):
+            return
         self._pending_fault = None
+        if kind is FaultKind.ABORT:
+            log.warning("injected fault: aborting the engine process at step %d", self._step + 1)
+            os.abort()  # what an uncaught C++ exception in MLX does: SIGABRT, no cleanup
         raise MemoryError(fault.error)
 
     def _fail_step(self, exc: Exception) -> None:

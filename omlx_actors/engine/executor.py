@@ -394,8 +394,9 @@ async def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue, e
             envelope.reply(_pong(state))
         case EngineStatsQuery():
             envelope.reply(_stats(state))
-        case InjectFault(error=error, at_step=at_step, above_bytes=above_bytes):
-            commands.put(CoreFault(error, at_step, above_bytes))
+        case InjectFault() as fault:
+            commands.put(CoreFault(fault.error, fault.at_step, fault.above_bytes, fault.kind,
+                                   fault.prompt_token))
             envelope.reply(None)
         case DropBlocks(evictions=evictions):
             commands.put(CoreDropBlocks(tuple(evictions)))

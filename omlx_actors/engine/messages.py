@@ -103,16 +103,27 @@ class EngineStatsQuery:
     """Ask for an `EngineStats` snapshot."""
 
 
+class FaultKind(enum.Enum):
+    OOM = "oom"  # the step raises MemoryError: its requests fail, the engine goes on
+    ABORT = "abort"  # the engine process aborts (SIGABRT), as MLX's uncaught C++ errors do
+
+
 @attrs.frozen(kw_only=True)
 class InjectFault:
-    """Fault injection (tests, scenarios; off unless sent): an engine step raises
-    `MemoryError(error)`, failing the requests in that step as an out-of-memory would -
-    the next step, the step numbered `at_step`, or the first step that starts with MLX's
-    active memory above `above_bytes`."""
+    """Fault injection (tests, scenarios; off unless sent) at the next step, the step
+    numbered `at_step`, the first step that starts with MLX's active memory above
+    `above_bytes`, or the first step while a request whose prompt holds `prompt_token` is
+    in the engine. `OOM`: the step raises `MemoryError(error)`, failing the requests in it
+    as an out-of-memory would. `ABORT`: the process aborts - only survivable with the
+    engine in its own process. `sticky`: the front re-sends it to every new engine process
+    (a request that crashes every engine)."""
 
     error: str = "injected out-of-memory"
     at_step: int | None = None
     above_bytes: int | None = None
+    kind: FaultKind = FaultKind.OOM
+    prompt_token: int | None = None
+    sticky: bool = False
 
 
 @attrs.frozen(kw_only=True)
