@@ -1,0 +1,59 @@
+"""The engine host's own messages: the handshake, the stop, and the prefix lookup.
+
+The front sends `HostHello` first; the engine process answers `HostReady` once its model is
+loaded and its SSD index rebuilt (or `HostLoadFailed`), then serves calls and casts to its
+actors. `HostStop` ends it: the executor drains or aborts, its last events are sent, and the
+reply `HostStopped` is the last frame before the process exits.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from omlx_actors.engine.messages import EngineInfo
+
+
+@attrs.frozen(kw_only=True)
+class HostHello:
+    """The engine's settings: a `RuntimeConfig` as JSON, and the resolved model directory."""
+
+    config_json: str
+    model_path: str
+
+
+@attrs.frozen(kw_only=True)
+class HostReady:
+    info: EngineInfo
+    pid: int
+    cache_index: bool  # the prefix cache's index runs (else lookups find nothing)
+    ssd: bool  # the SSD tier runs
+
+
+@attrs.frozen(kw_only=True)
+class HostLoadFailed:
+    error_type: str
+    error: str
+
+
+@attrs.frozen(kw_only=True)
+class HostStop:
+    mode: str  # "drain" | "abort"
+
+
+@attrs.frozen(kw_only=True)
+class HostStopped:
+    pass
+
+
+@attrs.frozen(kw_only=True)
+class PrefixLookup:
+    """Pin the longest cached prefix of `prompt_tokens` for `request_id` (restoring blocks
+    from the SSD tier inside the engine process) → `PrefixMatch`."""
+
+    request_id: str
+    prompt_tokens: tuple[int, ...]
+
+
+@attrs.frozen(kw_only=True)
+class PrefixMatch:
+    hashes: tuple[str, ...]

@@ -1,0 +1,213 @@
+"""The engine in its own process (isolation="process"), with real engine processes killed for
+real: SIGKILL from outside, a native abort (SIGABRT) inside, a frozen process (SIGSTOP).
+
+Every stream must complete, and with greedy decoding its full output must equal a run
+without the fault; a request that crashes every engine is failed after the poison rule,
+while the requests beside it complete.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import pytest
+import trio
+
+from omlx_actors.api import open_runtime
+from omlx_actors.errors import EngineUnavailable
+from omlx_actors.isolation.recovery import CRASH_LOOP_ERROR_TYPE
+
+STREAMS = 16
+MAX_TOKENS = 160
+
+
+def prompts(count: int, *, offset: int = 5) -> list[list[int]]:
+    """Distinct prompts of 20-40 tokens from the tiny vocabulary (ids >= 5: not special)."""
+    rng = random.Random(1234)
+    return [[offset + rng.randrange(500) for _ in range(20 + 2 * i)] for i in range(count)]
+
+
+async def run_all(rt, batch: list[list[int]], max_tokens: int = MAX_TOKENS):
+    """Run every prompt concurrently; return each one's (token ids, done)."""
+    results: dict[int, tuple[list[int], object]] = {}
+
+    async def one(index: int, prompt: list[int]) -> None:
+        session = rt.complete(prompt, max_tokens=max_tokens, ignore_eos=True)
+        _, _, done = await session.collect()
+        results[index] = (list(session.completion_token_ids), done)
+
+    async with trio.open_nursery() as nursery:
+        for index, prompt in enumerate(batch):
+            nursery.start_soon(one, index, prompt)
+    return [results[i] for i in range(len(batch))]
+
+
+async def wait_for_step(rt, step: int) -> None:
+    with trio.fail_after(60):
+        while (await rt.ping(timeout=5)).steps < step:
+            await trio.sleep(0.002)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    """Greedy outputs of the fault-free run, in this process (isolation="thread")."""
+
+    async def main():
+        async with open_runtime(tiny_llama) as rt:
+            return await run_all(rt, prompts(STREAMS))
+
+    return [tokens for tokens, _ in trio.run(main)]
+
+
+def assert_complete_and_equal(results, reference) -> None:
+    for index, ((tokens, done), expected) in enumerate(zip(results, reference)):
+        assert done.error is None, f"stream {index} failed: {done.error}"
+        assert done.finish_reason == "length", f"stream {index}: {done.finish_reason}"
+        assert done.usage.completion_tokens == MAX_TOKENS
+        assert tokens == expected, f"stream {index} differs from the fault-free run"
+
+
+async def test_process_mode_generates_what_thread_mode_does(tiny_llama, reference):
+    async with open_runtime(tiny_llama, isolation="process") as rt:
+        status = rt.engine_status()
+        assert status.state == "ready" and status.isolation == "process"
+        assert rt.engine_pid not in (None, os.getpid())
+        results = await run_all(rt, prompts(STREAMS))
+        stats = await rt.stats()
+        assert stats.generation_tokens == STREAMS * MAX_TOKENS
+        assert rt.memory.latest is not None  # snapshots cross the boundary too
+    assert_complete_and_equal(results, reference)
+
+
+@pytest.mark.parametrize("seed", [11, 23])
+async def test_sigkill_at_a_random_step_loses_no_stream(tiny_llama, reference, seed):
+    step = random.Random(seed).randrange(10, MAX_TOKENS - 20)
+    async with open_runtime(tiny_llama, isolation="process") as rt:
+        first_pid = rt.engine_pid
+        async with trio.open_nursery() as nursery:
+            outcome = []
+
+            async def streams():
+                outcome.append(await run_all(rt, prompts(STREAMS)))
+
+            nursery.start_soon(streams)
+            await wait_for_step(rt, step)
+            os.kill(first_pid, signal.SIGKILL)
+        status = rt.engine_status()
+        assert status.restarts == 1
+        assert "SIGKILL" in status.last_exit
+        assert rt.engine_pid != first_pid
+        assert status.resumed_requests == STREAMS
+        assert status.last_resume_s is not None and status.last_resume_s > 0
+    assert_complete_and_equal(outcome[0], reference)
+
+
+@pytest.mark.parametrize("seed", [5])
+async def test_native_abort_at_a_random_step_loses_no_stream(tiny_llama, reference, seed):
+    step = random.Random(seed).randrange(10, MAX_TOKENS - 20)
+    async with open_runtime(tiny_llama, isolation="process") as rt:
+        await rt.inject_fault(kind="abort", at_step=step)
+        results = await run_all(rt, prompts(STREAMS))
+        status = rt.engine_status()
+        assert status.restarts == 1
+        assert "SIGABRT" in status.last_exit
+    assert_complete_and_equal(results, reference)
+
+
+async def test_a_request_that_crashes_every_engine_is_failed_and_the_others_complete(tiny_llama):
+    poison_token = 2  # only the poison's prompt holds it (the others' ids are >= 5)
+    others = prompts(8)
+    async with open_runtime(tiny_llama) as rt:
+        expected = [tokens for tokens, _ in await run_all(rt, others, max_tokens=40)]
+    async with open_runtime(tiny_llama, isolation="process") as rt:
+        await rt.inject_fault(kind="abort", prompt_token=poison_token, sticky=True)
+        outcome: dict[str, object] = {}
+
+        async def good():
+            outcome["good"] = await run_all(rt, others, max_tokens=40)
+
+        async def poison():
+            session = rt.complete([7, poison_token, 9, 10], max_tokens=40, ignore_eos=True)
+            outcome["poison"] = (await session.collect())[2]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(good)
+            await trio.sleep(0.05)  # the others are running when the poison arrives
+            nursery.start_soon(poison)
+        status = rt.engine_status()
+        done = outcome["poison"]
+        assert done.finish_reason == "error"
+        assert done.error_type == CRASH_LOOP_ERROR_TYPE
+        assert "not retried" in done.error
+        assert status.crash_loop_failures == 1
+        assert 2 <= status.restarts <= 3
+        assert status.state == "ready"
+        # The engine serves normally afterwards.
+        again = await run_all(rt, others[:2], max_tokens=40)
+    for index, ((tokens, done), want) in enumerate(zip(outcome["good"], expected)):
+        assert done.error is None, f"request {index}: {done.error}"
+        assert tokens == want
+    assert [t for t, _ in again] == expected[:2]
+
+
+async def test_a_frozen_engine_is_detected_by_its_heartbeat_and_replaced(tiny_llama, reference):
+    async with open_runtime(tiny_llama, isolation="process", engine_heartbeat_timeout_s=1.0) as rt:
+        frozen = rt.engine_pid
+        async with trio.open_nursery() as nursery:
+            outcome = []
+
+            async def streams():
+                outcome.append(await run_all(rt, prompts(STREAMS)))
+
+            nursery.start_soon(streams)
+            await wait_for_step(rt, 30)
+            os.kill(frozen, signal.SIGSTOP)
+        status = rt.engine_status()
+        assert status.restarts == 1
+        assert "heartbeat" in status.last_exit
+    assert_complete_and_equal(outcome[0], reference)
+
+
+async def test_too_many_deaths_fail_the_engine_honestly(tiny_llama):
+    async with open_runtime(tiny_llama, isolation="process", engine_max_restarts=1) as rt:
+        for _ in range(2):
+            pid = rt.engine_pid
+            os.kill(pid, signal.SIGKILL)
+            with trio.fail_after(60):
+                while rt.engine_pid in (pid, None) and rt.engine_status().state != "failed":
+                    await trio.sleep(0.01)
+        status = rt.engine_status()
+        assert status.state == "failed"
+        assert "died 2 times" in status.reason
+        with pytest.raises(EngineUnavailable):
+            await rt.complete([5, 6, 7], max_tokens=4).start()
+
+
+async def test_a_model_that_cannot_load_is_reported_not_retried(tmp_path, tiny_llama):
+    from omlx_actors.engine.executor import EngineLoadFailed
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in tiny_llama.iterdir():
+        if item.suffix != ".safetensors":
+            (broken / item.name).write_bytes(item.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(BaseException) as caught:
+        async with open_runtime(broken, isolation="process"):
+            pass
+    assert caught.group_contains(EngineLoadFailed) if isinstance(caught.value, BaseExceptionGroup) \
+        else isinstance(caught.value, EngineLoadFailed)
+
+
+async def test_drain_finishes_running_requests_then_the_engine_process_exits(tiny_llama):
+    async with open_runtime(tiny_llama, isolation="process", shutdown_mode="drain") as rt:
+        pid = rt.engine_pid
+        session = rt.complete([5, 6, 7, 8], max_tokens=60, ignore_eos=True)
+        await session.start()
+    # The runtime's exit drained the engine: the request finished, then the process ended.
+    _, _, done = await session.collect()
+    assert done.finish_reason == "length" and done.usage.completion_tokens == 60
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
