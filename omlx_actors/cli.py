@@ -89,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--gil-switch-interval", type=float, default=None,
                        help="seconds; a shorter Python thread switch interval lets the engine "
                             "thread take the GIL back sooner after each step (e.g. 0.0005)")
+    serve.add_argument("--isolation", choices=("process", "thread"), default="process",
+                       help="run the engine in a child process (default), so a native crash of "
+                            "MLX costs a pause, not the server: a new engine starts and every "
+                            "in-flight request resumes where it stopped; or in this process")
+    serve.add_argument("--engine-heartbeat-timeout", type=float, default=10.0,
+                       help="seconds an engine process may leave a heartbeat unanswered before "
+                            "it is killed and replaced")
+    serve.add_argument("--engine-max-restarts", type=int, default=10,
+                       help="engine deaths tolerated within a minute before the server reports "
+                            "the engine failed (503) instead of restarting it")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None,
@@ -155,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         from omlx_actors.http.settings import HttpSettings
         from omlx_actors.server import serve_main
 
-        config = runtime_config(args, shutdown_mode=args.shutdown, drain_timeout_s=args.drain_timeout)
+        config = runtime_config(
+            args, shutdown_mode=args.shutdown, drain_timeout_s=args.drain_timeout,
+            isolation=args.isolation, engine_heartbeat_timeout_s=args.engine_heartbeat_timeout,
+            engine_max_restarts=args.engine_max_restarts,
+        )
         try:
             settings = HttpSettings(
                 api_key=args.api_key, protect_health=args.protect_health,

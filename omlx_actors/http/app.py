@@ -278,16 +278,22 @@ def _install_service_routes(app: QuartTrio, state: ServerState) -> None:
         """Liveness that reflects the engine making progress, not just the web server."""
         if not state.accepting:
             return _json({"status": "shutting_down"}, 503)
+        engine = _engine_body(state.runtime.engine_status())
+        if engine["state"] != "ready":
+            # Restarting: requests are held and resume; failed: new ones get 503.
+            return _json({"status": engine["state"], "engine": engine}, 503)
         try:
             pong = await state.runtime.ping(timeout=settings.health_ping_timeout_s)
         except Exception as exc:  # noqa: BLE001 - any failure to answer is "unhealthy"
-            return _json({"status": "unhealthy", "reason": f"engine did not answer: {exc}"}, 503)
+            return _json({"status": "unhealthy", "reason": f"engine did not answer: {exc}",
+                          "engine": engine}, 503)
         body = {
             "status": "ok",
             "steps": pong.steps,
             "running": pong.running,
             "waiting": pong.waiting,
             "last_step_age": pong.last_step_age,
+            "engine": engine,
         }
         stalled = (
             pong.running > 0
@@ -326,6 +332,7 @@ def _install_service_routes(app: QuartTrio, state: ServerState) -> None:
         if state.runtime.memory is not None and state.runtime.memory.latest is not None:
             m.observe_memory(state.runtime.memory.latest)
         m.pending.set(state.runtime.pending_requests)
+        m.observe_engine(state.runtime.engine_status())
         return Response(m.render(), status=200, content_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
@@ -336,6 +343,10 @@ def _install_service_routes(app: QuartTrio, state: ServerState) -> None:
     async def get_model(model: str):
         check_model(state, model)
         return _json(_model_card(state), 200)
+
+
+def _engine_body(status) -> dict:
+    return {name: value for name, value in attrs.asdict(status).items() if value is not None}
 
 
 def _model_card(state: ServerState) -> dict:

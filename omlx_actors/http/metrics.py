@@ -90,6 +90,23 @@ class HttpMetrics:
             "omlx_prefix_cache_hit_tokens", "prompt tokens served from the cache", registry=r
         )
 
+        # The engine process (isolation="process"): restarts and what they cost.
+        self.engine = Gauge(
+            "omlx_engine", "engine: restarts, resumed requests and crash-loop failures "
+            "(cumulative), ready (1/0), seconds from the last death to ready and to the first "
+            "resumed token", ["what"], registry=r,
+        )
+
+    def observe_engine(self, status) -> None:
+        self.engine.labels("restarts").set(status.restarts)
+        self.engine.labels("resumed_requests").set(status.resumed_requests)
+        self.engine.labels("crash_loop_failures").set(status.crash_loop_failures)
+        self.engine.labels("ready").set(1 if status.state == "ready" else 0)
+        if status.last_restart_s is not None:
+            self.engine.labels("last_restart_seconds").set(status.last_restart_s)
+        if status.last_resume_s is not None:
+            self.engine.labels("last_resume_seconds").set(status.last_resume_s)
+
     def observe_done(self, route: str, done: Done) -> None:
         usage = done.usage
         self.prompt_tokens.labels(route).inc(usage.prompt_tokens)

@@ -1,0 +1,67 @@
+"""The HTTP front over an engine process: a client's stream survives the engine being
+killed, /health says what the engine is doing, and /metrics counts restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import trio
+from http_support import MODEL, http_client, openai_client, serve, wait_until
+
+PROMPT = [{"role": "user", "content": "Tell me a long story."}]
+
+
+async def stream_text(client, max_tokens: int) -> tuple[str, dict]:
+    parts: list[str] = []
+    usage = None
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=PROMPT, max_tokens=max_tokens, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        if chunk.usage is not None:
+            usage = chunk.usage
+    return "".join(parts), usage
+
+
+async def test_a_stream_survives_the_engine_being_killed(tiny_llama):
+    async with serve(tiny_llama) as server:  # the fault-free reference, in-process engine
+        expected, _ = await stream_text(openai_client(server), 400)
+    async with serve(tiny_llama, isolation="process") as server:
+        rt = server.runtime
+        client = openai_client(server)
+        async with http_client(server) as http:
+            health = (await http.get("/health")).json()
+            assert health["status"] == "ok"
+            assert health["engine"]["state"] == "ready" and health["engine"]["restarts"] == 0
+            outcome = {}
+            first_pid = rt.engine_pid
+            async with trio.open_nursery() as nursery:
+
+                async def client_stream():
+                    outcome["text"], outcome["usage"] = await stream_text(client, 400)
+
+                nursery.start_soon(client_stream)
+                await wait_until(lambda: rt.pending_requests == 1, timeout=10)
+                with trio.fail_after(30):
+                    while (await rt.ping()).steps < 100:
+                        await trio.sleep(0.005)
+                os.kill(first_pid, signal.SIGKILL)
+                # While the engine restarts, /health says so (503), with the count.
+                states = set()
+                with trio.fail_after(60):
+                    while rt.engine_status().state != "ready" or rt.engine_pid == first_pid:
+                        response = await http.get("/health")
+                        states.add((response.status_code, response.json()["status"]))
+                        await trio.sleep(0.01)
+            assert (503, "restarting") in states
+            health = (await http.get("/health")).json()
+            assert health["status"] == "ok" and health["engine"]["restarts"] == 1
+            metrics = (await http.get("/metrics")).text
+    assert outcome["text"] == expected
+    assert outcome["usage"].completion_tokens == 400
+    assert 'omlx_engine{what="restarts"} 1.0' in metrics
+    assert 'omlx_engine{what="resumed_requests"} 1.0' in metrics
