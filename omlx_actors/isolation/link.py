@@ -320,7 +320,11 @@ class EngineLink:
             inc.writer.send_nowait(Kind.CAST, 0, "executor", encode_message(Abort(request_id=request_id)))
 
     async def _emit(self, event: EngineEvent) -> None:
-        await self._events_send.send(event)
+        # Shielded: an event recorded by `Recovery` must reach its session, or the two
+        # disagree about what was delivered (and a continuation would skip a token). The
+        # dispatcher never blocks, so this waits at most for it to take the next event.
+        with trio.CancelScope(shield=True):
+            await self._events_send.send(event)
 
     # -- calls over the socket -----------------------------------------------------------------
 
@@ -458,6 +462,9 @@ class EngineLink:
             inc.die(f"the connection closed: {exc}")
 
     async def _on_events(self, payload: list[bytes]) -> None:
+        """Record and forward a frame's events. Each event is recorded (`Recovery`) and
+        forwarded (`_emit`, shielded) with no checkpoint in between, so a death noticed
+        meanwhile cannot separate the two."""
         for data in payload:
             event = decode_message(data)
             if isinstance(event, TokenDelta) and event.request_id in self._awaiting_resume:
