@@ -34,6 +34,8 @@ import contextlib
 import datetime
 import logging
 import math
+import os
+import signal
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -381,24 +383,42 @@ async def _phase(scenario, target, phase: Phase, plans, clock, result: ReplayRes
 
 async def _arm(target, fault, clock, result: ReplayResult, nursery: trio.Nursery) -> None:
     engine = target.engine
+    if fault.kind == "process_restart":
+        nursery.start_soon(_kill_engine, engine, fault, clock, result)
+        return
+    kind = "abort" if fault.kind == "engine_abort" else "oom"
     if fault.at_step is not None:
         steps = (await engine.stats()).steps
-        await engine.inject_fault(fault.error, at_step=steps + fault.at_step)
+        await engine.inject_fault(fault.error, at_step=steps + fault.at_step, kind=kind)
         what = f"at engine step {steps + fault.at_step} (phase start + {fault.at_step})"
     elif fault.above_bytes is not None:
         limit = fault.above_bytes.resolve(engine.info.weights_bytes)
-        await engine.inject_fault(fault.error, above_bytes=limit)
+        await engine.inject_fault(fault.error, above_bytes=limit, kind=kind)
         what = f"at the first step above {limit} bytes of active memory"
     else:
         async def later() -> None:
             await trio.sleep(fault.after_s)
-            await engine.inject_fault(fault.error)
+            await engine.inject_fault(fault.error, kind=kind)
             result.faults.append(FaultRecord(kind=fault.kind, phase=fault.phase,
                                              what=f"at the next step after {fault.after_s:g} s",
                                              at_s=clock()))
 
         nursery.start_soon(later)
         return
+    result.faults.append(FaultRecord(kind=fault.kind, phase=fault.phase, what=what, at_s=clock()))
+
+
+async def _kill_engine(engine, fault, clock, result: ReplayResult) -> None:
+    """SIGKILL the engine process at a step or a time of the phase (the front restarts it)."""
+    if fault.at_step is not None:
+        first = (await engine.stats()).steps
+        while (await engine.ping()).steps < first + fault.at_step:
+            await trio.sleep(0.002)
+        what = f"SIGKILL at engine step {first + fault.at_step} (phase start + {fault.at_step})"
+    else:
+        await trio.sleep(fault.after_s)
+        what = f"SIGKILL {fault.after_s:g} s into the phase"
+    os.kill(engine.engine_pid, signal.SIGKILL)
     result.faults.append(FaultRecord(kind=fault.kind, phase=fault.phase, what=what, at_s=clock()))
 
 

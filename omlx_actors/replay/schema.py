@@ -30,14 +30,17 @@ from omlx_actors.replay.tables import REQUIRED, ByteSize, Context, Table, show
 MODES = ("chat", "completion")
 ARRIVALS = ("burst", "uniform", "poisson")
 CACHE_HIT_TURNS = ("later", "all")
-# Fault kinds the harness can inject in this build.
-SUPPORTED_FAULTS = ("executor_oom",)
+# Fault kinds the harness can inject in this build: an engine step failing as an
+# out-of-memory would; the engine process killed from outside (SIGKILL) and restarted by
+# the front; the engine process aborting itself (SIGABRT, as MLX's uncaught C++ errors).
+SUPPORTED_FAULTS = ("executor_oom", "process_restart", "engine_abort")
+# Those that kill the engine process: the scenario's server needs isolation = "process".
+ENGINE_DEATHS = ("process_restart", "engine_abort")
 # Fault kinds the format reserves for features that land later: a scenario naming one loads,
 # and replay refuses to run it with this reason instead of pretending.
 UNSUPPORTED_FAULTS = {
     "writer_stall": "it needs a fault hook in the SSD tier's writer, which the runtime does not expose yet",
     "disk_full": "it needs a fault hook in the SSD tier's writer, which the runtime does not expose yet",
-    "process_restart": "it needs the engine in its own process (the isolation issue)",
 }
 # Outcome names usable in min_outcomes / max_outcomes (besides HTTP status codes).
 OUTCOMES = ("completed", "cancelled", "refused", "failed", "lost", "skipped")
@@ -342,6 +345,10 @@ def _build(ctx: Context, data: dict, path: Path | None) -> Scenario | None:
             base_names = {p.name.split("@c")[0] for p in phases} | set(phase_names)
             for i, adata in enumerate(action_data):
                 actions.extend(_action(Table(ctx, adata, ("action", i)), phases, base_names))
+    if any(f.kind in ENGINE_DEATHS for f in faults) and dict(server).get("isolation") != "process":
+        kind = next(f.kind for f in faults if f.kind in ENGINE_DEATHS)
+        ctx.report(("server",), "isolation",
+                   f'a {kind} fault kills the engine process: set isolation = "process"')
     root.finish()
     if ctx.problems or name is None:
         return None
@@ -564,8 +571,12 @@ def _fault(t: Table, phases: list[Phase], phase_names: set[str]) -> list[Fault] 
     if phase is not None and phase not in phase_names:
         t.bad("phase", f"no phase named {phase!r}; phases: {', '.join(sorted(phase_names))}")
         return None
-    if kind == "executor_oom" and sum(x is not None for x in (at_step, after_s, above)) != 1:
-        t.bad("kind", "an executor_oom fault needs exactly one of at_step, after_s, above_bytes")
+    if kind in ("executor_oom", "engine_abort") and sum(
+            x is not None for x in (at_step, after_s, above)) != 1:
+        t.bad("kind", f"an {kind} fault needs exactly one of at_step, after_s, above_bytes")
+        return None
+    if kind == "process_restart" and (above is not None or (at_step is None) == (after_s is None)):
+        t.bad("kind", "a process_restart fault needs exactly one of at_step, after_s")
         return None
     if kind is None or phase is None:
         return None

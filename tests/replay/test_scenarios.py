@@ -53,6 +53,14 @@ async def test_out_of_memory_scenario_passes_over_http_with_the_server_in_proces
     assert failed and {(r.status, r.error_code) for r in failed} == {(503, "out_of_memory")}
 
 
+async def test_engine_crash_scenario_resumes_every_stream_over_http(tiny_llama):
+    result = await replay(load_scenario(_scenario("engine_crash_resume")), serve=True,
+                          model=str(tiny_llama))
+    assert result.passed, render_text(result)
+    assert [f.kind for f in result.faults] == ["process_restart", "engine_abort"]
+    assert all(r.outcome == "completed" for r in result.records)
+
+
 async def test_warm_restart_scenario_serves_the_prefixes_from_disk_over_http(tiny_llama):
     result = await replay(load_scenario(_scenario("warm_restart_ssd")), serve=True, model=str(tiny_llama))
     assert result.passed, render_text(result)

@@ -135,8 +135,18 @@ def test_inconsistent_settings_say_which_combination_is_wrong(tmp_path):
 
 def test_an_unknown_fault_kind_lists_the_known_ones(tmp_path):
     errors = _errors(MINIMAL + '\n[[fault]]\nkind = "oom"\nat_step = 1\n', tmp_path)
-    assert errors == ["s.toml:8: [fault[1]] kind: expected one of 'executor_oom', 'writer_stall', "
-                      "'disk_full', 'process_restart', got 'oom'"]
+    assert errors == ["s.toml:8: [fault[1]] kind: expected one of 'executor_oom', "
+                      "'process_restart', 'engine_abort', 'writer_stall', 'disk_full', got 'oom'"]
+
+
+def test_an_engine_death_fault_needs_the_engine_in_its_own_process(tmp_path):
+    errors = _errors(MINIMAL + '\n[[fault]]\nkind = "process_restart"\nat_step = 3\n', tmp_path)
+    assert errors == ['s.toml:1: [server] isolation: a process_restart fault kills the engine '
+                      'process: set isolation = "process"']
+    errors = _errors(MINIMAL + '\n[server]\nisolation = "process"\n'
+                     '\n[[fault]]\nkind = "process_restart"\nat_step = 3\nafter_s = 1\n', tmp_path)
+    assert errors == ["s.toml:11: [fault[1]] kind: a process_restart fault needs exactly one of "
+                      "at_step, after_s"]
 
 
 async def test_a_fault_of_a_later_feature_loads_but_replay_refuses_to_fake_it():
