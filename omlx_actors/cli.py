@@ -125,6 +125,17 @@ def main(argv: list[str] | None = None) -> int:
                        help="alternating runs per level; the median run of each side is kept")
     bench.add_argument("--json", type=Path, default=None, help="also write the results here")
 
+    resume_bench = sub.add_parser(
+        "bench-resume", help="engine killed mid-stream: time to the first resumed token, "
+                             "with and without the SSD tier")
+    _add_runtime_flags(resume_bench)
+    resume_bench.add_argument("--streams", type=int, default=1)
+    resume_bench.add_argument("--prompt-tokens", type=int, default=2000)
+    resume_bench.add_argument("--max-tokens", type=int, default=48)
+    resume_bench.add_argument("--kill-after", type=int, default=16,
+                              help="SIGKILL the engine when the first stream has this many tokens")
+    resume_bench.add_argument("--json", type=Path, default=None)
+
     cache_bench = sub.add_parser(
         "bench-cache", help="TTFT of a long conversation's second turn vs its cold first turn")
     _add_runtime_flags(cache_bench)
@@ -188,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         from omlx_actors.bench import full_bench_main
 
         return full_bench_main(args, runtime_config(args))
+    if args.command == "bench-resume":
+        from omlx_actors.bench_resume import resume_bench_main
+
+        return resume_bench_main(args, runtime_config(args))
     if args.command == "bench-cache":
         from omlx_actors.bench import cache_bench_main
 
