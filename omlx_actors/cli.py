@@ -52,6 +52,14 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
                    help="memory budget of the prefix cache (0 turns it off)")
 
 
+def _add_isolation_flag(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--isolation", choices=("process", "thread"), default=default,
+                   help="run the engine in a child process, so a native crash of MLX costs a "
+                        "pause, not the server: a new engine starts and every in-flight request "
+                        "resumes where it stopped; or on a thread of this process "
+                        "(default: %(default)s)")
+
+
 def runtime_config(args: argparse.Namespace, **extra) -> RuntimeConfig:
     try:
         return RuntimeConfig(
@@ -67,6 +75,7 @@ def runtime_config(args: argparse.Namespace, **extra) -> RuntimeConfig:
             memory_budget_bytes=args.memory_budget,
             ssd_cache_dir=getattr(args, "ssd_cache_dir", None),
             ssd_cache_bytes=getattr(args, "ssd_cache_bytes", 16 * 1024**3),
+            isolation=getattr(args, "isolation", "thread"),
             **extra,
         )
     except (ValueError, TypeError) as exc:
@@ -89,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--gil-switch-interval", type=float, default=None,
                        help="seconds; a shorter Python thread switch interval lets the engine "
                             "thread take the GIL back sooner after each step (e.g. 0.0005)")
-    serve.add_argument("--isolation", choices=("process", "thread"), default="process",
-                       help="run the engine in a child process (default), so a native crash of "
-                            "MLX costs a pause, not the server: a new engine starts and every "
-                            "in-flight request resumes where it stopped; or in this process")
+    _add_isolation_flag(serve, "process")
     serve.add_argument("--engine-heartbeat-timeout", type=float, default=10.0,
                        help="seconds an engine process may leave a heartbeat unanswered before "
                             "it is killed and replaced")
@@ -118,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = sub.add_parser("bench", help="throughput/TTFT: this runtime vs a bare BatchGenerator loop")
     _add_runtime_flags(bench)
+    _add_isolation_flag(bench, "thread")
     bench.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--max-tokens", type=int, default=64)
@@ -178,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
         config = runtime_config(
             args, shutdown_mode=args.shutdown, drain_timeout_s=args.drain_timeout,
-            isolation=args.isolation, engine_heartbeat_timeout_s=args.engine_heartbeat_timeout,
+            engine_heartbeat_timeout_s=args.engine_heartbeat_timeout,
             engine_max_restarts=args.engine_max_restarts,
         )
         try:

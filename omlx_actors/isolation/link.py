@@ -41,7 +41,8 @@ import attrs
 import trio
 
 from omlx_actors.config import RuntimeConfig
-from omlx_actors.engine.executor import ENGINE_EVENT_BACKLOG, EngineLoadFailed
+from omlx_actors.cache.actor import Release
+from omlx_actors.engine.executor import ENGINE_EVENT_BACKLOG, DuplicateRequest, EngineLoadFailed
 from omlx_actors.engine.messages import (
     Abort,
     EngineEvent,
@@ -212,6 +213,8 @@ class EngineLink:
         if target == "executor" and isinstance(message, Abort):
             self._abort(message)
             return True
+        if isinstance(message, Release):  # looked up, then never submitted
+            self._looked_up_in.pop(message.request_id, None)
         inc = self._current
         if inc is None or self.state is not EngineState.READY:
             return True  # nothing to tell: the engine that would care is gone
@@ -248,8 +251,6 @@ class EngineLink:
             raise ActorUnavailable("engine", self.failed_reason or "the engine is stopped")
         request_id = submit.request_id
         if request_id in self.recovery.tracked:
-            from omlx_actors.engine.executor import DuplicateRequest
-
             raise DuplicateRequest("executor", f"request {request_id!r} is still running")
         self.recovery.track(submit)
         inc = self._current
@@ -385,10 +386,12 @@ class EngineLink:
                     _, _, _, payload = await reader.receive()
                     nursery.cancel_scope.cancel()
             answer = decode_message(payload)
-        except (ConnectionLost, trio.TooSlowError) as exc:
+        except BaseException as exc:  # cancelled too: never leave a half-started engine
             process.kill()
-            with trio.move_on_after(REAP_TIMEOUT_S):
+            with trio.CancelScope(shield=True), trio.move_on_after(REAP_TIMEOUT_S):
                 await process.wait()
+            if not isinstance(exc, (ConnectionLost, trio.TooSlowError)):
+                raise
             how = _describe_exit(process.returncode)
             raise ActorUnavailable("engine", f"the engine process did not start ({how}): {exc}") from exc
         if isinstance(answer, HostLoadFailed):
