@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 import trio
 
-from omlx_actors.cache.actor import CacheStats, CacheStatsQuery, Release
+from omlx_actors.cache.actor import CacheStats, CacheStatsQuery
 from omlx_actors.config import RuntimeConfig
 from omlx_actors.engine import executor
 from omlx_actors.engine.assembly import open_engine_side
@@ -149,7 +149,8 @@ class Runtime:
     # the same calls either way.
     _executor: Address | RemoteAddress
     _nursery: trio.Nursery
-    _lookup: Callable[[str, Sequence[int]], Awaitable[tuple[str, ...]]]
+    # Pins the prompt's cached prefix, then submits: `EngineSide.submit` or the link's.
+    _submit: Callable[[Submit], Awaitable[None]]
     cache_index: Address | RemoteAddress | None = None
     memory: Any = None  # the memory enforcer's latest snapshot as `.latest`
     ssd: Address | RemoteAddress | None = None  # the SSD writer (None: no SSD tier)
@@ -229,7 +230,7 @@ class Runtime:
         if not self.accepting:
             raise EngineUnavailable("the server is shutting down")
         try:
-            await self._executor.call(submit, timeout=self.config.submit_timeout_s)
+            await self._submit(submit)
         except executor.DuplicateRequest as exc:
             raise DuplicateRequestId(str(exc), param="request_id") from exc
         except executor.MemoryRefused as exc:
@@ -244,12 +245,6 @@ class Runtime:
             raise QueueFull("the engine's inbox is full; retry shortly") from exc
         except ActorError as exc:
             raise EngineUnavailable(f"the engine is unavailable: {exc}") from exc
-
-    async def lookup_prefix(self, request_id: str, prompt_tokens: Sequence[int]) -> tuple[str, ...]:
-        """The longest cached prefix of the prompt, as block hashes pinned for this request
-        (restored from the SSD tier where needed, inside the engine). Never the whole
-        prompt: the last prompt token is always prefilled."""
-        return await self._lookup(request_id, prompt_tokens)
 
     async def cleanup_cache_scope(self, scope: str) -> None:
         """Remove the SSD tier's blocks filed under `scope`; returns once the writer has
@@ -272,13 +267,6 @@ class Runtime:
         if self.ssd is None:
             return None
         return await self.ssd.call(SsdStatsQuery(), timeout=timeout)
-
-    def release_prefix(self, request_id: str) -> None:
-        """Unpin a request's blocks when it never reached the engine (never blocks)."""
-        if self.cache_index is not None and not self.cache_index.cast_nowait(
-            Release(request_id=request_id)
-        ):
-            self._nursery.start_soon(self.cache_index.cast, Release(request_id=request_id))
 
     async def cache_stats(self, timeout: float = 1.0) -> CacheStats | None:
         if self.cache_index is None:
@@ -409,7 +397,7 @@ async def open_runtime(
                 dispatcher=dispatcher,
                 executor=engine.executor,
                 nursery=nursery,
-                lookup=engine.lookup_prefix,
+                submit=engine.submit,
                 cache_index=engine.cache_index,
                 memory=engine.memory,
                 ssd=engine.ssd,
@@ -431,7 +419,7 @@ class _RemoteEngine:
     memory: Any
     cache_index: RemoteAddress | None
     ssd: RemoteAddress | None
-    lookup_prefix: Callable[[str, Sequence[int]], Awaitable[tuple[str, ...]]]
+    submit: Callable[[Submit], Awaitable[None]]
 
 
 @asynccontextmanager
@@ -451,5 +439,5 @@ async def _open_engine(config: RuntimeConfig, path: Path):
             memory=link.memory,
             cache_index=link.address("cache-index") if ready.cache_index else None,
             ssd=link.address("ssd") if ready.ssd else None,
-            lookup_prefix=link.lookup_prefix,
+            submit=link.submit,
         ), link

@@ -225,7 +225,7 @@ class Session:
         self._events = rt.dispatcher.register(self.request_id, self._channel_capacity())
         self._t_submit = time.monotonic()
         try:
-            cached_blocks = await rt.lookup_prefix(self.request_id, self.prompt_tokens)
+            # The engine pins the prompt's cached prefix and admits it (or refuses) in one go.
             await rt.submit(
                 Submit(
                     request_id=self.request_id,
@@ -233,13 +233,11 @@ class Session:
                     max_tokens=max_tokens,
                     sampling=req.sampling,
                     stop_token_ids=tuple(stop_ids),
-                    cached_blocks=cached_blocks,
                     cache_scope=req.cache_scope,
                 )
             )
         except BaseException:
             rt.dispatcher.unregister(self.request_id)
-            rt.release_prefix(self.request_id)
             self._closed = True
             raise
         self._started = True

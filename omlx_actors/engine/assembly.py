@@ -23,12 +23,18 @@ import attrs
 import trio
 
 from omlx_actors.cache import actor as cache_actor
-from omlx_actors.cache.actor import Lookup
+from omlx_actors.cache.actor import Lookup, Release
 from omlx_actors.cache.blocks import block_hashes
 from omlx_actors.config import RuntimeConfig
 from omlx_actors.engine import executor
 from omlx_actors.engine.core import EngineSettings
-from omlx_actors.engine.messages import EngineEvent, EngineInfo, RestoredBlock, RestoreBlocks
+from omlx_actors.engine.messages import (
+    EngineEvent,
+    EngineInfo,
+    RestoredBlock,
+    RestoreBlocks,
+    Submit,
+)
 from omlx_actors.memory import enforcer
 from omlx_actors.runtime import (
     ActorError,
@@ -66,6 +72,27 @@ class EngineSide:
     cache_index: Address | None
     ssd: Address | None
     lookup_timeout_s: float
+    nursery: trio.Nursery  # for casts that must not be dropped
+
+    async def submit(self, submit: Submit) -> None:
+        """Pin the prompt's longest cached prefix (restoring blocks from the SSD tier), then
+        submit the request with it. The executor's refusals raise; the pins are released
+        when the request does not get in (refused, timed out, or the caller cancelled)."""
+        cached = await self.lookup_prefix(submit.request_id, submit.prompt_tokens)
+        try:
+            await self.executor.call(attrs.evolve(submit, cached_blocks=cached),
+                                     timeout=self.lookup_timeout_s)
+        except BaseException:
+            if cached:
+                self._release(submit.request_id)
+            raise
+
+    def _release(self, request_id: str) -> None:
+        """Unpin a request's blocks without blocking (a background cast if the inbox is
+        momentarily full: a lost `Release` would pin blocks forever)."""
+        assert self.cache_index is not None
+        if not self.cache_index.cast_nowait(Release(request_id=request_id)):
+            self.nursery.start_soon(self.cache_index.cast, Release(request_id=request_id))
 
     async def lookup_prefix(self, request_id: str, prompt_tokens: Sequence[int]) -> tuple[str, ...]:
         """The longest cached prefix of the prompt, as block hashes pinned for this request.
@@ -204,12 +231,13 @@ async def open_engine_side(
             )
         else:
             ssd_address = None
-        side = EngineSide(
-            info=info, executor=address, events=events_recv, memory=memory_handle,
-            cache_index=cache_address, ssd=ssd_address, lookup_timeout_s=config.submit_timeout_s,
-        )
         try:
-            yield side
+            async with trio.open_nursery() as background:
+                yield EngineSide(
+                    info=info, executor=address, events=events_recv, memory=memory_handle,
+                    cache_index=cache_address, ssd=ssd_address,
+                    lookup_timeout_s=config.submit_timeout_s, nursery=background,
+                )
         finally:
             if stop_mode:
                 mode = stop_mode[0]

@@ -78,7 +78,7 @@ MESSAGES: dict[str, type] = _registry([
     MemorySnapshot,
     host_messages.HostHello, host_messages.HostReady, host_messages.HostLoadFailed,
     host_messages.HostStop, host_messages.HostStopped,
-    host_messages.PrefixLookup, host_messages.PrefixMatch,
+    host_messages.LookupAndSubmit,
 ])
 
 _ENCODER = msgspec.msgpack.Encoder()

@@ -43,8 +43,7 @@ from omlx_actors.isolation.messages import (
     HostReady,
     HostStop,
     HostStopped,
-    PrefixLookup,
-    PrefixMatch,
+    LookupAndSubmit,
 )
 from omlx_actors.runtime import ActorError, ShutdownMode, wire
 
@@ -101,8 +100,8 @@ class _Host:
     async def call(self, target: str, message, ident: int):
         if target == "host":
             match message:
-                case PrefixLookup(request_id=request_id, prompt_tokens=tokens):
-                    return PrefixMatch(hashes=await self.side.lookup_prefix(request_id, tokens))
+                case LookupAndSubmit(submit=submit):
+                    return await self.side.submit(submit)
                 case HostStop():
                     self.stop, self.stop_call = message, ident
                     self.stop_requested.set()

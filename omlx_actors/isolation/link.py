@@ -41,7 +41,6 @@ import attrs
 import trio
 
 from omlx_actors.config import RuntimeConfig
-from omlx_actors.cache.actor import Release
 from omlx_actors.engine.executor import ENGINE_EVENT_BACKLOG, DuplicateRequest, EngineLoadFailed
 from omlx_actors.engine.messages import (
     Abort,
@@ -67,7 +66,7 @@ from omlx_actors.isolation.messages import (
     HostLoadFailed,
     HostReady,
     HostStop,
-    PrefixLookup,
+    LookupAndSubmit,
 )
 from omlx_actors.isolation.recovery import Recovery
 from omlx_actors.runtime import ActorError, ActorUnavailable, CallTimeout, wire
@@ -170,7 +169,6 @@ class EngineLink:
         self._call_ids = itertools.count(1)
         self._sticky_faults: list[InjectFault] = []
         self._deaths: deque[float] = deque()
-        self._looked_up_in: dict[str, int] = {}  # request id → incarnation of its lookup
         self._closing = False
         self._stopped = trio.Event()
         # Resume timing: the death being recovered from, and requests still to resume.
@@ -213,8 +211,6 @@ class EngineLink:
         if target == "executor" and isinstance(message, Abort):
             self._abort(message)
             return True
-        if isinstance(message, Release):  # looked up, then never submitted
-            self._looked_up_in.pop(message.request_id, None)
         inc = self._current
         if inc is None or self.state is not EngineState.READY:
             return True  # nothing to tell: the engine that would care is gone
@@ -226,22 +222,11 @@ class EngineLink:
             if inc is not None:
                 await inc.writer.send_quietly(Kind.CAST, 0, target, encode_message(message))
 
-    async def lookup_prefix(self, request_id: str, prompt_tokens) -> tuple[str, ...]:
-        """The engine's prefix lookup (SSD restores happen inside the engine process)."""
-        inc = self._current
-        if inc is None or self.state is not EngineState.READY or not inc.ready.cache_index:
-            return ()
-        try:
-            match = await self._call(inc, "host", PrefixLookup(
-                request_id=request_id, prompt_tokens=tuple(prompt_tokens)),
-                self.config.submit_timeout_s)
-        except ActorError as exc:
-            log.warning("prefix lookup failed (%s); prefilling in full", exc)
-            return ()
-        self._looked_up_in[request_id] = inc.number
-        return match.hashes
-
     # -- submissions, aborts, continuations --------------------------------------------------
+
+    async def submit(self, submit: Submit) -> None:
+        """What `Runtime.submit` calls: see `_submit`."""
+        await self._submit(submit, self.config.submit_timeout_s)
 
     async def _submit(self, submit: Submit, timeout: float | None) -> None:
         """Track the request, then send it now if the engine is ready and nothing is being
@@ -254,14 +239,11 @@ class EngineLink:
             raise DuplicateRequest("executor", f"request {request_id!r} is still running")
         self.recovery.track(submit)
         inc = self._current
-        looked_up_in = self._looked_up_in.pop(request_id, None)
         if inc is None or self.state is not EngineState.READY or self.recovery.holding:
             return None
-        if submit.cached_blocks and looked_up_in != inc.number:
-            submit = attrs.evolve(submit, cached_blocks=())  # pinned in an engine now gone
         self.recovery.mark_sent(request_id)
         try:
-            return await self._call(inc, "executor", submit, timeout)
+            return await self._call(inc, "host", LookupAndSubmit(submit=submit), timeout)
         except EngineDied:
             return None  # the next engine gets its continuation
         except BaseException:
@@ -274,7 +256,6 @@ class EngineLink:
 
     def _abort(self, abort: Abort) -> None:
         tracked = self.recovery.untrack(abort.request_id)
-        self._looked_up_in.pop(abort.request_id, None)
         self._awaiting_resume.discard(abort.request_id)
         inc = self._current
         if inc is not None and self.state is EngineState.READY and (tracked is None or tracked.sent):
@@ -293,8 +274,8 @@ class EngineLink:
             self._nursery.start_soon(self._send_continuation, inc, request_id)
 
     async def _send_continuation(self, inc: _Incarnation, request_id: str) -> None:
-        """(Re)submit a tracked request to `inc`: a fresh prefix lookup in that engine (the
-        SSD tier makes a long prompt cheap to resume), then its continuation."""
+        """(Re)submit a tracked request to `inc` as its continuation, with a fresh prefix
+        lookup in that engine (the SSD tier makes a long prompt cheap to resume)."""
         if request_id not in self.recovery.tracked:
             return
         resumed = self.recovery.continuation(request_id)
@@ -302,13 +283,9 @@ class EngineLink:
             await self._emit(resumed)
             self._pump_sends()
             return
-        timeout = self.config.submit_timeout_s
         try:
-            if inc.ready.cache_index:
-                match = await self._call(inc, "host", PrefixLookup(
-                    request_id=request_id, prompt_tokens=resumed.prompt_tokens), timeout)
-                resumed = attrs.evolve(resumed, cached_blocks=match.hashes)
-            await self._call(inc, "executor", resumed, timeout)
+            await self._call(inc, "host", LookupAndSubmit(submit=resumed),
+                             self.config.submit_timeout_s)
         except EngineDied:
             return  # recovery already counts it as unsent: the next engine gets it
         except ActorError as exc:

@@ -2,7 +2,7 @@
 
 The front sends `HostHello` first; the engine process answers `HostReady` once its model is
 loaded and its SSD index rebuilt (or `HostLoadFailed`), then serves calls and casts to its
-actors. `HostStop` ends it: the executor drains or aborts, its last events are sent, and the
+actors, and `LookupAndSubmit`. `HostStop` ends it: the executor drains or aborts, its last events are sent, and the
 reply `HostStopped` is the last frame before the process exits.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import attrs
 
-from omlx_actors.engine.messages import EngineInfo
+from omlx_actors.engine.messages import EngineInfo, Submit
 
 
 @attrs.frozen(kw_only=True)
@@ -46,14 +46,9 @@ class HostStopped:
 
 
 @attrs.frozen(kw_only=True)
-class PrefixLookup:
-    """Pin the longest cached prefix of `prompt_tokens` for `request_id` (restoring blocks
-    from the SSD tier inside the engine process) → `PrefixMatch`."""
+class LookupAndSubmit:
+    """Pin the longest cached prefix of the request's prompt (restoring blocks from the SSD
+    tier, inside the engine process), then submit it with that prefix: one round trip, and
+    no block crosses the boundary. Answered with None, or the executor's refusal."""
 
-    request_id: str
-    prompt_tokens: tuple[int, ...]
-
-
-@attrs.frozen(kw_only=True)
-class PrefixMatch:
-    hashes: tuple[str, ...]
+    submit: Submit
