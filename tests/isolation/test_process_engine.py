@@ -61,6 +61,20 @@ def reference(tiny_llama):
     return [tokens for tokens, _ in trio.run(main)]
 
 
+async def run_all_signalled(rt, step: int, signum: int):
+    """`run_all` of the usual streams, sending `signum` to the engine process at `step`."""
+    outcome = []
+    async with trio.open_nursery() as nursery:
+
+        async def streams():
+            outcome.append(await run_all(rt, prompts(STREAMS)))
+
+        nursery.start_soon(streams)
+        await wait_for_step(rt, step)
+        os.kill(rt.engine_pid, signum)
+    return outcome[0]
+
+
 def assert_complete_and_equal(results, reference) -> None:
     for index, ((tokens, done), expected) in enumerate(zip(results, reference)):
         assert done.error is None, f"stream {index} failed: {done.error}"
@@ -86,22 +100,14 @@ async def test_sigkill_at_a_random_step_loses_no_stream(tiny_llama, reference, s
     step = random.Random(seed).randrange(10, MAX_TOKENS - 20)
     async with open_runtime(tiny_llama, isolation="process") as rt:
         first_pid = rt.engine_pid
-        async with trio.open_nursery() as nursery:
-            outcome = []
-
-            async def streams():
-                outcome.append(await run_all(rt, prompts(STREAMS)))
-
-            nursery.start_soon(streams)
-            await wait_for_step(rt, step)
-            os.kill(first_pid, signal.SIGKILL)
+        results = await run_all_signalled(rt, step, signal.SIGKILL)
         status = rt.engine_status()
         assert status.restarts == 1
         assert "SIGKILL" in status.last_exit
         assert rt.engine_pid != first_pid
         assert status.resumed_requests == STREAMS
         assert status.last_resume_s is not None and status.last_resume_s > 0
-    assert_complete_and_equal(outcome[0], reference)
+    assert_complete_and_equal(results, reference)
 
 
 @pytest.mark.parametrize("seed", [5])
@@ -154,20 +160,11 @@ async def test_a_request_that_crashes_every_engine_is_failed_and_the_others_comp
 
 async def test_a_frozen_engine_is_detected_by_its_heartbeat_and_replaced(tiny_llama, reference):
     async with open_runtime(tiny_llama, isolation="process", engine_heartbeat_timeout_s=1.0) as rt:
-        frozen = rt.engine_pid
-        async with trio.open_nursery() as nursery:
-            outcome = []
-
-            async def streams():
-                outcome.append(await run_all(rt, prompts(STREAMS)))
-
-            nursery.start_soon(streams)
-            await wait_for_step(rt, 30)
-            os.kill(frozen, signal.SIGSTOP)
+        results = await run_all_signalled(rt, 30, signal.SIGSTOP)
         status = rt.engine_status()
         assert status.restarts == 1
         assert "heartbeat" in status.last_exit
-    assert_complete_and_equal(outcome[0], reference)
+    assert_complete_and_equal(results, reference)
 
 
 async def test_too_many_deaths_fail_the_engine_honestly(tiny_llama):
