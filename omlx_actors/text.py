@@ -12,6 +12,19 @@ from typing import Any
 import attrs
 
 
+def proper_prefixes(markers: Sequence[str]) -> tuple[str, ...]:
+    """Every proper prefix of `markers` (stop strings, tool-call tags), longest first."""
+    return tuple(sorted({m[:n] for m in markers for n in range(1, len(m))}, key=len, reverse=True))
+
+
+def held_back(text: str, prefixes: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that is one of `prefixes` (`proper_prefixes`
+    of some markers): text that may be the start of a marker, to hold until the next piece."""
+    if not text.endswith(prefixes):  # one C call for the common case: nothing to hold
+        return 0
+    return next(len(p) for p in prefixes if text.endswith(p))
+
+
 @attrs.define
 class StopStringMatcher:
     """Holds back just enough text to recognise a stop string split across pieces.
@@ -25,6 +38,10 @@ class StopStringMatcher:
     _held: str = ""
     stopped: bool = False
     matched: str | None = None  # the stop string that ended the text
+    _prefixes: tuple[str, ...] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._prefixes = proper_prefixes(self.stops)
 
     def feed(self, piece: str) -> tuple[str, bool]:
         if self.stopped:
@@ -42,23 +59,13 @@ class StopStringMatcher:
             self.matched = first[1]
             self._held = ""
             return text[: first[0]], True
-        keep = self._longest_stop_prefix_suffix(text)
+        keep = held_back(text, self._prefixes)
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep], False
 
     def flush(self) -> str:
         held, self._held = self._held, ""
         return "" if self.stopped else held
-
-    def _longest_stop_prefix_suffix(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-        best = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(text)), best, -1):
-                if text.endswith(stop[:n]):
-                    best = n
-                    break
-        return best
 
 
 @attrs.frozen(kw_only=True)
@@ -85,6 +92,10 @@ class ToolCallScanner:
     _buffer: str = ""
     _in_call: bool = False
     _count: int = 0
+    _start_prefixes: tuple[str, ...] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._start_prefixes = proper_prefixes((self.start,))
 
     def feed(self, piece: str) -> tuple[str, list[ParsedToolCall]]:
         self._buffer += piece
@@ -94,7 +105,7 @@ class ToolCallScanner:
             if not self._in_call:
                 i = self._buffer.find(self.start)
                 if i < 0:
-                    keep = _partial_suffix(self._buffer, self.start)
+                    keep = held_back(self._buffer, self._start_prefixes)
                     out.append(self._buffer[: len(self._buffer) - keep])
                     self._buffer = self._buffer[len(self._buffer) - keep :]
                     break
@@ -137,10 +148,3 @@ class ToolCallScanner:
             calls.append(ParsedToolCall(name=str(item["name"]), arguments=arguments, index=self._count))
             self._count += 1
         return calls
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
-    return 0

@@ -74,3 +74,33 @@ def test_unterminated_tool_call_is_flushed_as_text():
     text, calls = scanner.feed('x<tool_call>{"name": "f"')
     assert (text, calls) == ("x", [])
     assert scanner.flush() == '<tool_call>{"name": "f"'
+
+
+STOPS = ("ab", "bab", "cbc", "c")
+
+
+def _may_start_a_stop(text: str) -> int:
+    """The reference: length of the longest end of `text` that begins some stop string."""
+    return max((n for s in STOPS for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+@given(st.lists(st.text(alphabet="abcx", max_size=6), max_size=10))
+def test_several_stop_strings_release_text_as_soon_as_it_cannot_start_one(pieces):
+    matcher = StopStringMatcher(STOPS)
+    released, seen = "", ""
+    for piece in pieces:
+        seen += piece
+        text, stopped = matcher.feed(piece)
+        released += text
+        if stopped:
+            first = min((seen.find(s), s) for s in STOPS if s in seen)
+            assert (released, matcher.matched) == (seen[: first[0]], first[1])
+            return
+        assert released == seen[: len(seen) - _may_start_a_stop(seen)]
+    assert released + matcher.flush() == seen
+
+
+def test_a_partial_tool_call_start_is_held_back_until_it_is_not_one():
+    scanner = _scanner()
+    assert scanner.feed("a <tool_ca") == ("a ", [])
+    assert scanner.feed("t") == ("<tool_cat", [])
