@@ -14,12 +14,17 @@ an actor whose mailbox is its event channel from the dispatcher. Its contract:
 - Iterating yields events until `Done`. If the consumer is cancelled, or leaves early and
   calls `aclose()` (or exits `async with`), the request is aborted in the engine - without
   blocking, so it is safe inside a cancelled scope - and unregistered from the dispatcher.
+- `receive_ready(deadline)` is the batch form for streaming: every event ready now, in one
+  list, waiting until `deadline` for the first; reaching the deadline is not a cancellation
+  (the request goes on), so a caller can time keep-alives without a task of its own.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Union
 
@@ -111,6 +116,13 @@ class Done:
 
 SessionEvent = Union[TextDelta, ToolCall, Progress, Done]
 
+
+class _EngineStopped:
+    """Stands for the end of the dispatcher's channel: it closed before `Finished`."""
+
+
+_ENGINE_STOPPED = _EngineStopped()
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -165,7 +177,7 @@ class Session:
         self._finished = False
         self._closed = False
         self._engine_done = False  # the engine sent Finished: nothing left to abort
-        self._pending: list[Any] = []
+        self._pending: deque[SessionEvent] = deque()
         self._completion_tokens = 0
         self.completion_token_ids: list[int] = []  # every token the engine delivered
         self._tool_calls: list[ParsedToolCall] = []
@@ -245,6 +257,7 @@ class Session:
         self._detokenizer = tok.detokenizer
         self._stop_ids = frozenset(stop_ids)
         self._stops = StopStringMatcher(tuple(req.stop))
+        self._logprobs = req.sampling.logprobs
         self._scanner: ToolCallScanner | None = None
         if req.tools and getattr(tok, "has_tool_calling", False):
             self._scanner = ToolCallScanner(
@@ -300,40 +313,85 @@ class Session:
         return self
 
     async def __anext__(self) -> SessionEvent:
+        await self._fill(math.inf)
+        if not self._pending:
+            raise StopAsyncIteration
+        return self._pending.popleft()
+
+    async def receive_ready(self, deadline: float = math.inf) -> list[SessionEvent]:
+        """Every event ready now (the engine's events already queued are all processed),
+        waiting until `deadline` (trio time) for at least one: `[]` if none came by then.
+        Raises `trio.EndOfChannel` once there is nothing more: `Done` was taken, or the
+        session was closed."""
+        await self._fill(deadline)
+        if not self._pending:
+            if self._finished:
+                raise trio.EndOfChannel
+            return []
+        batch = list(self._pending)
+        self._pending.clear()
+        return batch
+
+    async def _fill(self, deadline: float) -> None:
+        """Make some session event pending, processing engine events (waiting for them
+        until `deadline`), then process whatever else is already queued, without waiting."""
         if not self._started:
-            await self.start()
+            await self.start()  # its refusals leave nothing to close
         try:
-            while not self._pending:
-                if self._finished:
-                    raise StopAsyncIteration
-                assert self._events is not None
-                try:
-                    event = await self._events.receive()
-                except trio.EndOfChannel:
-                    self._finish_with(
-                        FinishReason.ERROR, "EngineStopped", "the engine stopped unexpectedly"
-                    )
-                    continue
-                self._on_event(event)
-            return self._pending.pop(0)
-        except BaseException as exc:
-            if not isinstance(exc, StopAsyncIteration):
-                self.close()  # cancelled or failed: the engine must not keep our request
+            self._drain_ready()
+            if not self._pending and not self._finished:
+                if deadline == math.inf:
+                    await self._wait_for_pending()
+                else:
+                    # Only here: a cancel scope costs more than the rest of a token's work.
+                    with trio.CancelScope(deadline=deadline):
+                        await self._wait_for_pending()
+                self._drain_ready()
+        except BaseException:
+            self.close()  # cancelled or failed: the engine must not keep our request
             raise
+
+    async def _wait_for_pending(self) -> None:
+        # Not every engine event makes a session event (`Admitted` does not).
+        while not self._pending and not self._finished:
+            self._on_event(await self._receive())
+
+    def _drain_ready(self) -> None:
+        while not self._finished and (event := self._receive_nowait()) is not None:
+            self._on_event(event)
+
+    async def _receive(self) -> Any:
+        assert self._events is not None
+        try:
+            return await self._events.receive()
+        except trio.EndOfChannel:
+            return _ENGINE_STOPPED
+
+    def _receive_nowait(self) -> Any:
+        """The next engine event if one is queued, else None."""
+        assert self._events is not None
+        try:
+            return self._events.receive_nowait()
+        except trio.WouldBlock:
+            return None
+        except trio.EndOfChannel:
+            return _ENGINE_STOPPED
 
     def _on_event(self, event: Any) -> None:
         match event:
+            case TokenDelta(tokens=tokens):  # first: all but a few events are tokens
+                self._on_tokens(tokens)
             case Admitted(queued_s=queued_s):
                 self._queued_s = queued_s
             case PrefillProgress(done=done, total=total):
                 self._pending.append(Progress(done=done, total=total))
-            case TokenDelta(tokens=tokens):
-                self._on_tokens(tokens)
             case Finished(reason=reason, error=error, error_type=error_type):
                 self._engine_done = True
                 self._cached_tokens = event.cached_tokens
                 if not self._finished:
                     self._finish_with(reason, error_type, error)
+            case _EngineStopped():
+                self._finish_with(FinishReason.ERROR, "EngineStopped", "the engine stopped unexpectedly")
             case other:
                 raise TypeError(f"session got unknown event {other!r}")
 
@@ -344,13 +402,15 @@ class Session:
         self._t_last = now
         if self._finished:
             return
+        detokenizer = self._detokenizer
         for choice in tokens:
+            token = choice.token
             self._completion_tokens += 1
-            self.completion_token_ids.append(choice.token)
-            if choice.token in self._stop_ids:
+            self.completion_token_ids.append(token)
+            if token in self._stop_ids:
                 continue  # the stop token ends the request; it is not text
-            self._detokenizer.add_token(choice.token)
-            self._emit_text(self._detokenizer.last_segment, (choice,))
+            detokenizer.add_token(token)
+            self._emit_text(detokenizer.last_segment, (choice,))
             if self._finished:
                 return
 
@@ -368,7 +428,7 @@ class Session:
                     )
                 )
         text, stopped = self._stops.feed(piece)
-        if text or (tokens and self._request.sampling.logprobs):
+        if text or (tokens and self._logprobs):
             self._pending.append(TextDelta(text=text, tokens=tokens))
         if stopped:
             self._finish_with(FinishReason.STOP, None, None, abort_engine=True)

@@ -170,3 +170,67 @@ async def test_top_k_at_or_above_the_vocabulary_keeps_every_token(tiny_llama):
         s = rt.complete("hi", max_tokens=4, ignore_eos=True, temperature=1.0, top_k=10_000, seed=3)
         _, _, done = await s.collect()
     assert done.finish_reason == "length"
+
+
+# ---------------------------------------------------------------------------------------
+# receive_ready: the batch form that streaming uses
+
+
+async def _all_events_queued(rt, session) -> None:
+    """Wait until the engine has delivered the whole request to the session's channel (the
+    dispatcher forgets a request once it has routed its `Finished`)."""
+    with trio.fail_after(10):
+        while len(rt.dispatcher):
+            await trio.sleep(0.01)
+
+
+async def test_events_ready_together_come_in_one_batch_in_order(tiny_llama):
+    async with open_runtime(tiny_llama) as rt:
+        expected, _, _ = await rt.complete("batch me", max_tokens=12, ignore_eos=True).collect()
+        async with rt.complete("batch me", max_tokens=12, ignore_eos=True) as session:
+            await _all_events_queued(rt, session)
+            batch = await session.receive_ready()
+            with pytest.raises(trio.EndOfChannel):
+                await session.receive_ready()
+    assert isinstance(batch[-1], Done) and batch[-1].finish_reason == "length"
+    assert "".join(e.text for e in batch if isinstance(e, TextDelta)) == expected
+    assert len([e for e in batch if isinstance(e, TextDelta)]) > 1  # one delta per token still
+
+
+async def test_a_stop_string_across_tokens_of_one_batch_ends_the_text_there(tiny_llama):
+    async with open_runtime(tiny_llama) as rt:
+        full, _, _ = await rt.complete("The quick brown fox", max_tokens=40, ignore_eos=True).collect()
+        stop = full[8:14]  # several characters: it spans token boundaries
+        async with rt.complete("The quick brown fox", max_tokens=40, ignore_eos=True, stop=[stop]) as session:
+            await _all_events_queued(rt, session)
+            batch = await session.receive_ready()
+    assert "".join(e.text for e in batch if isinstance(e, TextDelta)) == full[: full.index(stop)]
+    assert batch[-1].finish_reason == "stop" and batch[-1].stop_sequence == stop
+
+
+async def test_reaching_the_deadline_returns_nothing_and_the_request_goes_on(tiny_llama):
+    async with open_runtime(tiny_llama, prefill_step_size=2) as rt:
+        prompt = [(i * 7) % 500 + 5 for i in range(300)]  # 150 prefill chunks: slow to start
+        expected, _, _ = await rt.complete(prompt, max_tokens=8, ignore_eos=True).collect()
+        async with rt.complete(prompt, max_tokens=8, ignore_eos=True) as session:
+            # A deadline already past: what is queued, at most prefill progress, nothing more.
+            events = await session.receive_ready(trio.current_time())
+            assert all(isinstance(e, Progress) for e in events)
+            while not events or not isinstance(events[-1], Done):
+                events += await session.receive_ready(trio.current_time() + 0.001)
+    assert events[-1].finish_reason == "length"
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == expected
+
+
+async def test_cancelling_receive_ready_aborts_the_request(tiny_llama):
+    async with open_runtime(tiny_llama) as rt:
+        session = rt.complete("cancel me", max_tokens=1000, ignore_eos=True)
+        await session.start()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await session.receive_ready()
+        with trio.fail_after(2):  # the engine confirms the abort
+            while not (finished := [f for f in rt.dispatcher.recent_finished
+                                    if f.request_id == session.request_id]):
+                await trio.sleep(0.01)
+    assert [f.reason.value for f in finished] == ["abort"]
