@@ -41,7 +41,7 @@ from omlx_actors.http.schemas import (
     AToolUseBlock,
     MessagesRequest,
 )
-from omlx_actors.http.sse import StreamBroken, sse_event
+from omlx_actors.http.sse import StreamBroken, sse_event, sse_template
 from omlx_actors.session import Done, Progress, Session, TextDelta, ToolCall, Usage
 
 MESSAGES_ROUTE = "/v1/messages"
@@ -257,6 +257,7 @@ class MessageStream:
     _next_index: int = 0
     _text_open: bool = False
     _emitted: list[str] = attrs.Factory(list)
+    _text_delta: Callable[[str], bytes] | None = None  # the open text block's delta frame
 
     def open(self) -> list[bytes]:
         start = {
@@ -278,6 +279,18 @@ class MessageStream:
     def keepalive(self) -> bytes:
         return PING_FRAME
 
+    def _open_text(self) -> bytes:
+        self._text_open = True
+        index = self._next_index
+        self._text_delta = sse_template(lambda text: sse_event("content_block_delta", {
+            "type": "content_block_delta", "index": index,
+            "delta": {"type": "text_delta", "text": text},
+        }))
+        return sse_event("content_block_start", {
+            "type": "content_block_start", "index": index,
+            "content_block": {"type": "text", "text": ""},
+        })
+
     def _close_text(self) -> list[bytes]:
         if not self._text_open:
             return []
@@ -290,19 +303,10 @@ class MessageStream:
             case TextDelta(text=text):
                 if not text:
                     return []
-                frames = []
-                if not self._text_open:
-                    self._text_open = True
-                    frames.append(sse_event("content_block_start", {
-                        "type": "content_block_start", "index": self._next_index,
-                        "content_block": {"type": "text", "text": ""},
-                    }))
                 self._emitted.append(text)
-                frames.append(sse_event("content_block_delta", {
-                    "type": "content_block_delta", "index": self._next_index,
-                    "delta": {"type": "text_delta", "text": text},
-                }))
-                return frames
+                if self._text_open:
+                    return [self._text_delta(text)]
+                return [self._open_text(), self._text_delta(text)]
             case ToolCall():
                 frames = self._close_text()
                 block = tool_use_block(event)

@@ -5,9 +5,9 @@ the small routes (/health, /metrics, /v1/models), and the helpers the generation
 that the server uses to drain or abort in-flight requests at shutdown.
 
 Who owns what: the `ServerState` owns the table of in-flight generation requests and the
-`accepting` flag; each request's ASGI call (see `RequestScope`) owns a nursery for its
-stream pump and the cleanups that close its session, so a request's session is closed when
-its HTTP exchange ends however it ends (done, client gone, cancelled).
+`accepting` flag; each request's ASGI call (see `RequestScope`) owns the cleanups that close
+its session, so a request's session is closed when its HTTP exchange ends however it ends
+(done, client gone, cancelled).
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Keys this module adds to an HTTP request's ASGI scope.
-SCOPE_NURSERY = "omlx.nursery"
 SCOPE_CLEANUPS = "omlx.cleanups"
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -124,9 +123,9 @@ class ServerState:
 
 
 class RequestScope:
-    """ASGI middleware around the Quart app. Each HTTP exchange gets a nursery (its stream
-    pump runs there), a cancel scope the server can use at shutdown, and a list of cleanups
-    run when the exchange ends - after the last byte is sent, or when the client left."""
+    """ASGI middleware around the Quart app. Each HTTP exchange gets a cancel scope the
+    server can use at shutdown, and a list of cleanups run when the exchange ends - after
+    the last byte is sent, or when the client left."""
 
     def __init__(self, app: QuartTrio, state: ServerState) -> None:
         self.app = app
@@ -152,12 +151,7 @@ class RequestScope:
         with trio.CancelScope() as exchange:
             self.state.exchanges.add(exchange)
             try:
-                async with trio.open_nursery() as nursery:
-                    scope[SCOPE_NURSERY] = nursery
-                    try:
-                        await self.app(scope, receive, send_last_shielded)
-                    finally:
-                        nursery.cancel_scope.cancel()
+                await self.app(scope, receive, send_last_shielded)
             finally:
                 self.state.exchanges.discard(exchange)
                 for cleanup in reversed(cleanups):
@@ -399,7 +393,6 @@ def stream_response(
     body = sse_body(
         session,
         encoder,
-        nursery=request.scope[SCOPE_NURSERY],
         keepalive_s=state.settings.keepalive_s,
         on_done=lambda done: metrics.observe_done(route, done),
         on_end=on_end,

@@ -44,7 +44,7 @@ from omlx_actors.http.schemas import (
     RefusalPart,
     TextPart,
 )
-from omlx_actors.http.sse import KEEPALIVE_COMMENT, StreamBroken, sse_data
+from omlx_actors.http.sse import KEEPALIVE_COMMENT, StreamBroken, sse_data, sse_template
 from omlx_actors.session import Done, Progress, TextDelta, ToolCall, Usage
 
 CHAT_ROUTE = "/v1/chat/completions"
@@ -386,6 +386,10 @@ class ChatStream:
     logprobs: bool
     token_text: Callable[[int], str]
     finished: bool = False
+    _text_frame: Callable[[str], bytes] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._text_frame = sse_template(lambda text: self._chunk({"content": text}))
 
     def _chunk(self, delta: dict, *, finish_reason: str | None = None, logprobs=None) -> bytes:
         body: dict[str, Any] = {
@@ -409,11 +413,9 @@ class ChatStream:
     def feed(self, event: Any) -> list[bytes]:
         match event:
             case TextDelta(text=text, tokens=tokens):
-                lp = None
-                if self.logprobs:
-                    lp = {"content": [_logprob_entry(t, self.token_text) for t in tokens]}
-                if not text and not lp:
-                    return []
+                if not self.logprobs:
+                    return [self._text_frame(text)] if text else []
+                lp = {"content": [_logprob_entry(t, self.token_text) for t in tokens]}
                 return [self._chunk({"content": text}, logprobs=lp)]
             case ToolCall():
                 return [self._chunk({"tool_calls": [tool_call_body(event, index=event.index)]})]
@@ -452,6 +454,10 @@ class CompletionStream:
     token_text: Callable[[int], str]
     finished: bool = False
     _legacy: _LegacyLogprobs | None = None
+    _text_frame: Callable[[str], bytes] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._text_frame = sse_template(self._chunk)
 
     def _chunk(self, text: str, *, finish_reason: str | None = None, logprobs=None) -> bytes:
         body: dict[str, Any] = {
@@ -477,10 +483,9 @@ class CompletionStream:
     def feed(self, event: Any) -> list[bytes]:
         match event:
             case TextDelta(text=text, tokens=tokens):
-                lp = self._legacy.block(tokens) if self._legacy is not None else None
-                if not text and not lp:
-                    return []
-                return [self._chunk(text, logprobs=lp)]
+                if self._legacy is None:
+                    return [self._text_frame(text)] if text else []
+                return [self._chunk(text, logprobs=self._legacy.block(tokens))]
             case ToolCall():
                 return []  # no tools on this route
             case Progress():

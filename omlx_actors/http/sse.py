@@ -1,11 +1,11 @@
-"""Server-sent events: framing, and the relay that turns a started session into an SSE body
-with keep-alives.
+"""Server-sent events: framing, and the body that turns a started session into an SSE
+stream with keep-alives.
 
-A session's events are pumped by a task of the request's own nursery (see
-`omlx_actors.http.app.RequestScope`) into a small channel; the response body reads that
-channel with a timer, so a quiet stream (a long prefill, a wait in the queue) gets a
-keep-alive without ever cancelling the session's own receive - cancelling a session's
-iteration aborts its request, by contract.
+The response body reads the session itself, in batches (`Session.receive_ready`): every
+event ready goes out in one write, and waiting for the next one is bounded by a deadline, so
+a quiet stream (a long prefill, a wait in the queue) gets a keep-alive without cancelling
+the session's receive - cancelling a session's iteration aborts its request, by contract.
+No task of its own: each token costs one wake-up of the body, not a relay between tasks.
 
 Order of events on the wire: the encoder's opening frames, then frames for each session
 event, keep-alives in between (after `keepalive_s` of silence, and for prefill progress
@@ -29,11 +29,6 @@ from omlx_actors.session import Done, Progress, Session
 
 log = logging.getLogger(__name__)
 
-# Events in flight between a session's pump and its response body. When the client reads
-# slowly the pump waits here; the session's own channel (sized for the whole request) holds
-# the rest, so the engine never waits on a client. 16 keeps a burst of tokens in one write.
-STREAM_RELAY_CAPACITY = 16
-
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
 
 # Prefill progress becomes a keep-alive only if the stream has been quiet this long: a
@@ -49,6 +44,19 @@ def sse_data(payload: Any) -> bytes:
 
 def sse_event(name: str, payload: Any) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + _encode(payload) + b"\n\n"
+
+
+# Encodes as "\u0000hole\u0000": no id, model name or other fixed part of a frame holds it.
+_HOLE = "\x00hole\x00"
+
+
+def sse_template(frame: Callable[[str], bytes]) -> Callable[[str], bytes]:
+    """`frame`, with everything but its string argument encoded once.
+
+    For the frames sent per token, whose payload is fixed but for the token's text:
+    building and encoding the whole payload each time costs more than the text itself."""
+    head, tail = frame(_HOLE).split(_encode(_HOLE))
+    return lambda text: head + _encode(text) + tail
 
 
 @attrs.frozen(kw_only=True)
@@ -71,28 +79,40 @@ class StreamEncoder(Protocol):
     def keepalive(self) -> bytes: ...
 
 
-async def _pump(session: Session, send: trio.MemorySendChannel) -> None:
-    with send:
-        try:
-            async for event in session:
-                await send.send(event)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the body is gone: the client left
-        except Exception as exc:  # noqa: BLE001 - reported to the client as an error event
-            log.exception("session %s failed while streaming", session.request_id)
-            try:
-                await send.send(StreamBroken(message=f"internal error: {type(exc).__name__}"))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-        finally:
-            session.close()
+async def _next_events(session: Session, deadline: float) -> list[Any]:
+    """The session's ready events (`[]`: none by `deadline`); its failures as `StreamBroken`."""
+    try:
+        return await session.receive_ready(deadline)
+    except trio.EndOfChannel:
+        return [StreamBroken(message="the stream ended without a final event")]
+    except Exception as exc:  # reported to the client as an error event
+        log.exception("session %s failed while streaming", session.request_id)
+        return [StreamBroken(message=f"internal error: {type(exc).__name__}")]
+
+
+def _frames_of(
+    events: list[Any], encoder: StreamEncoder, on_done: Callable[[Done], None]
+) -> tuple[bytes, bool]:
+    """One write for a batch of events, and whether prefill progress was among them
+    (progress is not sent as such: it only makes a quiet stream send a keep-alive)."""
+    frames: list[bytes] = []
+    progress = False
+    for event in events:
+        if isinstance(event, Progress):
+            progress = True
+            continue
+        if isinstance(event, Done):
+            on_done(event)
+        frames.extend(encoder.feed(event))
+        if encoder.finished:
+            break
+    return b"".join(frames), progress
 
 
 async def sse_body(
     session: Session,
     encoder: StreamEncoder,
     *,
-    nursery: trio.Nursery,
     keepalive_s: float,
     on_done: Callable[[Done], None],
     on_end: Callable[[bool, float], None],
@@ -104,46 +124,27 @@ async def sse_body(
     body was cancelled). Never raises into the server for a session failure: those become
     error frames.
     """
-    send, receive = trio.open_memory_channel[Any](STREAM_RELAY_CAPACITY)
-    nursery.start_soon(_pump, session, send)
     started = time.monotonic()
     last_frame = trio.current_time()  # keep-alives are timed from the last frame sent
+    progress_quiet_s = min(PROGRESS_KEEPALIVE_MIN_S, keepalive_s)
     complete = False
     try:
-        for frame in encoder.open():
-            yield frame
+        opening = b"".join(encoder.open())
+        if opening:
+            yield opening
         while not encoder.finished:
-            event: Any = None
-            with trio.move_on_at(last_frame + keepalive_s):
-                try:
-                    event = await receive.receive()
-                except trio.EndOfChannel:
-                    event = StreamBroken(message="the stream ended without a final event")
+            events = await _next_events(session, last_frame + keepalive_s)
             now = trio.current_time()
-            if event is None or isinstance(event, Progress):
-                if event is None or now - last_frame >= min(PROGRESS_KEEPALIVE_MIN_S, keepalive_s):
-                    last_frame = now
-                    yield encoder.keepalive()
-                continue
-            # Whatever else is already waiting goes out in the same write: under load
-            # (many streams, fast steps) one write per token costs more than the token.
-            frames: list[bytes] = []
-            while True:
-                if isinstance(event, Done):
-                    on_done(event)
-                if not isinstance(event, Progress):
-                    frames.extend(encoder.feed(event))
-                if encoder.finished:
-                    break
-                try:
-                    event = receive.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            if frames:
+            # Everything that is ready goes out in one write: under load (many streams,
+            # fast steps) one write per token costs more than the token.
+            data, progress = _frames_of(events, encoder, on_done)
+            if data:
                 last_frame = now
-                yield b"".join(frames)
+                yield data
+            elif not events or (progress and now - last_frame >= progress_quiet_s):
+                last_frame = now
+                yield encoder.keepalive()
         complete = True
     finally:
-        receive.close()
         session.close()
         on_end(complete, time.monotonic() - started)

@@ -1,6 +1,8 @@
 """Streams under stress: clients that leave (mid-stream, mid-prefill, while waiting for a
 non-streamed answer) free their request in the engine promptly; keep-alives flow during a
-long prefill; 50 concurrent streams with 10 leavers finish exactly."""
+long prefill; 50 concurrent streams with 10 leavers finish exactly. And the SSE body on its
+own: events ready together leave in one write; a session that ends without its final event
+ends the stream with an error."""
 
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ import httpx
 import trio
 from http_support import MODEL, chat_body, engine_idle, http_client, serve, sse_payloads, wait_until
 
+from omlx_actors.api import open_runtime
 from omlx_actors.engine.messages import FinishReason
+from omlx_actors.http.openai_routes import ChatStream
 from omlx_actors.http.settings import HttpSettings
+from omlx_actors.http.sse import sse_body
 
 
 def finished(server, request_id: str | None = None):
@@ -142,3 +147,38 @@ async def test_fifty_streams_ten_leave_early_the_rest_are_exact(server):
     assert len(reasons) == 50
     assert reasons.count(FinishReason.LENGTH) >= 40
     assert reasons.count(FinishReason.ABORT) + reasons.count(FinishReason.LENGTH) == 50
+
+
+async def _writes(session) -> list[bytes]:
+    """Every write of a chat stream's SSE body for a started session."""
+    encoder = ChatStream(id="chatcmpl-1", model=MODEL, created=1, include_usage=False,
+                         logprobs=False, token_text=str)
+    body = sse_body(session, encoder, keepalive_s=30.0, on_done=lambda done: None,
+                    on_end=lambda complete, seconds: None)
+    return [write async for write in body]
+
+
+async def test_events_ready_together_leave_in_one_write(tiny_llama):
+    async with open_runtime(tiny_llama) as rt:
+        expected, _, _ = await rt.complete("coalesce", max_tokens=10, ignore_eos=True).collect()
+        session = rt.complete("coalesce", max_tokens=10, ignore_eos=True)
+        await session.start()
+        await wait_until(lambda: len(rt.dispatcher) == 0, timeout=10)  # all of it queued
+        _opening, *rest = await _writes(session)
+    assert len(rest) == 1
+    payloads = sse_payloads(rest[0].decode().split("\n"))
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p)["choices"][0] for p in payloads[:-1]]
+    assert "".join(c["delta"].get("content", "") for c in chunks) == expected
+    assert len(chunks) > 2 and chunks[-1]["finish_reason"] == "length"
+
+
+async def test_a_session_that_ends_without_its_final_event_ends_the_stream_with_an_error(tiny_llama):
+    async with open_runtime(tiny_llama) as rt:
+        session = rt.complete("cut short", max_tokens=1000, ignore_eos=True)
+        await session.start()
+        session.close()  # by someone else (the exchange's cleanup) while its body still runs
+        _, last = await _writes(session)
+    error, done = sse_payloads(last.decode().split("\n"))
+    assert json.loads(error)["error"]["message"] == "the stream ended without a final event"
+    assert done == "[DONE]"

@@ -12,7 +12,8 @@ import openai
 import pytest
 
 from omlx_actors.http.anthropic_routes import MessageStream, message_body
-from omlx_actors.http.openai_routes import ChatStream, chat_completion
+from omlx_actors.http.openai_routes import ChatStream, CompletionStream, chat_completion
+from omlx_actors.http.sse import sse_data, sse_event
 from omlx_actors.session import Done, Progress, TextDelta, Timings, ToolCall, Usage
 
 TIMINGS = Timings(queued_s=0.0, ttft_s=0.01, total_s=0.1, mean_itl_s=0.001)
@@ -137,3 +138,40 @@ def test_anthropic_stream_failure_is_an_error_event():
         with client.messages.stream(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}]) as stream:
             for _ in stream:
                 pass
+
+
+# Text a token may carry: quotes, escapes, control characters, non-ASCII, the empty-looking.
+AWKWARD = ['say "hi"', "back\\slash", "tab\tnew\nline", "\x00\x1f\x7f", "snow ☃ 🐍", " ", "</script>"]
+
+
+def test_openai_text_frames_are_exactly_the_encoded_chunks():
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "system_fingerprint": None}
+    stream = _chat_stream()
+    stream.open()
+    for text in AWKWARD:
+        chunk = {**head, "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None,
+                                      "finish_reason": None}], "usage": None}
+        assert stream.feed(TextDelta(text=text)) == [sse_data(chunk)]
+    legacy = CompletionStream(id="cmpl-1", model="m", created=1, include_usage=False, logprobs=False,
+                              token_text=str)
+    legacy.open()
+    for text in AWKWARD:
+        chunk = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+                 "system_fingerprint": None,
+                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]}
+        assert legacy.feed(TextDelta(text=text)) == [sse_data(chunk)]
+
+
+def test_anthropic_text_deltas_are_exactly_the_encoded_events_in_each_block():
+    stream = _message_stream()
+    frames = stream.open()
+    for event in [TextDelta(text=AWKWARD[0]), CALL, *(TextDelta(text=t) for t in AWKWARD[1:])]:
+        frames += stream.feed(event)
+    deltas = [f for f in frames if f.startswith(b"event: content_block_delta\n") and b"text_delta" in f]
+    indexes = [0] + [2] * (len(AWKWARD) - 1)  # the tool_use block in between is index 1
+    assert deltas == [
+        sse_event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                          "delta": {"type": "text_delta", "text": text}})
+        for index, text in zip(indexes, AWKWARD)
+    ]
