@@ -78,6 +78,13 @@ class RuntimeConfig:
     engine_max_restarts: int = attrs.field(default=10, validator=_positive)
     engine_restart_window_s: float = attrs.field(default=60.0, validator=_positive)
 
+    # Python's thread switch interval (seconds) for the processes that run the engine (the
+    # server, and the engine process): the MLX thread releases the GIL while the device
+    # computes and must get it back the moment a step is done; with the default 5 ms a busy
+    # event loop can hold it a whole interval each time, which costs most on fast steps
+    # (a GPU). None leaves Python's default.
+    gil_switch_interval_s: float | None = attrs.field(default=None, validator=_positive)
+
     def to_json(self) -> str:
         """This config as JSON (paths as strings), for the engine process."""
         return json.dumps(attrs.asdict(

@@ -155,18 +155,15 @@ async def open_server(
                     await server.shutdown()
 
 
-def serve_main(config: RuntimeConfig, *, host: str, port: int, settings: HttpSettings | None = None,
-               gil_switch_interval: float | None = None) -> int:
+def serve_main(config: RuntimeConfig, *, host: str, port: int, settings: HttpSettings | None = None) -> int:
     """The CLI: serve until SIGINT/SIGTERM, then shut down gracefully; exit status 0. A
     second signal during a drain aborts the requests still running."""
     from omlx_actors.errors import RequestError
 
-    if gil_switch_interval is not None:
-        # The MLX thread releases the GIL while the device computes and must get it back
-        # the moment a step is done; with the default 5 ms interval a busy event loop can
-        # hold it for a whole interval each time (the "convoy" effect), which costs most on
-        # fast steps (a GPU). Serving is this process's only job, so we may set it.
-        sys.setswitchinterval(gil_switch_interval)
+    if config.gil_switch_interval_s is not None:
+        # See RuntimeConfig.gil_switch_interval_s. Serving is this process's only job, so we
+        # may set it (the engine process sets it for itself).
+        sys.setswitchinterval(config.gil_switch_interval_s)
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

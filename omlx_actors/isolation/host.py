@@ -146,6 +146,8 @@ async def serve(sock: socket.socket) -> int:
         log.error("engine host: expected HostHello first, got %r", hello)
         return EXIT_BAD_HELLO
     config = RuntimeConfig.from_json(hello.config_json)
+    if config.gil_switch_interval_s is not None:
+        sys.setswitchinterval(config.gil_switch_interval_s)
     stop_mode = [ShutdownMode.ABORT]  # unless the front asks for a drain
     code = EXIT_STOPPED
     async with trio.open_nursery() as outer:
