@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -323,8 +324,9 @@ WORDS = ("river stone light table garden window music paper engine forest cloud 
 
 
 def make_text_prompts(n: int, words: int, offset: int = 0) -> list[str]:
-    return [" ".join(WORDS[(7 * (i + offset) + 3 * j + j * j) % len(WORDS)] for j in range(words))
-            for i in range(n)]
+    """`n` deterministic prompts of `words` words, each (offset, index) its own: no two share
+    a prefix block, so no side's prefix cache serves one prompt from another."""
+    return [" ".join(random.Random(f"{offset}:{i}").choices(WORDS, k=words)) for i in range(n)]
 
 
 def _free_port() -> int:
