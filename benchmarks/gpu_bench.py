@@ -2,7 +2,7 @@
 (a) bare BatchGenerator vs (b) in-process vs (c) over HTTP at concurrency 1, 8, 64.
 
 Run on the GPU machine (see ../shared/tools/gpu/README.md):
-    PYTHONPATH=$PWD python3 benchmarks/gpu_bench.py 1b /tmp/models out.json
+    PYTHONPATH=$PWD python3 benchmarks/gpu_bench.py 1b /tmp/models out.json [GIL_S [REPEAT]]
 """
 
 import argparse
@@ -26,12 +26,13 @@ SPECS = {
 def main() -> int:
     which, root, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     gil = float(sys.argv[4]) if len(sys.argv) > 4 else None
+    repeat = int(sys.argv[5]) if len(sys.argv) > 5 else 3  # the median run of each side is kept
     spec = get_spec("demo-150m").with_(name=f"llama-{which}-bf16", dtype="bfloat16", **SPECS[which])
     path = root / spec.name
     if not (path / "omlx_demo.json").exists():
         build_demo_model(spec, path, overwrite=True)
     print(f"built {path}", flush=True)
-    args = argparse.Namespace(concurrency="1,8,64", prompt_words=100, max_tokens=64, repeat=1,
+    args = argparse.Namespace(concurrency="1,8,64", prompt_words=100, max_tokens=64, repeat=repeat,
                               conversations=4, turns=1, history_words=600, json=out, sides="a,b,c",
                               gil_switch_interval=gil)
     config = RuntimeConfig(model=str(path), max_batch_size=64, prefill_batch_size=8,
