@@ -65,9 +65,10 @@ def _percentile(values, q: float) -> float:
 
 
 def make_prompts(n: int, length: int, vocab: int, offset: int = 0) -> list[list[int]]:
-    """Distinct deterministic prompts of `length` token ids (no special ids below 16)."""
-    span = max(vocab - 16, 1)
-    return [[16 + (7919 * (i + offset) + 104729 * j) % span for j in range(length)] for i in range(n)]
+    """Deterministic prompts of `length` token ids (no special ids below 16), each
+    (offset, index) its own: no two share a prefix block, whatever the offsets."""
+    rngs = [random.Random(f"{offset}:{i}") for i in range(n)]
+    return [[rng.randrange(16, max(vocab, 17)) for _ in range(length)] for rng in rngs]
 
 
 def bare_loop(model, prompts: list[list[int]], max_tokens: int, config: RuntimeConfig) -> LevelResult:
@@ -547,10 +548,12 @@ def full_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
                     await http_level("c", ours.url, model_id, warm, 4)
                     if theirs is not None:
                         await http_level("d", theirs.url, their_id, warm, 4)
-                    texts = make_text_prompts(level, args.prompt_words, offset=level)
-                    ids = [tok.encode(p) for p in texts]
                     runs: dict[str, list[LevelResult]] = {"a": [], "b": [], "c": [], "d": []}
                     for rep in range(args.repeat):
+                        # New prompts each repeat: the sides with a prefix cache must not get
+                        # an earlier repeat's prompts from it while (a) prefills them again.
+                        texts = make_text_prompts(level, args.prompt_words, offset=level + 1000 * rep)
+                        ids = [tok.encode(p) for p in texts]
                         runs["a"].append(await trio.to_thread.run_sync(bare.run, ids, args.max_tokens))
                         runs["b"].append(await runtime_level(rt, ids, args.max_tokens))
                         runs["c"].append(await http_level("omlx-actors HTTP", ours.url, model_id, texts, args.max_tokens))
