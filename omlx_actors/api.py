@@ -94,27 +94,39 @@ class Dispatcher:
         return len(self._routes)
 
     async def run(self, events: trio.MemoryReceiveChannel[EngineEvent]) -> None:
-        """Serve until the executor's event channel closes; then fail whoever is left."""
+        """Serve until the executor's event channel closes; then fail whoever is left.
+
+        Routes every event already waiting before yielding again: a step's tokens for all
+        streams land in their sessions together, so each stream wakes once per step with
+        everything it has, not once per event."""
         try:
             async for event in events:
-                if isinstance(event, Finished):
-                    self.recent_finished.append(event)
-                send = self._routes.get(event.request_id)
-                if send is None:
-                    self.undeliverable += 1
-                    continue
-                try:
-                    send.send_nowait(event)
-                except trio.WouldBlock:  # a sizing bug: say so, and end that request
-                    log.error("session channel of %s is full; failing it", event.request_id)
-                    self.unregister(event.request_id)
-                except trio.BrokenResourceError:
-                    self.unregister(event.request_id)
-                if isinstance(event, Finished):
-                    self.unregister(event.request_id)
+                self._route(event)
+                while True:
+                    try:
+                        self._route(events.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
         finally:
             for request_id in list(self._routes):
                 self.fail(request_id, "EngineStopped", "the engine stopped")
+
+    def _route(self, event: EngineEvent) -> None:
+        if isinstance(event, Finished):
+            self.recent_finished.append(event)
+        send = self._routes.get(event.request_id)
+        if send is None:
+            self.undeliverable += 1
+            return
+        try:
+            send.send_nowait(event)
+        except trio.WouldBlock:  # a sizing bug: say so, and end that request
+            log.error("session channel of %s is full; failing it", event.request_id)
+            self.unregister(event.request_id)
+        except trio.BrokenResourceError:
+            self.unregister(event.request_id)
+        if isinstance(event, Finished):
+            self.unregister(event.request_id)
 
     def fail(self, request_id: str, error_type: str, error: str) -> None:
         send = self._routes.get(request_id)
