@@ -159,7 +159,7 @@ async def test_a_request_that_crashes_every_engine_is_failed_and_the_others_comp
 
 
 async def test_a_frozen_engine_is_detected_by_its_heartbeat_and_replaced(tiny_llama, reference):
-    async with open_runtime(tiny_llama, isolation="process", engine_heartbeat_timeout_s=1.0) as rt:
+    async with open_runtime(tiny_llama, isolation="process", engine_heartbeat_timeout_s=2.0) as rt:
         results = await run_all_signalled(rt, 30, signal.SIGSTOP)
         status = rt.engine_status()
         assert status.restarts == 1
