@@ -77,7 +77,11 @@ class _Host:
         while True:
             kind, ident, target, payload = await reader.receive()
             message = decode_message(payload)
-            if kind is Kind.CALL:
+            if kind is Kind.CALL and isinstance(message, HostStop):
+                # Answered with HostStopped once the engine has stopped (see `serve`).
+                self.stop, self.stop_call = message, ident
+                self.stop_requested.set()
+            elif kind is Kind.CALL:
                 nursery.start_soon(self.answer, ident, target, message)
             elif kind is Kind.CAST:
                 address = self.targets.get(target)
@@ -85,27 +89,22 @@ class _Host:
                     nursery.start_soon(address.cast, message)  # never dropped, only late
 
     async def answer(self, ident: int, target: str, message) -> None:
+        """Answer one call. A front that is gone gets no answer (`send_quietly`)."""
         try:
-            result = await self.call(target, message, ident)
+            result = await self.call(target, message)
         except ActorError as exc:
-            await self.writer.send(Kind.ERROR, ident, target, wire.encode_error(exc))
+            await self.writer.send_quietly(Kind.ERROR, ident, target, wire.encode_error(exc))
         except Exception as exc:  # noqa: BLE001 - the front must hear of any failure
             log.exception("engine host: %s call %r failed", target, message)
             error = ActorError(target, f"{type(exc).__name__}: {exc}")
-            await self.writer.send(Kind.ERROR, ident, target, wire.encode_error(error))
+            await self.writer.send_quietly(Kind.ERROR, ident, target, wire.encode_error(error))
         else:
-            if result is not _LATER:
-                await self.writer.send(Kind.REPLY, ident, target, encode_message(result))
+            await self.writer.send_quietly(Kind.REPLY, ident, target, encode_message(result))
 
-    async def call(self, target: str, message, ident: int):
+    async def call(self, target: str, message):
         if target == "host":
-            match message:
-                case LookupAndSubmit(submit=submit):
-                    return await self.side.submit(submit)
-                case HostStop():
-                    self.stop, self.stop_call = message, ident
-                    self.stop_requested.set()
-                    return _LATER  # answered with HostStopped once the engine stopped
+            if isinstance(message, LookupAndSubmit):
+                return await self.side.submit(message.submit)
             raise ActorError("host", f"unknown host message {type(message).__name__}")
         address = self.targets.get(target)
         if address is None:
@@ -114,7 +113,8 @@ class _Host:
 
     async def forward_events(self) -> None:
         """Every engine event, in order, batched per wake-up; ends when the executor has
-        stopped and closed its channel (so a drain's last events all go out)."""
+        stopped and closed its channel (so a drain's last events all go out). With the front
+        gone it keeps draining the channel, so the executor never blocks on it."""
         events = self.side.events
         async for first in events:
             batch = [first]
@@ -123,18 +123,11 @@ class _Host:
                     batch.append(events.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            await self.writer.send(Kind.EVENTS, 0, "", [wire.encode(e) for e in batch])
+            await self.writer.send_quietly(Kind.EVENTS, 0, "", [wire.encode(e) for e in batch])
 
     async def forward_snapshots(self) -> None:
         async for snapshot in self.side.memory.subscribe():
-            await self.writer.send(Kind.SNAPSHOT, 0, "", wire.encode(snapshot))
-
-
-class _Later:
-    pass
-
-
-_LATER = _Later()
+            await self.writer.send_quietly(Kind.SNAPSHOT, 0, "", wire.encode(snapshot))
 
 
 async def serve(sock: socket.socket) -> int:
@@ -171,7 +164,7 @@ async def serve(sock: socket.socket) -> int:
                     ready = HostReady(info=side.info, pid=os.getpid(),
                                       cache_index=side.cache_index is not None,
                                       ssd=side.ssd is not None)
-                    await writer.send(Kind.REPLY, 0, "host", encode_message(ready))
+                    await writer.send_quietly(Kind.REPLY, 0, "host", encode_message(ready))
                     serving.start_soon(host.serve_until_gone, reader, serving)
                     await host.stop_requested.wait()
                     if host.stop is not None and host.stop.mode == "drain":
@@ -181,14 +174,14 @@ async def serve(sock: socket.socket) -> int:
                     await events_done.wait()
                 if host.stop is not None:
                     stopped = encode_message(HostStopped())
-                    await writer.send(Kind.REPLY, host.stop_call, "host", stopped)
+                    await writer.send_quietly(Kind.REPLY, host.stop_call, "host", stopped)
             except Exception as exc:  # noqa: BLE001 - unwrap the supervisor's group
                 failure = _load_failure(exc)
                 if failure is None:
                     raise
                 log.error("engine host: %s", failure.message)
                 failed = HostLoadFailed(error_type=type(failure).__name__, error=failure.message)
-                await writer.send(Kind.REPLY, 0, "host", encode_message(failed))
+                await writer.send_quietly(Kind.REPLY, 0, "host", encode_message(failed))
                 code = EXIT_LOAD_FAILED
             serving.cancel_scope.cancel()
         writer.close()  # _write returns once the queued frames are written

@@ -45,7 +45,6 @@ from omlx_actors.engine.executor import ENGINE_EVENT_BACKLOG, DuplicateRequest, 
 from omlx_actors.engine.messages import (
     Abort,
     EngineEvent,
-    EngineInfo,
     Finished,
     FinishReason,
     InjectFault,
@@ -117,7 +116,6 @@ class RemoteMemory:
 
 @attrs.define(eq=False)
 class _Incarnation:
-    number: int
     process: trio.Process
     writer: FrameWriter
     reader: FrameReader
@@ -165,7 +163,6 @@ class EngineLink:
         self.memory = RemoteMemory()
         self._events_send, self.events = trio.open_memory_channel[EngineEvent](ENGINE_EVENT_BACKLOG)
         self._current: _Incarnation | None = None
-        self._numbers = itertools.count(1)
         self._call_ids = itertools.count(1)
         self._sticky_faults: list[InjectFault] = []
         self._deaths: deque[float] = deque()
@@ -179,7 +176,6 @@ class EngineLink:
         self.last_restart_s: float | None = None
         self.last_resume_s: float | None = None
         self.failed_reason: str | None = None
-        self.info: EngineInfo | None = None
         self.first_ready: HostReady | None = None
 
     # -- what the runtime uses ----------------------------------------------------------------
@@ -250,7 +246,7 @@ class EngineLink:
             # Refused, timed out, or our caller was cancelled: the session will not read
             # this request, so it must not run.
             if self.recovery.untrack(request_id) is not None:
-                inc.writer.send_nowait(Kind.CAST, 0, "executor", encode_message(Abort(request_id=request_id)))
+                self._cast_abort(inc, request_id)
             self._pump_sends()
             raise
 
@@ -259,10 +255,15 @@ class EngineLink:
         self._awaiting_resume.discard(abort.request_id)
         inc = self._current
         if inc is not None and self.state is EngineState.READY and (tracked is None or tracked.sent):
-            payload = encode_message(abort)
-            if not inc.writer.send_nowait(Kind.CAST, 0, "executor", payload):
-                self._nursery.start_soon(inc.writer.send_quietly, Kind.CAST, 0, "executor", payload)
+            self._cast_abort(inc, abort.request_id)
         self._pump_sends()
+
+    def _cast_abort(self, inc: _Incarnation, request_id: str) -> None:
+        """Tell `inc` to drop a request, never blocking (a background send if the outbox is
+        momentarily full: an abort is never dropped while the engine lives)."""
+        payload = encode_message(Abort(request_id=request_id))
+        if not inc.writer.send_nowait(Kind.CAST, 0, "executor", payload):
+            self._nursery.start_soon(inc.writer.send_quietly, Kind.CAST, 0, "executor", payload)
 
     def _pump_sends(self) -> None:
         """Send every request `Recovery` says may go to the ready engine now."""
@@ -290,12 +291,13 @@ class EngineLink:
             return  # recovery already counts it as unsent: the next engine gets it
         except ActorError as exc:
             if self.recovery.untrack(request_id) is not None:
+                self._cast_abort(inc, request_id)  # a timed-out submit may still get in
                 await self._emit(_error(request_id, type(exc).__name__,
                                         f"the request could not be resumed: {exc}"))
             self._pump_sends()
             return
         if request_id not in self.recovery.tracked:  # aborted while we were sending it
-            inc.writer.send_nowait(Kind.CAST, 0, "executor", encode_message(Abort(request_id=request_id)))
+            self._cast_abort(inc, request_id)
 
     async def _emit(self, event: EngineEvent) -> None:
         # Shielded: an event recorded by `Recovery` must reach its session, or the two
@@ -376,8 +378,7 @@ class EngineLink:
                 await process.wait()
             raise EngineLoadFailed("executor", answer.error)
         assert isinstance(answer, HostReady), answer
-        return _Incarnation(number=next(self._numbers), process=process, writer=writer,
-                            reader=reader, ready=answer)
+        return _Incarnation(process=process, writer=writer, reader=reader, ready=answer)
 
     async def _run_incarnation(self, inc: _Incarnation) -> None:
         """Serve `inc` until it dies (or the link stops it); then reap it and fail the calls
@@ -567,7 +568,6 @@ async def open_engine_link(config: RuntimeConfig, model_path: Path) -> AsyncIter
     async with trio.open_nursery() as nursery:
         link = EngineLink(config, model_path, nursery)
         first = await link._spawn()
-        link.info = first.ready.info
         link.first_ready = first.ready
         await nursery.start(link.supervise, first)
         try:

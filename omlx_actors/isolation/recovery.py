@@ -92,12 +92,11 @@ class Recovery:
         """True while suspects are being proven: new requests wait in the front."""
         return self.probation is not None or bool(self.suspects)
 
-    def track(self, submit: Submit) -> bool:
-        """Record a new request; True if it may be sent now (False: held until released)."""
+    def track(self, submit: Submit) -> None:
+        """Record a new request, not yet sent (`sendable()` says when it may be)."""
         if submit.request_id in self.tracked:
             raise ValueError(f"request {submit.request_id!r} is already tracked")
         self.tracked[submit.request_id] = Tracked(submit=submit)
-        return not self.holding
 
     def mark_sent(self, request_id: str) -> None:
         tracked = self.tracked.get(request_id)
