@@ -157,6 +157,7 @@ class StepOutput:
     buffer_cache_clears: int
     prompt_tokens_processed: int
     generation_tokens: int
+    prefill_passes: int = 0  # steps that ran a prompt chunk (a prefill group's forward pass)
     stored: tuple[StoredBlock, ...] = ()  # blocks newly in the block store, for the index
     block_store_bytes: int = 0
     # New blocks as plain data for the SSD writer: (hash, parent, scope, tokens, tensors).
@@ -270,6 +271,7 @@ class EngineCore:
         self._buffer_cache_clears = 0
         self._prompt_tokens_processed = 0
         self._generation_tokens = 0
+        self._prefill_passes = 0
         self._stopping = False
         self._pending_fault: CoreFault | None = None
         self._samplers: dict[SamplingParams, Callable[[Any], Any]] = {}
@@ -530,6 +532,7 @@ class EngineCore:
     def _run_step(self) -> None:
         assert_on_mlx_thread("EngineCore._run_step")
         self._maybe_inject_fault(FaultKind.ABORT)
+        self._align_prefill_group()
         try:
             prompt_responses, generation_responses = self._gen.next()
             # After the step ran, as an out-of-memory while evaluating it would: the rows it
@@ -539,6 +542,8 @@ class EngineCore:
             self._fail_step(exc)
             return
         self._step += 1
+        if any(not r.end_of_prompt for r in prompt_responses):
+            self._prefill_passes += 1  # a prompt chunk ran (not only prompts moving to decode)
         progress: list[tuple[int, int, int]] = []
         for r in prompt_responses:
             slot = self._slot_of_uid.get(r.uid)
@@ -573,6 +578,21 @@ class EngineCore:
         if self._clear.due(self._step):
             self._clear_buffer_cache()
         self._emit(self._step_output((), tuple(progress), tuple(tokens), tuple(finished)))
+
+    def _align_prefill_group(self) -> None:
+        """Let the coming step's prefill group fill to `prefill_batch_size` once the rows
+        that end their prompt in it have moved on to decoding.
+
+        mlx-lm 0.32.2's `BatchGenerator` sizes the new group *before* it moves finished
+        prompts out of the prompt batch: a request that arrived alone (prefilled on its own
+        while the rest of a burst arrived) leaves room for P-1 in the next group, that group
+        for 1 in the one after, and the burst is prefilled in alternating groups of 1 and
+        P-1 - twice the prefill passes, each re-faulting its buffers. Counting the leavers
+        in (what `_next` splits off: one segment of one token left) restores full groups."""
+        gen = self._gen
+        leaving = sum(1 for segments, *_ in gen._currently_processing
+                      if len(segments) == 1 and len(segments[0]) == 1)
+        gen.prefill_batch_size = self.settings.prefill_batch_size + leaving
 
     # -- prefix blocks ------------------------------------------------------------------------
     # These reach into BatchGenerator's batches (`_prompt_batch`, `_generation_batch`): mlx-lm
@@ -753,6 +773,7 @@ class EngineCore:
             buffer_cache_clears=self._buffer_cache_clears,
             prompt_tokens_processed=self._prompt_tokens_processed,
             generation_tokens=self._generation_tokens,
+            prefill_passes=self._prefill_passes,
             stored=self._take_stored(),
             block_store_bytes=self._store.nbytes if self._store is not None else 0,
             ssd_saves=self._take(self._ssd_saves),

@@ -696,6 +696,7 @@ def _stats(state: ExecutorState) -> EngineStats:
         peak_memory_bytes=last.peak_memory,
         prefix_cache_bytes=last.block_store_bytes,
         ssd_saves_dropped=state.ssd_saves_dropped,
+        prefill_passes=last.prefill_passes,
     )
 
 

@@ -174,6 +174,7 @@ class EngineStats:
     peak_memory_bytes: int
     prefix_cache_bytes: int = 0  # block tensors held by the engine for the prefix cache
     ssd_saves_dropped: int = 0  # blocks not handed to the SSD tier because it was behind
+    prefill_passes: int = 0  # steps that ran a prompt chunk
 
 
 @attrs.frozen(kw_only=True)
