@@ -51,13 +51,19 @@ from omlx_actors.errors import (
     QueueFull,
     RequestTooLarge,
 )
-from omlx_actors.isolation.link import EngineLink, EngineStatus, RemoteAddress, open_engine_link
-from omlx_actors.ssd.messages import CleanupAll as SsdCleanupAll
-from omlx_actors.ssd.messages import CleanupRequest as SsdCleanupRequest
-from omlx_actors.ssd.messages import Flush as SsdFlush
-from omlx_actors.ssd.messages import StatsQuery as SsdStatsQuery
+from omlx_actors.isolation.link import (
+    EngineLink,
+    EngineStatus,
+    RemoteAddress,
+    open_engine_link,
+)
 from omlx_actors.runtime import ActorError, Address, InboxFull
 from omlx_actors.session import GenerationRequest, Session, coerce_stop
+from omlx_actors.ssd.messages import CleanupAll as SsdCleanupAll
+from omlx_actors.ssd.messages import CleanupRequest as SsdCleanupRequest
+from omlx_actors.ssd.messages import DiskFaultKind, InjectDiskFault
+from omlx_actors.ssd.messages import Flush as SsdFlush
+from omlx_actors.ssd.messages import StatsQuery as SsdStatsQuery
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +280,16 @@ class Runtime:
         """Remove every block file of the SSD tier (acknowledged like `cleanup_cache_scope`)."""
         if self.ssd is not None:
             await self.ssd.call(SsdCleanupAll())
+
+    async def inject_disk_fault(self, kind: DiskFaultKind | str, duration_s: float):
+        """Fault injection at the SSD tier's disk (tests, scenarios; off unless called): for
+        `duration_s` seconds, block writes stall ("stall": the writer hangs in its write, so
+        saves back up and are dropped and cleanups wait for it) or fail with ENOSPC
+        ("full"). Raises ValueError without an SSD tier. Returns the writer's stats."""
+        if self.ssd is None:
+            raise ValueError("a disk fault needs the SSD tier (ssd_cache_dir)")
+        return await self.ssd.call(
+            InjectDiskFault(kind=DiskFaultKind(kind), duration_s=duration_s), timeout=5.0)
 
     async def ssd_stats(self, timeout: float = 5.0):
         if self.ssd is None:

@@ -75,6 +75,7 @@ MESSAGES: dict[str, type] = _registry([
     ssd_messages.Contains, ssd_messages.ContainsResult, ssd_messages.Load, ssd_messages.LoadResult,
     ssd_messages.CleanupRequest, ssd_messages.CleanupAll, ssd_messages.CleanupDone,
     ssd_messages.Flush, ssd_messages.StatsQuery, ssd_messages.WriterStats,
+    ssd_messages.InjectDiskFault,
     MemorySnapshot,
     host_messages.HostHello, host_messages.HostReady, host_messages.HostLoadFailed,
     host_messages.HostStop, host_messages.HostStopped,

@@ -3,7 +3,7 @@
 `replay(scenario, ...)` is the whole harness as one async function (the CLI and the tests
 call it). In order:
 
-1. Refuse what this build or this target cannot do (unsupported fault kinds; faults,
+1. Refuse what this target cannot do (faults,
    actions or restarts through a bare URL) with `UnsupportedScenario`, before anything runs.
 2. Resolve the model and the scenario's server settings into one `RuntimeConfig`.
 3. If an expectation needs it, a *reference pass*: every conversation of every workload
@@ -58,6 +58,7 @@ from omlx_actors.replay.records import (
     SsdCheck,
 )
 from omlx_actors.replay.schema import (
+    DISK_FAULTS,
     TEMPORARY_DIR,
     ByteSize,
     Phase,
@@ -199,7 +200,7 @@ async def replay(
     process, driven over HTTP), or `url` (any OpenAI-compatible server; `engine` may hand
     the runtime behind it when it runs in this process, which enables faults and engine
     memory). Raises `UnsupportedScenario` before running anything it cannot do."""
-    problems = scenario.unsupported_faults()
+    problems: list[str] = []
     if url is not None and engine is None and scenario.faults:
         problems.append(
             f"fault {scenario.faults[0].kind} needs the engine in this process: run in process "
@@ -377,7 +378,7 @@ async def _phase(scenario, target, phase: Phase, plans, clock, result: ReplayRes
                         clock, result.records, bar, phase_t0,
                     )
         armed.cancel_scope.cancel()  # a delayed fault not yet armed never will be
-    if faults:
+    if any(f.kind in ("executor_oom", "engine_abort") for f in faults):
         await target.engine.inject_fault("disarmed", at_step=_NEVER_STEP)
 
 
@@ -385,6 +386,9 @@ async def _arm(target, fault, clock, result: ReplayResult, nursery: trio.Nursery
     engine = target.engine
     if fault.kind == "process_restart":
         nursery.start_soon(_kill_engine, engine, fault, clock, result)
+        return
+    if fault.kind in DISK_FAULTS:
+        nursery.start_soon(_disk_fault, engine, fault, clock, result)
         return
     kind = "abort" if fault.kind == "engine_abort" else "oom"
     if fault.at_step is not None:
@@ -408,18 +412,32 @@ async def _arm(target, fault, clock, result: ReplayResult, nursery: trio.Nursery
     result.faults.append(FaultRecord(kind=fault.kind, phase=fault.phase, what=what, at_s=clock()))
 
 
-async def _kill_engine(engine, fault, clock, result: ReplayResult) -> None:
-    """SIGKILL the engine process at a step or a time of the phase (the front restarts it)."""
+async def _wait_for_fault(engine, fault) -> str:
+    """Sleep until the fault's moment of its phase (`at_step` engine steps or `after_s`
+    seconds after the phase started); returns how that moment reads in the report."""
     if fault.at_step is not None:
         first = (await engine.stats()).steps
         while (await engine.ping()).steps < first + fault.at_step:
             await trio.sleep(0.002)
-        what = f"SIGKILL at engine step {first + fault.at_step} (phase start + {fault.at_step})"
-    else:
-        await trio.sleep(fault.after_s)
-        what = f"SIGKILL {fault.after_s:g} s into the phase"
+        return f"at engine step {first + fault.at_step} (phase start + {fault.at_step})"
+    await trio.sleep(fault.after_s)
+    return f"{fault.after_s:g} s into the phase"
+
+
+async def _disk_fault(engine, fault, clock, result: ReplayResult) -> None:
+    """Stall the SSD tier's block writes, or fail them with ENOSPC, for `duration_s`."""
+    when = await _wait_for_fault(engine, fault)
+    await engine.inject_disk_fault(DISK_FAULTS[fault.kind], fault.duration_s)
+    result.faults.append(FaultRecord(kind=fault.kind, phase=fault.phase, at_s=clock(),
+                                     what=f"{DISK_FAULTS[fault.kind]} for {fault.duration_s:g} s, {when}"))
+
+
+async def _kill_engine(engine, fault, clock, result: ReplayResult) -> None:
+    """SIGKILL the engine process at a step or a time of the phase (the front restarts it)."""
+    when = await _wait_for_fault(engine, fault)
     os.kill(engine.engine_pid, signal.SIGKILL)
-    result.faults.append(FaultRecord(kind=fault.kind, phase=fault.phase, what=what, at_s=clock()))
+    result.faults.append(FaultRecord(kind=fault.kind, phase=fault.phase, what=f"SIGKILL {when}",
+                                     at_s=clock()))
 
 
 async def _act(target, kind: str, phase: str, when: float, clock, result: ReplayResult) -> None:
@@ -472,8 +490,10 @@ async def _ssd_check(target) -> SsdCheck:
             f"after the cleanup {len(left)} files remain on disk ({', '.join(left[:3])}"
             f"{', ...' if len(left) > 3 else ''}); the writer counts {after.files} files, "
             f"{after.bytes_on_disk} bytes"))
+    behind = (await engine.stats()).ssd_saves_dropped + s.saves_dropped
     return SsdCheck(clean=True, detail=(
-        f"{balance}; the cleanup removed all {files_before} files, none left"))
+        f"{balance}; {behind} more dropped while the writer was behind; the cleanup removed "
+        f"all {files_before} files, none left"))
 
 
 async def _conversation(

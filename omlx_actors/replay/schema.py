@@ -30,18 +30,15 @@ from omlx_actors.replay.tables import REQUIRED, ByteSize, Context, Table, show
 MODES = ("chat", "completion")
 ARRIVALS = ("burst", "uniform", "poisson")
 CACHE_HIT_TURNS = ("later", "all")
-# Fault kinds the harness can inject in this build: an engine step failing as an
-# out-of-memory would; the engine process killed from outside (SIGKILL) and restarted by
-# the front; the engine process aborting itself (SIGABRT, as MLX's uncaught C++ errors).
-SUPPORTED_FAULTS = ("executor_oom", "process_restart", "engine_abort")
+# Fault kinds: an engine step failing as an out-of-memory would; the engine process killed
+# from outside (SIGKILL) and restarted by the front; the engine process aborting itself
+# (SIGABRT, as MLX's uncaught C++ errors); the SSD tier's disk hanging in its writes, or
+# full (ENOSPC), for `duration_s`.
+FAULTS = ("executor_oom", "process_restart", "engine_abort", "writer_stall", "disk_full")
 # Those that kill the engine process: the scenario's server needs isolation = "process".
 ENGINE_DEATHS = ("process_restart", "engine_abort")
-# Fault kinds the format reserves for features that land later: a scenario naming one loads,
-# and replay refuses to run it with this reason instead of pretending.
-UNSUPPORTED_FAULTS = {
-    "writer_stall": "it needs a fault hook in the SSD tier's writer, which the runtime does not expose yet",
-    "disk_full": "it needs a fault hook in the SSD tier's writer, which the runtime does not expose yet",
-}
+# Those at the SSD tier's disk (`Runtime.inject_disk_fault`): they need ssd_cache_dir.
+DISK_FAULTS = {"writer_stall": "stall", "disk_full": "full"}
 # Outcome names usable in min_outcomes / max_outcomes (besides HTTP status codes).
 OUTCOMES = ("completed", "cancelled", "refused", "failed", "lost", "skipped")
 # RuntimeConfig fields a scenario may not set: the model comes from [model] / --model.
@@ -172,10 +169,7 @@ class Fault:
     after_s: float | None = None  # seconds after the phase started (the next step fails)
     above_bytes: ByteSize | None = None  # the first step above this active memory fails
     error: str = "injected out-of-memory"
-
-    @property
-    def supported(self) -> bool:
-        return self.kind in SUPPORTED_FAULTS
+    duration_s: float | None = None  # how long a disk fault lasts
 
 
 # What a scenario can do to a running server besides sending requests (needs the engine).
@@ -229,13 +223,6 @@ class Scenario:
     @property
     def restarts(self) -> bool:
         return any(p.restart_before for p in self.phases)
-
-    def unsupported_faults(self) -> list[str]:
-        return [
-            f"fault {i + 1} ({f.kind}) is not supported in this build: {UNSUPPORTED_FAULTS[f.kind]}"
-            for i, f in enumerate(self.faults)
-            if not f.supported
-        ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,6 +336,10 @@ def _build(ctx: Context, data: dict, path: Path | None) -> Scenario | None:
         kind = next(f.kind for f in faults if f.kind in ENGINE_DEATHS)
         ctx.report(("server",), "isolation",
                    f'a {kind} fault kills the engine process: set isolation = "process"')
+    if any(f.kind in DISK_FAULTS for f in faults) and not dict(server).get("ssd_cache_dir"):
+        kind = next(f.kind for f in faults if f.kind in DISK_FAULTS)
+        ctx.report(("server",), "ssd_cache_dir",
+                   f'a {kind} fault strikes the SSD tier: set ssd_cache_dir (e.g. "{TEMPORARY_DIR}")')
     root.finish()
     if ctx.problems or name is None:
         return None
@@ -560,13 +551,13 @@ def _phases(t: Table, workloads: tuple[str, ...], index: int) -> list[Phase]:
 
 
 def _fault(t: Table, phases: list[Phase], phase_names: set[str]) -> list[Fault] | None:
-    kinds = SUPPORTED_FAULTS + tuple(UNSUPPORTED_FAULTS)
-    kind = t.str("kind", choices=kinds)
+    kind = t.str("kind", choices=FAULTS)
     phase = t.str("phase", phases[0].name if phases else "main")
     at_step = t.int("at_step", None, minimum=1)
     after_s = t.float("after_s", None, minimum=0.0)
     above = t.size("above_bytes")
     error = t.str("error", "injected out-of-memory")
+    duration_s = t.float("duration_s", None, minimum=0.0)
     t.finish()
     if phase is not None and phase not in phase_names:
         t.bad("phase", f"no phase named {phase!r}; phases: {', '.join(sorted(phase_names))}")
@@ -575,15 +566,21 @@ def _fault(t: Table, phases: list[Phase], phase_names: set[str]) -> list[Fault] 
             x is not None for x in (at_step, after_s, above)) != 1:
         t.bad("kind", f"an {kind} fault needs exactly one of at_step, after_s, above_bytes")
         return None
-    if kind == "process_restart" and (above is not None or (at_step is None) == (after_s is None)):
-        t.bad("kind", "a process_restart fault needs exactly one of at_step, after_s")
+    if kind in ("process_restart", *DISK_FAULTS) and (
+            above is not None or (at_step is None) == (after_s is None)):
+        t.bad("kind", f"a {kind} fault needs exactly one of at_step, after_s")
+        return None
+    if (kind in DISK_FAULTS) != (duration_s is not None):
+        t.bad("duration_s", f"a {kind} fault needs duration_s" if kind in DISK_FAULTS
+              else f"only disk faults (writer_stall, disk_full) last a duration_s, not {kind}")
         return None
     if kind is None or phase is None:
         return None
     # A fault on a swept phase ("sweep") strikes in each of its levels.
     targets = [p.name for p in phases if p.name == phase or p.name.split("@c")[0] == phase]
     return [
-        Fault(kind=kind, phase=target, at_step=at_step, after_s=after_s, above_bytes=above, error=error)
+        Fault(kind=kind, phase=target, at_step=at_step, after_s=after_s, above_bytes=above,
+              error=error, duration_s=duration_s)
         for target in targets
     ]
 

@@ -150,6 +150,23 @@ class SetBudget:
     budget_bytes: int = attrs.field(validator=attrs.validators.ge(0))
 
 
+class DiskFaultKind(enum.Enum):
+    STALL = "stall"  # each block write first waits out the window: a disk that hangs
+    FULL = "full"  # each block write fails with ENOSPC during the window: a full disk
+
+
+@attrs.frozen(kw_only=True)
+class InjectDiskFault:
+    """Fault injection at the writer's disk boundary (tests, scenarios; off unless sent).
+    For `duration_s` seconds from its arrival, block writes stall (each waits, on the
+    writer's worker thread, until the window ends - the writer takes nothing else meanwhile,
+    so saves back up and are dropped, and cleanups wait) or fail with ENOSPC as on a full
+    disk (the writer's own error handling runs). Replied with `WriterStats` at once."""
+
+    kind: DiskFaultKind
+    duration_s: float = attrs.field(validator=attrs.validators.ge(0))
+
+
 @attrs.frozen(kw_only=True)
 class StatsQuery:
     """Ask for a `WriterStats` snapshot."""
@@ -167,7 +184,8 @@ class Shutdown:
 
 
 WriterControl = Union[
-    Load, Contains, CleanupRequest, CleanupAll, Flush, SetBudget, StatsQuery, Shutdown
+    Load, Contains, CleanupRequest, CleanupAll, Flush, SetBudget, StatsQuery, Shutdown,
+    InjectDiskFault,
 ]
 
 # ---------------------------------------------------------------------------------------
@@ -262,6 +280,7 @@ ALL_MESSAGE_TYPES = (
     SetBudget,
     StatsQuery,
     Shutdown,
+    InjectDiskFault,
     LoadResult,
     ContainsResult,
     CleanupDone,

@@ -77,6 +77,7 @@ import enum
 import errno
 import functools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -109,7 +110,9 @@ from .messages import (
     CleanupRequest,
     Contains,
     ContainsResult,
+    DiskFaultKind,
     Flush,
+    InjectDiskFault,
     Load,
     LoadReason,
     LoadResult,
@@ -138,7 +141,9 @@ __all__ = [
     "CleanupRequest",
     "Contains",
     "ContainsResult",
+    "DiskFaultKind",
     "Flush",
+    "InjectDiskFault",
     "Load",
     "LoadReason",
     "LoadResult",
@@ -300,6 +305,21 @@ class _Removal(enum.Enum):
 _REAL_DISK = DiskIO()
 
 
+def _faulty_disk(disk: DiskIO, kind: DiskFaultKind, until: float) -> DiskIO:
+    """`disk` with its block writes stalled or failing (ENOSPC) until `time.monotonic()`
+    reaches `until`; after that, `disk` itself. Runs on the writer's worker thread."""
+
+    def write(fd: int, buffer: memoryview) -> int:
+        left = until - time.monotonic()
+        if left > 0:
+            if kind is DiskFaultKind.FULL:
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
+            time.sleep(left)  # a hung disk: the write returns when the window ends
+        return disk.write(fd, buffer)
+
+    return DiskIO(write=write, fsync=disk.fsync, disk_usage=disk.disk_usage)
+
+
 class _Stop(Exception):
     """Raised inside the writer to leave its loop after a `Shutdown` was answered."""
 
@@ -312,6 +332,7 @@ class _Writer:
         self.saves = saves
         self.config = config
         self.io = io
+        self.disk = io  # the disk without injected faults
         self.root = Path(config.directory)
         self.identity = config.identity
         self.budget = config.budget_bytes
@@ -480,6 +501,11 @@ class _Writer:
                     await self.evict_pass()
                 return self.stats()
             case StatsQuery():
+                return self.stats()
+            case InjectDiskFault(kind=kind, duration_s=duration):
+                self.io = _faulty_disk(self.disk, kind, time.monotonic() + duration)
+                logger.warning("%s: injected disk fault: %s for %g s", self.control.name,
+                               kind.value, duration)
                 return self.stats()
             case Shutdown(flush=flush, cleanup=cleanup):
                 if cleanup:

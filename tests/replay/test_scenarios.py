@@ -4,6 +4,7 @@ on loopback, and through the `omlx-actors replay` command; a broken expectation 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,14 @@ async def test_warm_restart_scenario_serves_the_prefixes_from_disk_over_http(tin
     assert len(result.restarts) == 1
     # The new runtime's memory cache started empty: the hits came from the SSD tier.
     assert result.ssd_stats["after-restart"]["load_hits"] > 0
+
+
+async def test_disk_fault_scenario_strikes_the_writer_and_serving_does_not_notice(tiny_llama):
+    result = await replay(load_scenario(_scenario("disk_faults")), serve=True, model=str(tiny_llama))
+    assert result.passed, render_text(result)
+    assert [f.kind for f in result.faults] == ["writer_stall", "disk_full"]
+    # The full disk really failed writes (and left nothing behind: ssd_no_orphans passed).
+    assert int(re.search(r"errors (\d+)", result.ssd_check.detail).group(1)) > 0, result.ssd_check
 
 
 def test_replay_command_exits_0_and_writes_the_json_report_and_the_plots(tiny_llama, tmp_path):

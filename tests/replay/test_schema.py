@@ -37,7 +37,6 @@ def test_every_shipped_scenario_loads(path):
     scenario = load_scenario(path)
     assert scenario.model == "tiny-llama"
     assert scenario.phases and scenario.workloads
-    assert all(f.supported for f in scenario.faults)
 
 
 def test_a_minimal_file_gets_the_documented_defaults():
@@ -149,13 +148,20 @@ def test_an_engine_death_fault_needs_the_engine_in_its_own_process(tmp_path):
                       "at_step, after_s"]
 
 
-async def test_a_fault_of_a_later_feature_loads_but_replay_refuses_to_fake_it():
-    s = parse_scenario(MINIMAL + '\n[[fault]]\nkind = "disk_full"\n')
-    with pytest.raises(UnsupportedScenario) as info:
-        await replay(s)
-    assert str(info.value) == ("fault 1 (disk_full) is not supported in this build: it needs a "
-                               "fault hook in the SSD tier's writer, which the runtime does not "
-                               "expose yet")
+def test_a_disk_fault_needs_a_duration_a_moment_and_the_ssd_tier(tmp_path):
+    errors = _errors(MINIMAL + '\n[[fault]]\nkind = "disk_full"\nafter_s = 1\n', tmp_path)
+    assert errors == ["s.toml:7: [fault[1]] duration_s: a disk_full fault needs duration_s"]
+    errors = _errors(MINIMAL + '\n[[fault]]\nkind = "writer_stall"\nduration_s = 1\n', tmp_path)
+    assert errors == ["s.toml:8: [fault[1]] kind: a writer_stall fault needs exactly one of "
+                      "at_step, after_s"]
+    errors = _errors(MINIMAL + '\n[[fault]]\nkind = "writer_stall"\nat_step = 2\n'
+                     'duration_s = 1\n', tmp_path)
+    assert errors == ['s.toml:1: [server] ssd_cache_dir: a writer_stall fault strikes the SSD '
+                      'tier: set ssd_cache_dir (e.g. "<tmp>")']
+    errors = _errors(MINIMAL + '\n[[fault]]\nkind = "executor_oom"\nat_step = 2\n'
+                     'duration_s = 1\n', tmp_path)
+    assert errors == ["s.toml:10: [fault[1]] duration_s: only disk faults (writer_stall, "
+                      "disk_full) last a duration_s, not executor_oom"]
 
 
 async def test_an_engine_fault_through_a_bare_url_is_refused_before_anything_runs():

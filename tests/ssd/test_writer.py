@@ -34,7 +34,9 @@ from omlx_actors.ssd.writer import (
     CleanupRequest,
     Contains,
     ContainsResult,
+    DiskFaultKind,
     Flush,
+    InjectDiskFault,
     Load,
     LoadReason,
     LoadResult,
@@ -578,6 +580,7 @@ def test_messages_validate_hashes_and_names():
 
 AnyWriterMessage = Union[
     Save,
+    InjectDiskFault,
     Load,
     Contains,
     CleanupRequest,
@@ -611,6 +614,8 @@ STATS = WriterStats(**{f.name: 3 for f in attrs.fields(WriterStats)})
         SetBudget(budget_bytes=1 << 40),
         StatsQuery(),
         Shutdown(flush=False, cleanup=True),
+        InjectDiskFault(kind=DiskFaultKind.STALL, duration_s=1.5),
+        InjectDiskFault(kind=DiskFaultKind.FULL, duration_s=0.0),
         LoadResult(
             hash=block_hash(1),
             reason=LoadReason.DISK,

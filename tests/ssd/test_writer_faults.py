@@ -1,5 +1,6 @@
 """The writer against real failures: a process killed mid-write (SIGKILL), and a real
-file system that fills up (a 1 MiB tmpfs, where mounting is permitted)."""
+file system that fills up (a 1 MiB tmpfs, where mounting is permitted); and the faults
+scenarios inject at its disk boundary (`InjectDiskFault`: a hung disk, a full one)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,16 @@ from pathlib import Path
 
 import pytest
 import trio
+from trio.testing import wait_all_tasks_blocked
 
-from omlx_actors.ssd.writer import Flush, Load, LoadReason
+from omlx_actors.ssd.writer import (
+    CleanupAll,
+    DiskFaultKind,
+    Flush,
+    InjectDiskFault,
+    Load,
+    LoadReason,
+)
 
 from .helpers import (
     KILL_TEST_ELEMENTS,
@@ -131,3 +140,39 @@ async def test_a_really_full_disk_fails_the_write_cleanly_and_shrinks_the_budget
         assert (stats.saves_persisted, stats.files) == (1, 1)
         assert balanced(stats)
         assert (await w.call(Load(hash=third.hash))).reason is LoadReason.DISK
+
+
+async def test_a_hung_disk_holds_the_writer_and_a_cleanup_waits_for_its_write(tmp_path):
+    async with running_writer(tmp_path) as (w, _):
+        window_ends = trio.current_time() + 1.0
+        await w.call(InjectDiskFault(kind=DiskFaultKind.STALL, duration_s=1.0))
+        await w.save(make_save(1, elements=64))
+        await wait_all_tasks_blocked()  # the writer is inside the hung write
+        # The cleanup does not race the write in progress: it is answered after it, and
+        # removes the block that write produced.
+        done = await w.call(CleanupAll())
+        assert trio.current_time() >= window_ends - 0.05
+        assert done.removed == 1
+        assert block_files(tmp_path) == {} and temp_files(tmp_path) == []
+        # After the window the disk is healthy again.
+        await w.save(make_save(2, elements=64))
+        stats = await w.call(Flush())
+        assert (stats.saves_persisted, stats.files, stats.write_errors) == (2, 1, 0)
+        assert balanced(stats)
+
+
+async def test_a_full_disk_fails_writes_cleanly_until_the_window_ends(tmp_path):
+    async with running_writer(tmp_path) as (w, _):
+        window_ends = trio.current_time() + 2.0
+        await w.call(InjectDiskFault(kind=DiskFaultKind.FULL, duration_s=2.0))
+        for i in range(3):
+            await w.save(make_save(i, elements=64))
+        stats = await w.call(Flush())
+        assert (stats.write_errors, stats.files, stats.saves_persisted) == (3, 0, 0)
+        assert block_files(tmp_path) == {} and temp_files(tmp_path) == []
+        await trio.sleep_until(window_ends)
+        await w.save(make_save(3, elements=64))
+        stats = await w.call(Flush())
+        assert (stats.saves_persisted, stats.files) == (1, 1)
+        assert balanced(stats)
+        assert (await w.call(Load(hash=block_hash(3)))).reason is LoadReason.DISK
