@@ -41,6 +41,13 @@ from omlx_actors.engine.mlx_thread import assert_on_mlx_thread
 mx = load_mlx()
 log = logging.getLogger(__name__)
 
+# Gathering a burst on an idle engine (`EngineCore._gather_burst`): requests arriving at most
+# GATHER_GAP_S apart join the first prefill, for at most GATHER_FRACTION of that prefill's
+# estimated time and never more than GATHER_MAX_S.
+GATHER_GAP_S = 0.015
+GATHER_FRACTION = 0.05
+GATHER_MAX_S = 0.1
+
 # ---------------------------------------------------------------------------------------
 # Commands into the core (trio side → MLX thread). Internal to the engine: they carry the
 # executor's `slot` numbers, not request ids, so a reused request id can never be confused
@@ -191,6 +198,9 @@ class EngineSettings:
     max_requests: int = 32 + 256
     # Hand every newly stored block to the SSD tier as plain data (write-through).
     ssd_enabled: bool = False
+    # The most an idle engine waits for the rest of a burst, as a fraction of the first
+    # prefill's estimated time (`EngineCore._gather_burst`); 0 turns gathering off.
+    gather_fraction: float = GATHER_FRACTION
 
 
 @attrs.define
@@ -272,6 +282,7 @@ class EngineCore:
         self._prompt_tokens_processed = 0
         self._generation_tokens = 0
         self._prefill_passes = 0
+        self._prefill_s_per_token = 0.0  # measured on each prefill pass; 0 until the first
         self._stopping = False
         self._pending_fault: CoreFault | None = None
         self._samplers: dict[SamplingParams, Callable[[Any], Any]] = {}
@@ -294,8 +305,11 @@ class EngineCore:
         self._emit(CoreReady(info))
         try:
             while not self._stopping:
+                idle = not self._live
                 # Wait for work only when there is nothing to do, a pending clear included.
-                self._apply_commands(block=not self._live and self._clear.clear_at is None)
+                self._apply_commands(block=idle and self._clear.clear_at is None)
+                if idle and self._live and not self._stopping:
+                    self._gather_burst()
                 if self._stopping:
                     break
                 if self._live:
@@ -379,17 +393,36 @@ class EngineCore:
 
     # -- commands ---------------------------------------------------------------------------
 
-    def _apply_commands(self, *, block: bool) -> None:
-        """Drain the command queue; when idle, wait for the first command (no busy loop)."""
+    def _gather_burst(self) -> None:
+        """Work has just arrived on an idle engine: let the rest of its burst in before the
+        first step, so the burst is prefilled together. Without this, the first request of
+        a burst arriving over HTTP (each parsed and tokenized in turn) is prefilled alone
+        and every other one waits that whole prefill for its first token (~0.5 s at c=8 on
+        the CPU demo model). Waits while requests keep coming `GATHER_GAP_S` apart, never
+        longer than `GATHER_FRACTION` of the estimated prefill of what is waiting (so a
+        lone request's time to first token grows by at most that fraction, and on a fast
+        device, where prefill is short, by next to nothing)."""
+        pending = sum(live.prompt_tokens - live.cached_tokens for live in self._live.values())
+        window = min(GATHER_MAX_S, self.settings.gather_fraction * pending * self._prefill_s_per_token)
+        deadline = time.monotonic() + window
+        while (left := min(GATHER_GAP_S, deadline - time.monotonic())) > 0:
+            if not self._apply_commands(block=True, timeout=left) or self._stopping:
+                return
+
+    def _apply_commands(self, *, block: bool, timeout: float | None = None) -> bool:
+        """Drain the command queue; when idle, wait for the first command (no busy loop),
+        at most `timeout` seconds if given. Returns whether any command was applied."""
         pending_finished: list[SlotFinished] = []
         admitted: list[tuple[int, float]] = []
         dropped = False
+        applied = False
         while True:
             try:
-                command = self._commands.get(block=block)
+                command = self._commands.get(block=block, timeout=timeout if block else None)
             except queue.Empty:
                 break
             block = False
+            applied = True
             match command:
                 case CoreSubmit():
                     try:
@@ -439,6 +472,7 @@ class EngineCore:
             # Aborts and admissions are reported at once, not with the next step, so a
             # cancelled request is confirmed gone even if no step follows.
             self._emit(self._step_output(tuple(admitted), (), (), tuple(pending_finished)))
+        return applied
 
     def _admit(self, command: CoreSubmit) -> tuple[int, float]:
         from mlx_lm.generate import StopSequences
@@ -533,6 +567,8 @@ class EngineCore:
         assert_on_mlx_thread("EngineCore._run_step")
         self._maybe_inject_fault(FaultKind.ABORT)
         self._align_prefill_group()
+        counters = self._gen._counters  # mlx-lm's own prompt time/tokens (pinned 0.32.2)
+        prompt_time, prompt_tokens = counters.prompt_time, counters.prompt_tokens
         try:
             prompt_responses, generation_responses = self._gen.next()
             # After the step ran, as an out-of-memory while evaluating it would: the rows it
@@ -544,6 +580,9 @@ class EngineCore:
         self._step += 1
         if any(not r.end_of_prompt for r in prompt_responses):
             self._prefill_passes += 1  # a prompt chunk ran (not only prompts moving to decode)
+            tokens = counters.prompt_tokens - prompt_tokens
+            if tokens > 0:  # the latest pass's speed, for `_gather_burst`
+                self._prefill_s_per_token = (counters.prompt_time - prompt_time) / tokens
         progress: list[tuple[int, int, int]] = []
         for r in prompt_responses:
             slot = self._slot_of_uid.get(r.uid)

@@ -93,3 +93,51 @@ def test_a_burst_behind_a_lone_prefill_is_prefilled_in_full_groups(tiny_llama):
     # alternate [1, 1, 1, 1, 1, 1] after it; the core counts the leaver in.
     assert groups == [1] + [PREFILL_BATCH] * (BURST // PREFILL_BATCH)
     assert passes == 1 + BURST // PREFILL_BATCH
+
+
+def test_an_idle_engine_gathers_a_burst_arriving_a_few_ms_apart_into_one_prefill(tiny_llama):
+    """Requests of a burst arrive one by one (over HTTP each is parsed and tokenized in
+    turn): the first must not be prefilled alone while the others wait for it. The tiny
+    model prefills in about a millisecond, so the window's fraction is raised to let the
+    cap (`GATHER_MAX_S`) bound it, as a real model's prefill time would."""
+    import threading
+    import time
+
+    commands: queue.SimpleQueue = queue.SimpleQueue()
+    outputs: queue.Queue = queue.Queue()
+    settings = EngineSettings(model_path=str(tiny_llama), completion_batch_size=8,
+                              prefill_batch_size=4, block_size=0, gather_fraction=1e6)
+    acquire_worker().run_job(EngineCore(settings, commands, outputs, notify=lambda: None).run)
+
+    def submit(slot: int) -> CoreSubmit:
+        return CoreSubmit(slot, Submit(request_id=str(slot), prompt_tokens=_prompt(slot, 64),
+                                       max_tokens=2), received_at=0.0)
+
+    def run_until_finished(n: int) -> list[int]:
+        groups, finished = [], 0
+        while finished < n:
+            output = outputs.get(timeout=60)
+            assert isinstance(output, (StepOutput, CoreReady)), output
+            if isinstance(output, StepOutput):
+                prefilling = [s for s, done, total in output.progress if done < total]
+                if prefilling:
+                    groups.append(len(prefilling))
+                finished += len(output.finished)
+        return groups
+
+    commands.put(submit(0))  # measures the prefill speed
+    assert run_until_finished(1) == [1]
+
+    def burst() -> None:
+        for slot in range(1, 5):
+            commands.put(submit(slot))
+            time.sleep(0.002)
+
+    sender = threading.Thread(target=burst)
+    sender.start()
+    groups = run_until_finished(4)
+    sender.join()
+    commands.put(CoreStop())
+    while not isinstance(outputs.get(timeout=60), CoreStopped):
+        pass
+    assert groups == [4]
