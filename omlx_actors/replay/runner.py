@@ -3,8 +3,8 @@
 `replay(scenario, ...)` is the whole harness as one async function (the CLI and the tests
 call it). In order:
 
-1. Refuse what this target cannot do (faults,
-   actions or restarts through a bare URL) with `UnsupportedScenario`, before anything runs.
+1. Refuse what this target cannot do (faults, actions or restarts through a bare URL)
+   with `UnsupportedScenario`, before anything runs.
 2. Resolve the model and the scenario's server settings into one `RuntimeConfig`.
 3. If an expectation needs it, a *reference pass*: every conversation of every workload
    the phases use, one request at a time, no cancellations, no faults. In process (and
@@ -59,6 +59,7 @@ from omlx_actors.replay.records import (
 )
 from omlx_actors.replay.schema import (
     DISK_FAULTS,
+    STEP_FAULTS,
     TEMPORARY_DIR,
     ByteSize,
     Phase,
@@ -378,7 +379,7 @@ async def _phase(scenario, target, phase: Phase, plans, clock, result: ReplayRes
                         clock, result.records, bar, phase_t0,
                     )
         armed.cancel_scope.cancel()  # a delayed fault not yet armed never will be
-    if any(f.kind in ("executor_oom", "engine_abort") for f in faults):
+    if any(f.kind in STEP_FAULTS for f in faults):
         await target.engine.inject_fault("disarmed", at_step=_NEVER_STEP)
 
 

@@ -35,6 +35,8 @@ CACHE_HIT_TURNS = ("later", "all")
 # (SIGABRT, as MLX's uncaught C++ errors); the SSD tier's disk hanging in its writes, or
 # full (ENOSPC), for `duration_s`.
 FAULTS = ("executor_oom", "process_restart", "engine_abort", "writer_stall", "disk_full")
+# Those armed in the engine, to strike at a step (`Runtime.inject_fault`).
+STEP_FAULTS = ("executor_oom", "engine_abort")
 # Those that kill the engine process: the scenario's server needs isolation = "process".
 ENGINE_DEATHS = ("process_restart", "engine_abort")
 # Those at the SSD tier's disk (`Runtime.inject_disk_fault`): they need ssd_cache_dir.
@@ -562,7 +564,7 @@ def _fault(t: Table, phases: list[Phase], phase_names: set[str]) -> list[Fault] 
     if phase is not None and phase not in phase_names:
         t.bad("phase", f"no phase named {phase!r}; phases: {', '.join(sorted(phase_names))}")
         return None
-    if kind in ("executor_oom", "engine_abort") and sum(
+    if kind in STEP_FAULTS and sum(
             x is not None for x in (at_step, after_s, above)) != 1:
         t.bad("kind", f"an {kind} fault needs exactly one of at_step, after_s, above_bytes")
         return None

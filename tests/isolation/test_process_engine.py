@@ -220,3 +220,17 @@ async def test_drain_finishes_running_requests_then_the_engine_process_exits(tin
     assert done.finish_reason == "length" and done.usage.completion_tokens == 60
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+async def test_a_disk_fault_reaches_the_ssd_writer_in_the_engine_process(tiny_llama, tmp_path):
+    """`inject_disk_fault` crosses the boundary: the writer in the engine process fails its
+    block writes with ENOSPC while serving goes on untouched."""
+    async with open_runtime(tiny_llama, isolation="process", ssd_cache_dir=str(tmp_path),
+                            block_size=16) as rt:
+        await rt.inject_disk_fault("full", 30.0)
+        results = await run_all(rt, prompts(4), max_tokens=8)
+        await rt.flush_ssd_cache()
+        stats = await rt.ssd_stats()
+    assert all(len(tokens) == 8 for tokens, _ in results)
+    assert stats.write_errors > 0 and stats.files == 0
+    assert list(tmp_path.rglob("*.safetensors")) == []

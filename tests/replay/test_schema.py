@@ -148,20 +148,20 @@ def test_an_engine_death_fault_needs_the_engine_in_its_own_process(tmp_path):
                       "at_step, after_s"]
 
 
-def test_a_disk_fault_needs_a_duration_a_moment_and_the_ssd_tier(tmp_path):
-    errors = _errors(MINIMAL + '\n[[fault]]\nkind = "disk_full"\nafter_s = 1\n', tmp_path)
-    assert errors == ["s.toml:7: [fault[1]] duration_s: a disk_full fault needs duration_s"]
-    errors = _errors(MINIMAL + '\n[[fault]]\nkind = "writer_stall"\nduration_s = 1\n', tmp_path)
-    assert errors == ["s.toml:8: [fault[1]] kind: a writer_stall fault needs exactly one of "
-                      "at_step, after_s"]
-    errors = _errors(MINIMAL + '\n[[fault]]\nkind = "writer_stall"\nat_step = 2\n'
-                     'duration_s = 1\n', tmp_path)
-    assert errors == ['s.toml:1: [server] ssd_cache_dir: a writer_stall fault strikes the SSD '
-                      'tier: set ssd_cache_dir (e.g. "<tmp>")']
-    errors = _errors(MINIMAL + '\n[[fault]]\nkind = "executor_oom"\nat_step = 2\n'
-                     'duration_s = 1\n', tmp_path)
-    assert errors == ["s.toml:10: [fault[1]] duration_s: only disk faults (writer_stall, "
-                      "disk_full) last a duration_s, not executor_oom"]
+@pytest.mark.parametrize(("fault", "error"), [
+    ('kind = "disk_full"\nafter_s = 1\n',
+     "s.toml:7: [fault[1]] duration_s: a disk_full fault needs duration_s"),
+    ('kind = "writer_stall"\nduration_s = 1\n',
+     "s.toml:8: [fault[1]] kind: a writer_stall fault needs exactly one of at_step, after_s"),
+    ('kind = "writer_stall"\nat_step = 2\nduration_s = 1\n',
+     's.toml:1: [server] ssd_cache_dir: a writer_stall fault strikes the SSD tier: set '
+     'ssd_cache_dir (e.g. "<tmp>")'),
+    ('kind = "executor_oom"\nat_step = 2\nduration_s = 1\n',
+     "s.toml:10: [fault[1]] duration_s: only disk faults (writer_stall, disk_full) last a "
+     "duration_s, not executor_oom"),
+], ids=["no-duration", "no-moment", "no-ssd-tier", "duration-on-engine-fault"])
+def test_a_disk_fault_needs_a_duration_a_moment_and_the_ssd_tier(tmp_path, fault, error):
+    assert _errors(MINIMAL + "\n[[fault]]\n" + fault, tmp_path) == [error]
 
 
 async def test_an_engine_fault_through_a_bare_url_is_refused_before_anything_runs():
