@@ -556,9 +556,14 @@ def full_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
                         ids = [tok.encode(p) for p in texts]
                         runs["a"].append(await trio.to_thread.run_sync(bare.run, ids, args.max_tokens))
                         runs["b"].append(await runtime_level(rt, ids, args.max_tokens))
-                        runs["c"].append(await http_level("omlx-actors HTTP", ours.url, model_id, texts, args.max_tokens))
+                        # The two servers swap places every repeat, so neither always runs
+                        # right after the other (a finished run leaves its process busy
+                        # for a moment: saving blocks, spinning BLAS threads down).
+                        http_sides = [("c", "omlx-actors HTTP", ours.url, model_id)]
                         if theirs is not None:
-                            runs["d"].append(await http_level("mlx_lm.server", theirs.url, their_id, texts, args.max_tokens))
+                            http_sides.append(("d", "mlx_lm.server", theirs.url, their_id))
+                        for key, side, url, served in (http_sides if rep % 2 == 0 else http_sides[::-1]):
+                            runs[key].append(await http_level(side, url, served, texts, args.max_tokens))
                     chosen = {k: _median_run(v) for k, v in runs.items() if v}
                     base = chosen["a"]
                     for key, label in (("a", "(a) bare BatchGenerator"), ("b", "(b) in-process"),

@@ -47,7 +47,9 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", type=_size, default=None,
                    help="bytes for weights + prefix cache + requests, e.g. 12G (default: "
                         "total memory minus a headroom); what can never fit gets 413")
-    p.add_argument("--block-size", type=int, default=256, help="prefix cache block size (tokens)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="prefix cache block size in tokens (default: 64 for attention-only "
+                        "models, 256 for models with recurrent layers)")
     p.add_argument("--prefix-cache-bytes", type=_size, default=2 * 1024**3,
                    help="memory budget of the prefix cache (0 turns it off)")
 

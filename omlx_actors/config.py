@@ -45,9 +45,10 @@ class RuntimeConfig:
         default="drain", validator=attrs.validators.in_(("drain", "abort"))
     )
     drain_timeout_s: float = attrs.field(default=30.0, validator=_positive)
-    # Prefix cache in memory: tokens per block, and the byte budget for cached blocks
+    # Prefix cache in memory: tokens per block (None: chosen for the model, see
+    # `omlx_actors.cache.blocks.default_block_size`), and the byte budget for cached blocks
     # (0 turns the prefix cache off).
-    block_size: int = attrs.field(default=256, validator=_positive)
+    block_size: int | None = attrs.field(default=None, validator=_positive)
     prefix_cache_bytes: int = attrs.field(
         default=2 * 1024**3, validator=attrs.validators.ge(0)
     )

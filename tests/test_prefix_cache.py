@@ -5,6 +5,7 @@ from __future__ import annotations
 import trio
 
 from omlx_actors.api import open_runtime
+from omlx_actors.cache.blocks import ATTENTION_BLOCK_SIZE, RECURRENT_BLOCK_SIZE, default_block_size
 
 BLOCK = 16
 
@@ -110,3 +111,27 @@ async def test_prompt_blocks_are_reusable_while_their_request_still_decodes(tiny
             _, _, done = await rt.complete(shared + [3, 4], max_tokens=2, ignore_eos=True).collect()
             assert done.usage.cached_tokens == 5 * BLOCK
             assert len(first.completion_token_ids) < 300
+
+
+async def test_default_block_size_is_small_for_attention_models_and_large_for_hybrid(tiny_llama, tiny_hybrid):
+    """With no block size given, an attention-only model caches in 64-token blocks, so a
+    conversation's next turn re-prefills less than 64 tokens of its history; a hybrid model
+    keeps 256 (each block boundary is a prefill cut and a state snapshot there)."""
+    history = [(i * 13) % 500 + 10 for i in range(200)]
+    async with open_runtime(tiny_llama) as rt:
+        assert rt.info.block_size == ATTENTION_BLOCK_SIZE
+        first = rt.complete(history, max_tokens=30, ignore_eos=True)
+        await first.collect()
+        held = len(history) + len(first.completion_token_ids) - 1  # the cache's positions
+        turn2 = history + first.completion_token_ids + [7, 8, 9]
+        _, _, done = await rt.complete(turn2, max_tokens=2, ignore_eos=True).collect()
+    assert done.usage.cached_tokens == (held // ATTENTION_BLOCK_SIZE) * ATTENTION_BLOCK_SIZE
+    assert len(turn2) - done.usage.cached_tokens < ATTENTION_BLOCK_SIZE + 3
+    async with open_runtime(tiny_hybrid) as rt:
+        assert rt.info.block_size == RECURRENT_BLOCK_SIZE
+
+
+def test_default_block_size_by_layout():
+    assert default_block_size(("KVCache",) * 4) == ATTENTION_BLOCK_SIZE
+    assert default_block_size(("KVCache", "ArraysCache", "KVCache")) == RECURRENT_BLOCK_SIZE
+    assert default_block_size(()) == ATTENTION_BLOCK_SIZE

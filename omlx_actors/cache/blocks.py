@@ -21,7 +21,15 @@ import sys
 from array import array
 from collections.abc import Sequence
 
-__all__ = ["HASH_HEX_CHARS", "BlockHash", "block_hashes", "cache_namespace"]
+__all__ = [
+    "ATTENTION_BLOCK_SIZE",
+    "HASH_HEX_CHARS",
+    "RECURRENT_BLOCK_SIZE",
+    "BlockHash",
+    "block_hashes",
+    "cache_namespace",
+    "default_block_size",
+]
 
 BlockHash = str
 """A block's chained hash, as `HASH_HEX_CHARS` lowercase hex characters."""
@@ -38,6 +46,25 @@ _NEEDS_BYTESWAP = sys.byteorder != "little"
 
 # Bumped if the hash recipe below changes, so old and new chains never meet.
 _NAMESPACE_VERSION = "omlx-block-hash-v1"
+
+
+# Default tokens per block. A later turn of a conversation re-prefills whatever follows its
+# last full cached block - on average half a block, on a CPU with a long history about
+# 0.4 s per 100 tokens per conversation - so attention-only models use small blocks (a KV
+# block is a slice: cutting finely costs a few more array ops and index entries). A model
+# with recurrent layers cuts its prefill at every block boundary to snapshot the state
+# there, so its blocks stay large enough for prefill chunks to remain efficient.
+ATTENTION_BLOCK_SIZE = 64
+RECURRENT_BLOCK_SIZE = 256
+_RECURRENT_LAYERS = frozenset({"ArraysCache"})
+
+
+def default_block_size(layout: Sequence[str]) -> int:
+    """Tokens per prefix-cache block for a model whose per-layer cache classes are
+    `layout`, when the user chose none."""
+    if any(kind in _RECURRENT_LAYERS for kind in layout):
+        return RECURRENT_BLOCK_SIZE
+    return ATTENTION_BLOCK_SIZE
 
 
 def cache_namespace(model_id: str, layout: Sequence[str], block_size: int) -> str:

@@ -23,7 +23,7 @@ from typing import Any, Union
 import attrs
 
 from omlx_actors.backend import load_mlx
-from omlx_actors.cache.blocks import cache_namespace
+from omlx_actors.cache.blocks import cache_namespace, default_block_size
 from omlx_actors.cache.index import Eviction, StoredBlock
 from omlx_actors.engine.block_store import BlockStore, cache_layout
 from omlx_actors.engine.lifetime import ClearSchedule, RetiredRefs
@@ -192,8 +192,9 @@ class EngineSettings:
     prefill_batch_size: int = 8
     prefill_step_size: int = 512
     clear_delay_steps: int = 2
-    # Prefix cache: tokens per block, 0 disables saving and restoring blocks.
-    block_size: int = 256
+    # Prefix cache: tokens per block, None to choose by the model's cache layout,
+    # 0 disables saving and restoring blocks.
+    block_size: int | None = None
     # Requests queued or running at once when they cannot be priced by memory.
     max_requests: int = 32 + 256
     # Hand every newly stored block to the SSD tier as plain data (write-through).
@@ -343,9 +344,12 @@ class EngineCore:
         # MLX's peak is process-wide: measure this engine's own from here.
         mx.reset_peak_memory()
         layout = cache_layout(self._model)
-        namespace = cache_namespace(model_identity(path), layout, max(self.settings.block_size, 1))
-        if self.settings.block_size > 0:
-            self._store = BlockStore(layout, self.settings.block_size, namespace)
+        block_size = self.settings.block_size
+        if block_size is None:
+            block_size = default_block_size(layout)
+        namespace = cache_namespace(model_identity(path), layout, max(block_size, 1))
+        if block_size > 0:
+            self._store = BlockStore(layout, block_size, namespace)
             if not self._store.enabled:
                 self._store = None  # a cache type we cannot slice or snapshot
         return EngineInfo(
@@ -357,7 +361,7 @@ class EngineCore:
             device="gpu" if mx.default_device() == mx.gpu else "cpu",
             cache_layout=layout,
             cache_namespace=namespace if self._store is not None else None,
-            block_size=self.settings.block_size if self._store is not None else 0,
+            block_size=block_size if self._store is not None else 0,
             weights_bytes=self._weights_bytes,
             memory_config=_plain_config(config),
         )
