@@ -5,7 +5,11 @@ from __future__ import annotations
 import trio
 
 from omlx_actors.api import open_runtime
-from omlx_actors.cache.blocks import ATTENTION_BLOCK_SIZE, RECURRENT_BLOCK_SIZE, default_block_size
+from omlx_actors.cache.blocks import (
+    ATTENTION_BLOCK_SIZE,
+    RECURRENT_BLOCK_SIZE,
+    default_block_size,
+)
 
 BLOCK = 16
 
