@@ -63,6 +63,10 @@ class RuntimeConfig:
     ssd_cache_dir: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
     ssd_cache_bytes: int = attrs.field(default=16 * 1024**3, validator=_positive)
 
+    # CPU backend only: split prompt attention over two MLX streams (bit-identical results;
+    # on Metal and CUDA attention is a fused kernel and this does nothing).
+    parallel_attention: bool = True
+
     # Where the engine runs: "thread" - on an MLX thread of this process (the in-process
     # API's default); "process" - in a child process, so that a native crash of MLX (an
     # abort, a segfault) kills only the engine: the front starts a new one and resumes every

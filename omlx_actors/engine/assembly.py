@@ -147,6 +147,7 @@ def engine_settings(config: RuntimeConfig, model_path: str) -> EngineSettings:
         block_size=config.block_size if config.prefix_cache_bytes > 0 else 0,
         max_requests=config.max_batch_size + config.max_waiting_requests,
         ssd_enabled=config.ssd_cache_dir is not None and config.prefix_cache_bytes > 0,
+        parallel_attention=config.parallel_attention,
     )
 
 

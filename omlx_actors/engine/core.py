@@ -25,6 +25,7 @@ import attrs
 from omlx_actors.backend import load_mlx
 from omlx_actors.cache.blocks import cache_namespace, default_block_size
 from omlx_actors.cache.index import Eviction, StoredBlock
+from omlx_actors.engine import cpu_attention
 from omlx_actors.engine.block_store import BlockStore, cache_layout
 from omlx_actors.engine.lifetime import ClearSchedule, RetiredRefs
 from omlx_actors.engine.messages import (
@@ -202,6 +203,9 @@ class EngineSettings:
     # The most an idle engine waits for the rest of a burst, as a fraction of the first
     # prefill's estimated time (`EngineCore._gather_burst`); 0 turns gathering off.
     gather_fraction: float = GATHER_FRACTION
+    # On the CPU backend, split prompt attention over two streams of the MLX thread
+    # (`omlx_actors.engine.cpu_attention`; bit-identical results).
+    parallel_attention: bool = True
 
 
 @attrs.define
@@ -337,6 +341,8 @@ class EngineCore:
         eos = config.get("eos_token_id", [])
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         self._eos_ids = eos_ids
+        if self.settings.parallel_attention and cpu_attention.install(self._model):
+            cpu_attention.enable_on_this_thread()
         self._gen = self._new_generator()
         from mlx.utils import tree_flatten
 
@@ -388,6 +394,7 @@ class EngineCore:
             self._emit(self._step_output((), (), (), finished))
         self._gen = None
         self._model = None
+        cpu_attention.disable_on_this_thread()  # this worker thread may serve a bare loop next
         if self._store is not None:
             self._store.clear()
         self._samplers.clear()
