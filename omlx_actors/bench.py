@@ -581,17 +581,30 @@ def full_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
                         failed = f"  {r.errors} of {level} requests FAILED" if r.errors else ""
                         print(f"  c={level:<3d} {label:26s} {r.tokens_per_s:8.1f} tok/s  ratio {r.tokens_per_s / base.tokens_per_s:5.3f}  "
                               f"TTFT p50 {r.ttft_p50 * 1000:8.1f} ms  p99 {r.ttft_p99 * 1000:8.1f} ms{failed}", flush=True)
+                    if runs["c"] and runs["d"]:
+                        # Same prompts, run back to back: the paired ratio cancels the drift
+                        # of a shared machine that the medians above still carry.
+                        paired = [c.tokens_per_s / d.tokens_per_s for c, d in zip(runs["c"], runs["d"])]
+                        wins = sum(r > 1 for r in paired)
+                        rows.append({"concurrency": level, "paired_c_over_d": paired,
+                                     "c_faster_in": wins})
+                        print(f"  c={level:<3d} paired (c)/(d) per repeat: "
+                              f"{', '.join(f'{r:.3f}' for r in paired)}; median "
+                              f"{statistics.median(paired):.3f}; (c) faster in {wins} of {len(paired)}",
+                              flush=True)
                 if args.turns < 2:
                     return
+                # The same conversations for (b), (c) and (d): each side has its own cache (its
+                # own process or runtime), and the same texts give each side the same token
+                # counts - how much of a history a later turn can reuse depends on where its
+                # blocks end and how the answer re-tokenizes, which differs text by text.
                 conversations = make_text_prompts(args.conversations, args.history_words, offset=5000)
                 turns_b = await runtime_turns(rt, conversations, args.turns, args.max_tokens)
-                conversations_c = make_text_prompts(args.conversations, args.history_words, offset=6000)
-                turns_c = await http_turns(ours.url, model_id, conversations_c, args.turns, args.max_tokens)
-                conversations_d = make_text_prompts(args.conversations, args.history_words, offset=7000)
+                turns_c = await http_turns(ours.url, model_id, conversations, args.turns, args.max_tokens)
                 turns_d = []
                 if theirs is not None and theirs.proc.poll() is None:
                     try:
-                        turns_d = await http_turns(theirs.url, their_id, conversations_d, args.turns, args.max_tokens)
+                        turns_d = await http_turns(theirs.url, their_id, conversations, args.turns, args.max_tokens)
                     except* httpx.HTTPError:
                         print("  (d) mlx_lm.server failed during the multi-turn workload", flush=True)
                 # (a) has no prefix cache: a later turn is a cold prefill of the whole history.
