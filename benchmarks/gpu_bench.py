@@ -1,11 +1,13 @@
 """GPU benchmark (issue 8): random-weight bf16 llamas of ~1B and ~8B parameters,
-(a) bare BatchGenerator vs (b) in-process vs (c) over HTTP at concurrency 1, 8, 64.
+(a) bare BatchGenerator vs (b) in-process vs (c) over HTTP at concurrency 1, 8, 64
+(and (d) mlx_lm.server when OMLX_GPU_SIDES names it).
 
 Run on the GPU machine (see ../shared/tools/gpu/README.md):
     PYTHONPATH=$PWD python3 benchmarks/gpu_bench.py 1b /tmp/models out.json [GIL_S [REPEAT]]
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,8 +34,12 @@ def main() -> int:
     if not (path / "omlx_demo.json").exists():
         build_demo_model(spec, path, overwrite=True)
     print(f"built {path}", flush=True)
-    args = argparse.Namespace(concurrency="1,8,64", prompt_words=100, max_tokens=64, repeat=repeat,
-                              conversations=4, turns=1, history_words=600, json=out, sides="a,b,c",
+    # OMLX_GPU_LEVELS / OMLX_GPU_SIDES narrow a run (e.g. "8" and "a,b,c,d": mlx_lm.server
+    # against ours at one level, within the device's per-call limit).
+    args = argparse.Namespace(concurrency=os.environ.get("OMLX_GPU_LEVELS", "1,8,64"),
+                              prompt_words=100, max_tokens=64, repeat=repeat,
+                              conversations=4, turns=1, history_words=600, json=out,
+                              sides=os.environ.get("OMLX_GPU_SIDES", "a,b,c"),
                               gil_switch_interval=gil)
     config = RuntimeConfig(model=str(path), max_batch_size=64, prefill_batch_size=8,
                            prefill_step_size=2048)
