@@ -305,6 +305,7 @@ class EngineCore:
         try:
             info = self._load()
         except Exception as exc:  # noqa: BLE001 - reported to the trio side as a value
+            cpu_attention.disable_on_this_thread()  # if loading failed after enabling it
             self._emit(CoreLoadFailed(type(exc).__name__, str(exc)))
             return
         self._emit(CoreReady(info))
