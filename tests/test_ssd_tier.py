@@ -115,3 +115,18 @@ def test_a_process_killed_while_writing_leaves_only_valid_blocks(tiny_llama, tmp
 
     trio.run(check)
     assert not list(ssd.rglob("*.tmp*"))
+
+
+async def test_a_prompt_of_many_small_blocks_reaches_the_disk_whole(tiny_llama, tmp_path):
+    """The engine's forward queue to the writer is bounded in tokens, not blocks: a prompt
+    of 48 blocks of 16 tokens ends its prefill with all 48 at once, and every one is saved
+    (a bound of 32 blocks, tuned for 256-token blocks, dropped a third of them)."""
+    prompt = _prompt(48 * BLOCK + 3, seed=5)
+    async with open_runtime(tiny_llama, block_size=BLOCK, ssd_cache_dir=tmp_path) as rt:
+        await _generate(rt, prompt, max_tokens=2)
+        await trio.sleep(0.1)  # the last step's blocks reach the writer
+        await rt.flush_ssd_cache()
+        assert (await rt.stats()).ssd_saves_dropped == 0
+    async with open_runtime(tiny_llama, block_size=BLOCK, ssd_cache_dir=tmp_path) as rt:
+        _, done = await _generate(rt, prompt, max_tokens=2)
+    assert done.usage.cached_tokens == 48 * BLOCK

@@ -106,8 +106,10 @@ DRAIN_POLL_INTERVAL = 0.01
 # twice, the 200-request replay test's MLX peak overshot its budget by 3-6%.)
 BATCH_KV_COPIES = 3
 
-# Saves in flight from the engine to the SSD writer (see `run`).
-SSD_FORWARD_BACKLOG = 32
+# Saves in flight from the engine to the SSD writer (see `run`), counted in tokens so that
+# the bound means the same bytes and the same burst whatever the block size (32 blocks of
+# 256 tokens; 128 of the 64-token blocks attention-only models default to).
+SSD_FORWARD_BACKLOG_TOKENS = 8192
 
 # Under memory pressure prefill chunks shrink, but not below this many tokens (smaller
 # chunks cost more per token than the scratch they save).
@@ -254,7 +256,9 @@ async def run(
     # New blocks on their way to the SSD writer. The writer takes a save within SAVE_WAIT_S
     # or drops it (counted); this buffer only smooths bursts, and past it saves are dropped
     # here, counted in `ssd_saves_dropped` and logged - inference never waits for the disk.
-    to_ssd, from_engine = trio.open_memory_channel[Any](SSD_FORWARD_BACKLOG)
+    # The channel's own bound is in saves (each at least one token); `_forward_saves`
+    # applies the real one, in tokens.
+    to_ssd, from_engine = trio.open_memory_channel[Any](SSD_FORWARD_BACKLOG_TOKENS)
     forwarded = trio.Event()
     core = EngineCore(settings, commands, outputs, notify)
     acquire_worker().run_job(core.run)
@@ -408,6 +412,9 @@ async def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue, e
 def _forward_saves(state: ExecutorState, output: StepOutput, to_ssd) -> None:
     for block_hash, parent, scope, tokens, tensors in output.ssd_saves:
         try:
+            # One engine's blocks all have the same size: queued saves x tokens per block.
+            if (to_ssd.statistics().current_buffer_used + 1) * tokens > SSD_FORWARD_BACKLOG_TOKENS:
+                raise trio.WouldBlock
             to_ssd.send_nowait(Save(hash=block_hash, parent=parent, scope=scope, tokens=tokens,
                                     tensors=tensors))
         except trio.WouldBlock:
