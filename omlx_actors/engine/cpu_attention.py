@@ -22,6 +22,7 @@ on its own thread) runs mlx-lm's code unchanged.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from typing import Any
@@ -50,8 +51,9 @@ def split_calls() -> int:
     return _split_calls
 
 
+@functools.cache
 def _original():
-    from mlx_lm.models import base
+    from mlx_lm.models import base  # mlx-lm is imported where used, as across the engine
 
     return base.scaled_dot_product_attention
 
@@ -106,7 +108,7 @@ def install(model) -> int:
     how many modules now do (0: this model's code does not use mlx-lm's shared function)."""
     original = _original()
     count = 0
-    for name in {type(m).__module__ for m in _modules(model)}:
+    for name in {type(m).__module__ for m in model.modules()}:
         module = sys.modules.get(name)
         current = getattr(module, "scaled_dot_product_attention", None)
         if current is original:
@@ -114,13 +116,6 @@ def install(model) -> int:
         if getattr(module, "scaled_dot_product_attention", None) is parallel_sdpa:
             count += 1
     return count
-
-
-def _modules(model):
-    seen = [model]
-    for _, child in model.named_modules():
-        seen.append(child)
-    return seen
 
 
 def enable_on_this_thread() -> None:

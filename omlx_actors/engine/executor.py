@@ -411,13 +411,12 @@ async def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue, e
 
 def _forward_saves(state: ExecutorState, output: StepOutput, to_ssd) -> None:
     for block_hash, parent, scope, tokens, tensors in output.ssd_saves:
-        try:
-            # One engine's blocks all have the same size: queued saves x tokens per block.
-            if (to_ssd.statistics().current_buffer_used + 1) * tokens > SSD_FORWARD_BACKLOG_TOKENS:
-                raise trio.WouldBlock
+        # One engine's blocks all have the same size: queued saves x tokens per block. Within
+        # this bound the channel (bounded in saves, each at least a token) always has room.
+        if (to_ssd.statistics().current_buffer_used + 1) * tokens <= SSD_FORWARD_BACKLOG_TOKENS:
             to_ssd.send_nowait(Save(hash=block_hash, parent=parent, scope=scope, tokens=tokens,
                                     tensors=tensors))
-        except trio.WouldBlock:
+        else:
             state.ssd_saves_dropped += 1
             # Counted in EngineStats/metrics; logged at powers of two, not once per block.
             if state.ssd_saves_dropped & (state.ssd_saves_dropped - 1) == 0:

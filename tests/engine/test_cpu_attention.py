@@ -63,6 +63,7 @@ def test_only_the_enabling_thread_splits():
     """Rebinding mlx-lm's function is process-wide; another thread's MLX (a bare benchmark
     loop) must not get this thread's streams - they are not its own and MLX would refuse."""
     cpu_attention.enable_on_this_thread()
+    before = cpu_attention.split_calls()
     seen = {}
 
     def other_thread():
@@ -78,6 +79,7 @@ def test_only_the_enabling_thread_splits():
     finally:
         cpu_attention.disable_on_this_thread()
     assert seen["streams"] is None and seen["out"].shape == (1, 4, 5, 16)
+    assert cpu_attention.split_calls() == before  # mlx-lm's own attention ran there
 
 
 async def _outputs(model_path, prompts, parallel: bool):
