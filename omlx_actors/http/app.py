@@ -302,6 +302,7 @@ def _install_service_routes(app: QuartTrio, state: ServerState) -> None:
     @app.get("/metrics")
     async def metrics():
         m = state.metrics
+        m.observe_front()
         try:
             stats = await state.runtime.stats(timeout=settings.health_ping_timeout_s)
         except Exception:  # noqa: BLE001 - keep the last values; /health reports the engine
@@ -310,7 +311,7 @@ def _install_service_routes(app: QuartTrio, state: ServerState) -> None:
             m.queue_waiting.set(stats.waiting)
             m.queue_running.set(stats.running)
             m.engine_cache_bytes.set(stats.prefix_cache_bytes)
-            m.ssd.labels("engine_saves_dropped").set(stats.ssd_saves_dropped)
+            m.observe_engine_saves_dropped(stats.ssd_saves_dropped)
         try:
             cache = await state.runtime.cache_stats(timeout=settings.health_ping_timeout_s)
         except Exception:  # noqa: BLE001 - the cache is optional; keep the last values
@@ -324,7 +325,8 @@ def _install_service_routes(app: QuartTrio, state: ServerState) -> None:
         if ssd is not None:
             m.observe_ssd(ssd)
         if state.runtime.memory is not None and state.runtime.memory.latest is not None:
-            m.observe_memory(state.runtime.memory.latest)
+            m.observe_memory(state.runtime.memory.latest,
+                             engine_process=state.runtime.engine_pid is not None)
         m.pending.set(state.runtime.pending_requests)
         m.observe_engine(state.runtime.engine_status())
         return Response(m.render(), status=200, content_type=CONTENT_TYPE)

@@ -1,14 +1,17 @@
 """Prometheus metrics of one server, in a registry of its own (several servers in one
 process - tests - never share counters).
 
-Counters are updated by the routes as requests end; the engine's queue gauges are read
-from `Runtime.stats()` when /metrics is scraped, so they are never stale by more than a scrape.
+Counters are updated by the routes as requests end; the engine's queue gauges, and the
+totals other actors keep (exported as counters, see `_SourcedCounters`), are read when
+/metrics is scraped, so they are never stale by more than a scrape.
 """
 
 from __future__ import annotations
 
+import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily
 
 from omlx_actors.session import Done
 
@@ -64,20 +67,26 @@ class HttpMetrics:
             "omlx_client_disconnects", "streams whose client left before the end", ["route"],
             registry=r,
         )
-        # The prefix cache index's own numbers, read at scrape time.
+        # Numbers other actors keep (the cache index, the SSD writer, the engine link, the
+        # memory enforcer), read when /metrics is scraped: cumulative ones are exported as
+        # counters by `_SourcedCounters`, the rest as gauges.
         self.cache_index = Gauge(
-            "omlx_prefix_cache", "prefix cache index: lookups that hit/missed, blocks, bytes, "
-            "evictions (cumulative where the name says so)", ["what"], registry=r,
+            "omlx_prefix_cache", "prefix cache index: blocks, bytes used, budget, bytes "
+            "referenced by running requests", ["what"], registry=r,
         )
         # The memory enforcer's latest snapshot.
         self.memory = Gauge(
             "omlx_memory_bytes", "memory budget and use (bytes)", ["what"], registry=r,
         )
+        self.process_rss = Gauge(
+            "omlx_process_rss_bytes", "resident memory of the front (HTTP server) process and, "
+            "with the engine in its own process, of the engine process", ["process"], registry=r,
+        )
         self.memory_level = Gauge(
             "omlx_memory_level", "memory pressure: 0 ok, 1 soft, 2 hard", registry=r,
         )
         self.ssd = Gauge(
-            "omlx_ssd_cache", "SSD tier: save/load counters (cumulative) and bytes on disk",
+            "omlx_ssd_cache", "SSD tier: files, bytes on disk, effective byte budget",
             ["what"], registry=r,
         )
         self.engine_cache_bytes = Gauge(
@@ -90,22 +99,35 @@ class HttpMetrics:
             "omlx_prefix_cache_hit_tokens", "prompt tokens served from the cache", registry=r
         )
 
-        # The engine process (isolation="process"): restarts and what they cost.
-        self.engine = Gauge(
-            "omlx_engine", "engine: restarts, resumed requests and crash-loop failures "
-            "(cumulative), ready (1/0), seconds from the last death to ready and to the first "
-            "resumed token", ["what"], registry=r,
+        # The engine (isolation="process": restarts and what they cost).
+        self.engine_ready = Gauge(
+            "omlx_engine_ready", "1 while the engine is ready, 0 while it is starting, "
+            "restarting or failed", registry=r,
         )
+        self.engine_seconds = Gauge(
+            "omlx_engine_last_seconds", "the last restart: seconds from the engine's death to a "
+            "ready engine (restart) and to the first resumed token (resume)", ["what"], registry=r,
+        )
+        self.sourced = _SourcedCounters()
+        r.register(self.sourced)
 
     def observe_engine(self, status) -> None:
-        self.engine.labels("restarts").set(status.restarts)
-        self.engine.labels("resumed_requests").set(status.resumed_requests)
-        self.engine.labels("crash_loop_failures").set(status.crash_loop_failures)
-        self.engine.labels("ready").set(1 if status.state == "ready" else 0)
+        self.sourced.set("omlx_engine_restarts", "engine process deaths followed by a restart",
+                         status.restarts)
+        self.sourced.set("omlx_engine_resumed_requests",
+                         "in-flight requests resumed in a new engine", status.resumed_requests)
+        self.sourced.set("omlx_engine_crash_loop_failures",
+                         "requests failed as the cause of repeated engine deaths",
+                         status.crash_loop_failures)
+        self.engine_ready.set(1 if status.state == "ready" else 0)
         if status.last_restart_s is not None:
-            self.engine.labels("last_restart_seconds").set(status.last_restart_s)
+            self.engine_seconds.labels("restart").set(status.last_restart_s)
         if status.last_resume_s is not None:
-            self.engine.labels("last_resume_seconds").set(status.last_resume_s)
+            self.engine_seconds.labels("resume").set(status.last_resume_s)
+
+    def observe_starting(self) -> None:
+        """No runtime yet (the model is loading): the engine is not ready."""
+        self.engine_ready.set(0)
 
     def observe_done(self, route: str, done: Done) -> None:
         usage = done.usage
@@ -121,21 +143,78 @@ class HttpMetrics:
             self.itl.observe(done.timings.mean_itl_s)
 
     def observe_cache(self, stats) -> None:
-        for what in ("hits", "misses", "hit_blocks", "evictions", "inserted", "blocks",
-                     "used_bytes", "budget_bytes", "referenced_bytes"):
+        lookups = "prefix cache index lookups, by whether they matched at least one block"
+        self.sourced.set("omlx_prefix_cache_lookups", lookups, stats.hits, result="hit")
+        self.sourced.set("omlx_prefix_cache_lookups", lookups, stats.misses, result="miss")
+        self.sourced.set("omlx_prefix_cache_hit_blocks", "blocks matched over all lookups",
+                         stats.hit_blocks)
+        self.sourced.set("omlx_prefix_cache_evictions", "blocks evicted to stay within the "
+                         "budget", stats.evictions)
+        self.sourced.set("omlx_prefix_cache_inserted", "blocks stored that were not cached",
+                         stats.inserted)
+        for what in ("blocks", "used_bytes", "budget_bytes", "referenced_bytes"):
             self.cache_index.labels(what).set(getattr(stats, what))
 
     def observe_ssd(self, stats) -> None:
-        for what in ("saves_enqueued", "saves_persisted", "saves_dropped", "write_errors",
-                     "evictions", "load_hits", "load_misses", "corrupt_discarded", "files",
-                     "bytes_on_disk", "effective_budget_bytes"):
+        saves = ("SSD tier saves: taken by the writer (enqueued), and how they ended: "
+                 "persisted, duplicate, cancelled (by a cleanup), skipped (no room within the "
+                 "budget); dropped: never taken (the writer's inbox stayed full)")
+        for result in ("enqueued", "persisted", "duplicate", "cancelled", "skipped", "dropped"):
+            self.sourced.set("omlx_ssd_saves", saves, getattr(stats, f"saves_{result}"),
+                             result=result)
+        for name, what, doc in (
+            ("omlx_ssd_write_errors", "write_errors", "SSD block writes that failed"),
+            ("omlx_ssd_evictions", "evictions", "SSD block files evicted for the budget"),
+            ("omlx_ssd_corrupt_discarded", "corrupt_discarded",
+             "SSD block files found corrupt and discarded"),
+        ):
+            self.sourced.set(name, doc, getattr(stats, what))
+        loads = "SSD tier block loads, by whether the block was on disk"
+        self.sourced.set("omlx_ssd_loads", loads, stats.load_hits, result="hit")
+        self.sourced.set("omlx_ssd_loads", loads, stats.load_misses, result="miss")
+        for what in ("files", "bytes_on_disk", "effective_budget_bytes"):
             self.ssd.labels(what).set(getattr(stats, what))
 
-    def observe_memory(self, snapshot) -> None:
+    def observe_engine_saves_dropped(self, count: int) -> None:
+        self.sourced.set("omlx_ssd_engine_saves_dropped", "blocks the engine could not hand "
+                         "to the SSD writer (its forward queue was full)", count)
+
+    def observe_memory(self, snapshot, *, engine_process: bool) -> None:
+        """The enforcer's snapshot. Its `process_rss` is the engine's process: labelled
+        "engine" when that is a process of its own, else it is the front's own RSS."""
         for what in ("budget_bytes", "used_bytes", "pressure_bytes", "mlx_active", "mlx_cache",
-                     "mlx_peak", "process_rss", "system_available"):
+                     "mlx_peak", "system_available"):
             self.memory.labels(what).set(getattr(snapshot, what))
+        if engine_process:
+            self.process_rss.labels("engine").set(snapshot.process_rss)
         self.memory_level.set(("ok", "soft", "hard").index(snapshot.level.value))
+
+    def observe_front(self) -> None:
+        self.process_rss.labels("front").set(psutil.Process().memory_info().rss)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _SourcedCounters:
+    """Counters that another actor keeps (the cache index, the SSD writer, the engine link):
+    the latest value read at scrape time, exported as a Prometheus counter (`_total`).
+    A `Counter` of our own cannot hold them: they are totals, not increments, and a new
+    engine process starts its own from zero (a reset, which Prometheus' rate() handles)."""
+
+    def __init__(self) -> None:
+        # name -> (documentation, label name or None, {label value or None: value})
+        self._families: dict[str, tuple[str, str | None, dict[str | None, float]]] = {}
+
+    def set(self, name: str, documentation: str, value: float, **label: str) -> None:
+        (label_name, label_value), = label.items() if label else ((None, None),)
+        _, _, values = self._families.setdefault(name, (documentation, label_name, {}))
+        values[label_value] = value
+
+    def collect(self):
+        for name, (documentation, label_name, values) in self._families.items():
+            family = CounterMetricFamily(name, documentation,
+                                         labels=[label_name] if label_name else None)
+            for label_value, value in values.items():
+                family.add_metric([label_value] if label_name else [], value)
+            yield family

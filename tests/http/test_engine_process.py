@@ -63,5 +63,5 @@ async def test_a_stream_survives_the_engine_being_killed(tiny_llama):
             metrics = (await http.get("/metrics")).text
     assert outcome["text"] == expected
     assert outcome["usage"].completion_tokens == 400
-    assert 'omlx_engine{what="restarts"} 1.0' in metrics
-    assert 'omlx_engine{what="resumed_requests"} 1.0' in metrics
+    assert "\nomlx_engine_restarts_total 1.0\n" in metrics
+    assert "\nomlx_engine_resumed_requests_total 1.0\n" in metrics

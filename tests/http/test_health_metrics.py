@@ -95,3 +95,37 @@ async def test_each_server_has_its_own_registry(tiny_llama):
             other = (await http.get("/metrics")).text
     assert 'omlx_http_requests_total{route="/v1/models",status="200"} 1.0' in text
     assert "/v1/models" not in other
+
+
+def families(text: str) -> dict[str, str]:
+    """Each metric family's name and Prometheus type."""
+    return {family.name: family.type for family in text_string_to_metric_families(text)}
+
+
+async def test_cumulative_numbers_are_counters_and_rss_is_labelled_by_process(tiny_llama, tmp_path):
+    # The engine in its own process, with the SSD tier: every source of totals is present.
+    async with serve(tiny_llama, isolation="process", block_size=16,
+                     ssd_cache_dir=tmp_path / "ssd") as server:
+        async with http_client(server) as http:
+            long = chat_body(messages=[{"role": "user", "content": "word " * 60}], max_tokens=4)
+            for _ in range(2):  # the second one hits the prefix cache
+                assert (await http.post("/v1/chat/completions", json=long)).status_code == 200
+            await server.runtime.flush_ssd_cache()
+            text = (await http.get("/metrics")).text
+    types, s = families(text), samples(text)
+    for name in ("omlx_engine_restarts", "omlx_engine_resumed_requests",
+                 "omlx_engine_crash_loop_failures", "omlx_prefix_cache_lookups",
+                 "omlx_prefix_cache_hit_blocks", "omlx_prefix_cache_evictions",
+                 "omlx_prefix_cache_inserted", "omlx_ssd_saves", "omlx_ssd_loads",
+                 "omlx_ssd_write_errors", "omlx_ssd_engine_saves_dropped"):
+        assert types[name] == "counter", name
+    assert "omlx_engine" not in types  # the old gauge of totals is gone
+    assert s[("omlx_engine_restarts_total", ())] == 0
+    assert s[("omlx_engine_ready", ())] == 1
+    assert s[("omlx_prefix_cache_lookups_total", (("result", "hit"),))] == 1
+    assert s[("omlx_ssd_saves_total", (("result", "persisted"),))] > 0
+    assert s[("omlx_ssd_saves_total", (("result", "skipped"),))] == 0
+    front = s[("omlx_process_rss_bytes", (("process", "front"),))]
+    engine = s[("omlx_process_rss_bytes", (("process", "engine"),))]
+    assert front > 0 and engine > 0
+    assert ("omlx_memory_bytes", (("what", "process_rss"),)) not in s
