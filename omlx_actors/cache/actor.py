@@ -111,7 +111,8 @@ class Stored:
 
 @attrs.frozen(kw_only=True)
 class SetBudget:
-    """Change the byte budget; evicts down to it as far as unpinned blocks allow."""
+    """Change the byte budget and evict down to it: unpinned blocks first, then pinned ones
+    (their requests keep a shorter prefix); the cache never holds more than its budget."""
 
     budget_bytes: int = attrs.field(validator=attrs.validators.ge(0))
 
@@ -148,6 +149,7 @@ class CacheStats:
     evictions: int  # blocks evicted to stay within the budget
     inserted: int  # blocks stored that were not cached
     refreshed: int = 0  # blocks stored again while cached (older tensors dropped)
+    forced_evictions: int = 0  # of `evictions`, blocks held by a request (budget cut below)
 
 
 @attrs.frozen(kw_only=True)
@@ -286,4 +288,5 @@ def cache_stats(index: BlockIndex) -> CacheStats:
         evictions=index.evictions,
         inserted=index.inserted,
         refreshed=index.refreshed,
+        forced_evictions=index.forced_evictions,
     )

@@ -29,8 +29,16 @@ Eviction policy, run whenever the bytes cached exceed the budget:
    lookup passes through, or a cycle) - the least recently used unreferenced block goes,
    leaves or not, so an unpinned excess can never outlive an eviction pass.
 
-If everything cached is referenced the index stays over budget (pinned bytes cannot be
-freed) and evicts down to the budget as soon as holders release.
+5. The budget is a hard ceiling: `used_bytes <= budget_bytes` holds after every method.
+   When unreferenced blocks are not enough (the budget was cut below what requests hold),
+   referenced blocks go too, by the same leaves-first LRU order, and every holder stops
+   holding that block and the rest of its chain after it (`forced_evictions` counts them).
+   Dropping a held block is safe for the engine: a request that already started has
+   copied its prefix into its own cache, and one that has not gets the blocks still
+   present (the block store's `build_cache` stops at the first missing one), so it
+   prefills more. Issue #15: a cache cut to 14 KB for a waiting request kept the 32 KB
+   that request itself held, so the cache stayed over budget and the request waited on
+   memory nothing would free.
 
 Pure: no trio, no MLX. Not thread-safe; one actor owns it.
 """
@@ -105,6 +113,8 @@ class _Entry:
 class BlockIndex:
     """Cached blocks within `budget_bytes`, with per-owner holds and leaf-first LRU eviction.
 
+    Invariant: `used_bytes <= budget_bytes` after every method (policy rule 5).
+
     Every method that can evict returns the `Eviction`s it made, in the order made; the
     caller must pass them on to whoever holds the tensors.
     """
@@ -142,6 +152,9 @@ class BlockIndex:
         """Blocks added that were not present."""
         self.refreshed = 0
         """Reports of a block already present (its older tensors are returned as evictions)."""
+        self.forced_evictions = 0
+        """Of `evictions`, blocks evicted while held (policy rule 5: the budget was cut
+        below the held bytes)."""
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -213,9 +226,9 @@ class BlockIndex:
 
         Counts a hit (matched >= 1) or a miss. An owner that already holds blocks keeps at
         most one holding: the new prefix is held first and the old holding released after,
-        so blocks in both are never unpinned in between. Releasing the old holding may
-        evict (when over budget with blocks pinned), hence the evictions; they are empty
-        whenever the owner held nothing before.
+        so blocks in both are never unpinned in between. The evictions are always empty
+        now that the budget is a hard ceiling (rule 5: releasing cannot leave the cache
+        over budget); the return shape is kept for callers that pass them on.
         """
         matched = self.match(hashes)
         held = tuple(dict.fromkeys(hashes[:matched]))  # a repeated hash is one hold
@@ -235,8 +248,8 @@ class BlockIndex:
         return matched, self._evict_to_budget()
 
     def release(self, owner: str) -> list[Eviction]:
-        """Drop every hold of `owner` (nothing if it holds none), then evict down to the
-        budget - blocks pinned past a budget shrink go now."""
+        """Drop every hold of `owner` (nothing if it holds none). Returns evictions for the
+        callers' sake; with the budget a hard ceiling (rule 5) there are none."""
         previous = self._holdings.pop(owner, ())
         if not previous:
             return []
@@ -381,14 +394,41 @@ class BlockIndex:
 
     def _evict_to_budget(self) -> list[Eviction]:
         evictions: list[Eviction] = []
-        while self._used > self._budget and self._idle:
-            victim = self._pop_leaf()
-            if victim is None:
-                # Policy rule 4: inconsistent parent links left no idle leaf.
-                victim = self._blocks[next(iter(self._idle))]
+        while self._used > self._budget:
+            if self._idle:
+                victim = self._pop_leaf()
+                if victim is None:
+                    # Policy rule 4: inconsistent parent links left no idle leaf.
+                    victim = self._blocks[next(iter(self._idle))]
+            else:
+                # Policy rule 5: only held blocks are left and the budget is still exceeded.
+                victim = self._unhold(self._held_victim())
             evictions.append(self._remove(victim))
         self.evictions += len(evictions)
         return evictions
+
+    def _held_victim(self) -> _Entry:
+        """The least recently used held leaf (any held block if links form a cycle).
+
+        A linear scan: this runs only when a budget cut falls below the held bytes."""
+        held = [e for e in self._blocks.values() if e.refs]
+        leaves = [e for e in held if e.hash not in self._children]
+        return min(leaves or held, key=lambda e: e.last_used)
+
+    def _unhold(self, victim: _Entry) -> _Entry:
+        """Make `victim` evictable although held: each holder stops holding it and the rest
+        of its chain after it (unusable without it); those become idle like any release."""
+        for owner, held in list(self._holdings.items()):
+            if victim.hash not in held:
+                continue
+            cut = held.index(victim.hash)
+            if cut:
+                self._holdings[owner] = held[:cut]
+            else:
+                del self._holdings[owner]
+            self._unref_all(held[cut:])
+        self.forced_evictions += 1
+        return victim
 
     def _remove(self, entry: _Entry) -> Eviction:
         del self._blocks[entry.hash]
@@ -438,9 +478,8 @@ class BlockIndex:
         stamps = [blocks[h].last_used for h in self._idle]
         require(stamps == sorted(set(stamps)), "the LRU is not ordered by last use")
         require(
-            self._used <= self._budget or not self._idle,
-            f"{self._used} bytes used over a budget of {self._budget} "
-            f"while {len(self._idle)} unreferenced blocks could be evicted",
+            self._used <= self._budget,
+            f"{self._used} bytes used over a budget of {self._budget}",
         )
         children: dict[BlockHash, int] = {}
         for entry in blocks.values():
@@ -454,7 +493,8 @@ class BlockIndex:
                     (blocks[block_hash].last_used, block_hash) in live,
                     f"idle leaf {block_hash} is not an eviction candidate",
                 )
-        for counter in ("hits", "misses", "hit_blocks", "evictions", "inserted", "refreshed"):
+        for counter in ("hits", "misses", "hit_blocks", "evictions", "inserted", "refreshed",
+                        "forced_evictions"):
             require(getattr(self, counter) >= 0, f"counter {counter} is negative")
 
 

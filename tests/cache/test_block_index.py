@@ -105,12 +105,11 @@ def test_reacquiring_replaces_the_previous_holding():
 def test_reacquiring_never_unpins_blocks_both_holdings_share():
     index = index_with(30, *chain("a", "b", "c"))
     index.acquire("r", ["a", "b", "c"])
-    assert index.set_budget(0) == []  # all pinned
-    # The new holding keeps "a"; the released "b" and "c" go at once (leaf first).
-    matched, evictions = index.acquire("r", ["a"])
-    assert matched == 1
-    assert evicted(evictions) == ["c", "b"]
-    assert "a" in index and index.refcount("a") == 1
+    # The new holding keeps "a"; the released "b" and "c" become evictable (leaf first).
+    assert index.acquire("r", ["a"]) == (1, [])
+    assert [index.refcount(h) for h in "abc"] == [1, 0, 0]
+    assert evicted(index.set_budget(10)) == ["c", "b"]
+    assert "a" in index and index.refcount("a") == 1 and index.forced_evictions == 0
     index.check_invariants()
 
 
@@ -122,9 +121,10 @@ def test_referenced_blocks_survive_eviction_pressure():
         assert not {"a", "b"} & set(evicted(evictions))
         index.check_invariants()
     assert "a" in index and "b" in index
-    assert index.set_budget(0)  # evicts everything it may
+    assert index.set_budget(20)  # evicts everything but the pinned blocks
     assert sorted(h for h in "abc" if h in index) == ["a", "b"]
     assert index.used_bytes == index.referenced_bytes == 20
+    assert index.forced_evictions == 0
     index.check_invariants()
 
 
@@ -169,14 +169,31 @@ def test_budget_shrink_evicts_down_to_budget():
     index.check_invariants()
 
 
-def test_pinned_excess_is_evicted_when_its_holder_releases():
-    index = index_with(100, *chain("a", "b", "c"))
+def test_a_budget_cut_below_the_pinned_bytes_evicts_held_blocks_from_the_chain_end():
+    # Issue #15: the cache cut to 14 KB kept the 32 KB a waiting request held, so it stayed
+    # over budget and the request waited for memory nothing would free. The budget wins.
+    index = index_with(100, *chain("a", "b", "c"), block("x"))
     index.acquire("r", ["a", "b", "c"])
-    assert index.set_budget(15) == []
-    assert index.used_bytes == 30 > index.budget_bytes
+    index.acquire("s", ["a", "b"])
+    assert evicted(index.set_budget(15)) == ["x", "c", "b"]
+    assert index.used_bytes == 10 <= index.budget_bytes
+    assert (index.holding("r"), index.holding("s")) == (("a",), ("a",))
+    assert index.refcount("a") == 2
+    assert (index.evictions, index.forced_evictions) == (3, 2)
     index.check_invariants()
-    assert evicted(index.release("r")) == ["c", "b"]
-    assert index.used_bytes == 10
+    assert index.release("r") == [] and index.release("s") == []
+    assert index.set_budget(0) == [Eviction(hash="a", generation=1, nbytes=10)]
+    assert index.forced_evictions == 2  # "a" was no longer held
+    index.check_invariants()
+
+
+def test_a_held_block_grown_by_a_refresh_never_leaves_the_cache_over_budget():
+    index = index_with(30, *chain("a", "b"))
+    index.acquire("r", ["a", "b"])
+    evictions = index.insert(block("b", "a", nbytes=25, generation=5))
+    assert evictions == [Eviction(hash="b", generation=2, nbytes=10),
+                         Eviction(hash="b", generation=5, nbytes=25)]
+    assert index.holding("r") == ("a",) and index.used_bytes == 10
     index.check_invariants()
 
 
@@ -252,7 +269,7 @@ def test_inconsistent_parent_links_still_evict_down_to_budget():
     # unreferenced; the fallback evicts it rather than stay over budget.
     index = index_with(100, block("p"), block("a"), block("z", "a"), block("w", "p"))
     index.acquire("r", ["a", "z", "w"])
-    assert evicted(index.set_budget(0)) == ["p"]
+    assert evicted(index.set_budget(30)) == ["p"]
     index.check_invariants()
     # A cycle: neither block is a leaf, both still go.
     cyclic = index_with(100, block("x", "y"), block("y", "x"))

@@ -1,6 +1,7 @@
 """The block index against a naive model, under random stores, lookups, releases and
-budget changes: every reply and every eviction must be exactly the model's, and the
-index's own invariants must hold after every step."""
+budget changes (cuts below the pinned bytes included): every reply and every eviction must
+be exactly the model's, the index's own invariants must hold after every step, and the
+bytes cached never exceed the budget (issue #15)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class Model:
         self.blocks: dict[str, ModelBlock] = {}
         self.holdings: dict[str, tuple[str, ...]] = {}
         self.clock = 0
-        self.hits = self.misses = self.hit_blocks = self.evictions = 0
+        self.hits = self.misses = self.hit_blocks = self.evictions = self.forced = 0
 
     def refs(self, h: str) -> int:
         return sum(h in held for held in self.holdings.values())
@@ -59,11 +60,25 @@ class Model:
         out = []
         while self.used() > self.budget:
             idle = [h for h in self.blocks if self.refs(h) == 0]
-            if not idle:
-                break
             parents = {b.parent for b in self.blocks.values()}
-            leaves = [h for h in idle if h not in parents]
-            victim = min(leaves or idle, key=lambda h: self.blocks[h].last_used)
+            if idle:
+                leaves = [h for h in idle if h not in parents]
+                victim = min(leaves or idle, key=lambda h: self.blocks[h].last_used)
+            else:
+                # The budget is a hard ceiling: held blocks go too, leaf first, and their
+                # holders stop holding them and what follows them in their chains.
+                held = list(self.blocks)
+                leaves = [h for h in held if h not in parents]
+                victim = min(leaves or held, key=lambda h: self.blocks[h].last_used)
+                for owner, holding in list(self.holdings.items()):
+                    if victim in holding:
+                        cut = holding.index(victim)
+                        if cut:
+                            self.holdings[owner] = holding[:cut]
+                        else:
+                            del self.holdings[owner]
+                        self.release_holding(holding[cut:])
+                self.forced += 1
             gone = self.blocks.pop(victim)
             out.append(Eviction(hash=victim, generation=gone.generation, nbytes=gone.nbytes))
         self.evictions += len(out)
@@ -225,17 +240,41 @@ class BlockIndexMachine(RuleBasedStateMachine):
     @rule(budget=st.integers(0, 200))
     def set_budget(self, budget):
         held = {h for held in self.model.holdings.values() for h in held}
+        held_bytes = sum(self.model.blocks[h].nbytes for h in held)
         self.model.budget = budget
         expected = self.model.evict()
         self.apply(self.index.set_budget(budget), expected)
-        # Referenced blocks survive any budget shrink.
-        assert all(h in self.index for h in held)
+        if held_bytes <= budget:
+            # Held blocks survive any budget cut that leaves room for them.
+            assert all(h in self.index for h in held)
+
+    @rule(owner=st.sampled_from(OWNERS), node=st.integers(0, len(PARENTS) - 1),
+          fraction=st.sampled_from([0, 0.25, 0.5, 0.9]))
+    def cut_the_budget_below_what_is_held(self, owner, node, fraction):
+        # The admission path of issue #15: a request pins its prefix, then the cache is
+        # cut below the bytes pinned. The cut holds; the holder keeps a shorter prefix.
+        hashes = path(node)
+        expected = self.model.acquire(owner, hashes)
+        matched, evictions = self.index.acquire(owner, hashes)
+        assert matched == expected[0]
+        self.apply(evictions, expected[1])
+        budget = int(self.index.referenced_bytes * fraction)
+        self.model.budget = budget
+        expected = self.model.evict()
+        self.apply(self.index.set_budget(budget), expected)
+        held = self.index.holding(owner)
+        assert held == tuple(hashes[: len(held)])
+        assert self.index.match(list(held)) == len(held)
 
     @precondition(lambda self: self.model.blocks)
     @rule(node=st.integers(0, len(PARENTS) - 1), cut=st.integers(0, 3))
     def match(self, node, cut):
         hashes = path(node)[cut:]
         assert self.index.match(hashes) == self.model.match(hashes)
+
+    @invariant()
+    def never_over_budget(self):
+        assert self.index.used_bytes <= self.index.budget_bytes
 
     @invariant()
     def agrees_with_the_model(self):
@@ -256,6 +295,7 @@ class BlockIndexMachine(RuleBasedStateMachine):
         assert (index.hits, index.misses, index.hit_blocks, index.evictions) == (
             model.hits, model.misses, model.hit_blocks, model.evictions
         )
+        assert index.forced_evictions == model.forced
 
 
 BlockIndexMachine.TestCase.settings = settings(
