@@ -6,23 +6,65 @@ pieces it arrives in, which may split a stop string or a tool-call marker anywhe
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 
 
-def proper_prefixes(markers: Sequence[str]) -> tuple[str, ...]:
-    """Every proper prefix of `markers` (stop strings, tool-call tags), longest first."""
-    return tuple(sorted({m[:n] for m in markers for n in range(1, len(m))}, key=len, reverse=True))
+def held_back(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that is a proper prefix of `marker`: text that may
+    be the start of the marker, to hold until the next piece.
 
-
-def held_back(text: str, prefixes: tuple[str, ...]) -> int:
-    """Length of the longest end of `text` that is one of `prefixes` (`proper_prefixes`
-    of some markers): text that may be the start of a marker, to hold until the next piece."""
-    if not text.endswith(prefixes):  # one C call for the common case: nothing to hold
+    Quadratic in the marker's length (no table to build): for the tokenizer's own short
+    markers (tool-call tags). Stop strings, which clients choose, use `StopStringMatcher`."""
+    longest = min(len(marker) - 1, len(text))
+    if longest <= 0 or marker[0] not in text[-longest:]:  # the common case, in one C call
         return 0
-    return next(len(p) for p in prefixes if text.endswith(p))
+    return next((n for n in range(longest, 0, -1) if text.endswith(marker[:n])), 0)
+
+
+@attrs.define
+class _StopAutomaton:
+    """Knuth-Morris-Pratt matching of one stop string over text fed piece by piece: time
+    linear in the text fed, memory linear in the stop string (one int per character)."""
+
+    stop: str
+    # _border[i]: length of the longest proper prefix of stop[: i + 1] that is also its end.
+    _border: array = attrs.field(init=False)
+    # Length of the longest end of the text fed so far that is a proper prefix of `stop`.
+    state: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        stop = self.stop
+        border = array("i", [0]) * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = border[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            border[i] = k
+        self._border = border
+
+    def feed(self, piece: str) -> int | None:
+        """Advance over `piece`; the index in `piece` just past the first occurrence of the
+        stop string that ends in it, or None (then `state` says how much may start one)."""
+        stop, border, k = self.stop, self._border, self.state
+        if k == 0 and stop[0] not in piece:  # the common case, in one C call
+            return None
+        last = len(stop)
+        for i, char in enumerate(piece):
+            while k and char != stop[k]:
+                k = border[k - 1]
+            if char == stop[k]:
+                k += 1
+                if k == last:
+                    self.state = border[k - 1]
+                    return i + 1
+        self.state = k
+        return None
 
 
 @attrs.define
@@ -30,36 +72,42 @@ class StopStringMatcher:
     """Holds back just enough text to recognise a stop string split across pieces.
 
     `feed(piece)` returns `(text_to_emit, stopped)`. Text is released as soon as it can no
-    longer be the start of a stop string; on a match, the text before the stop string is
-    released and nothing after it ever is. `flush()` releases what is held at the end.
+    longer be the start of a stop string; the text ends where a stop string first ends (the
+    longest of those ending there), so the result does not depend on how the text was split;
+    the text before that stop string is released and nothing after it ever is. `flush()`
+    releases what is held at the end. Time is linear in the text fed (per stop string),
+    memory linear in the stop strings' length: callers bound their count and length.
     """
 
     stops: tuple[str, ...]
     _held: str = ""
     stopped: bool = False
     matched: str | None = None  # the stop string that ended the text
-    _prefixes: tuple[str, ...] = attrs.field(init=False)
+    _automata: tuple[_StopAutomaton, ...] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._prefixes = proper_prefixes(self.stops)
+        self._automata = tuple(_StopAutomaton(s) for s in self.stops if s)
 
     def feed(self, piece: str) -> tuple[str, bool]:
         if self.stopped:
             return "", True
         text = self._held + piece
-        if not self.stops:
+        if not self._automata:
             self._held = ""
             return text, False
-        first = min(
-            ((i, s) for s in self.stops if (i := text.find(s)) >= 0),
-            default=None,
-        )
+        first: tuple[int, int, str] | None = None  # (end in piece, -length, stop string)
+        for automaton in self._automata:
+            end = automaton.feed(piece)
+            if end is not None:
+                candidate = (end, -len(automaton.stop), automaton.stop)
+                first = candidate if first is None else min(first, candidate)
         if first is not None:
             self.stopped = True
-            self.matched = first[1]
+            self.matched = first[2]
             self._held = ""
-            return text[: first[0]], True
-        keep = held_back(text, self._prefixes)
+            # The match ends `first[0]` characters into the piece and is -first[1] long.
+            return text[: len(text) - len(piece) + first[0] + first[1]], True
+        keep = max(a.state for a in self._automata)
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep], False
 
@@ -92,10 +140,6 @@ class ToolCallScanner:
     _buffer: str = ""
     _in_call: bool = False
     _count: int = 0
-    _start_prefixes: tuple[str, ...] = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._start_prefixes = proper_prefixes((self.start,))
 
     def feed(self, piece: str) -> tuple[str, list[ParsedToolCall]]:
         self._buffer += piece
@@ -105,7 +149,7 @@ class ToolCallScanner:
             if not self._in_call:
                 i = self._buffer.find(self.start)
                 if i < 0:
-                    keep = held_back(self._buffer, self._start_prefixes)
+                    keep = held_back(self._buffer, self.start)
                     out.append(self._buffer[: len(self._buffer) - keep])
                     self._buffer = self._buffer[len(self._buffer) - keep :]
                     break

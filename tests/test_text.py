@@ -1,5 +1,7 @@
 """Stop strings and tool-call extraction on plain text, in arbitrary splits."""
 
+import tracemalloc
+
 from hypothesis import given
 from hypothesis import strategies as st
 from mlx_lm.tool_parsers import json_tools
@@ -104,3 +106,35 @@ def test_a_partial_tool_call_start_is_held_back_until_it_is_not_one():
     scanner = _scanner()
     assert scanner.feed("a <tool_ca") == ("a ", [])
     assert scanner.feed("t") == ("<tool_cat", [])
+
+
+def test_a_long_stop_string_is_matched_in_linear_memory():
+    # Regression: every proper prefix of each stop string was materialized, so a 20,001-char
+    # stop string cost ~200 MB (a 5 MB one, 23 GB) before the first token.
+    stop = "ab" * 10_000 + "c"
+    tracemalloc.start()
+    try:
+        matcher = StopStringMatcher((stop,))
+        text, stopped = _feed_all(matcher, ["ab"] * 15_000 + ["c", "tail"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (text, stopped, matcher.matched) == ("ab" * 5_000, True, stop)
+    assert peak < 2_000_000, peak
+
+
+@given(st.lists(st.sampled_from(["abcd", "bc", "d", "cdx", "bcdbc"]), min_size=1, max_size=3, unique=True),
+       st.text(alphabet="abcdx", max_size=30), st.lists(st.integers(0, 30), max_size=6))
+def test_the_stop_that_ends_first_wins_however_the_text_is_split(stops, text, cuts):
+    cuts = sorted({min(c, len(text)) for c in cuts})
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    # The reference: the earliest end of any stop string (a stop's first occurrence ends
+    # first), the longest stop among those ending there.
+    first = min(((text.find(s) + len(s), -len(s), s) for s in stops if s in text), default=None)
+    matcher = StopStringMatcher(tuple(stops))
+    got = _feed_all(matcher, pieces)
+    if first is None:
+        assert got == (text, False)
+    else:
+        assert got == (text[: first[0] + first[1]], True)
+        assert matcher.matched == first[2]
