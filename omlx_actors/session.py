@@ -56,7 +56,11 @@ if TYPE_CHECKING:
 # prompt does not stall the event loop (tokenizers release the GIL).
 TOKENIZE_OFF_LOOP_CHARS = 20_000
 
+# Stop strings per request, and characters per stop string: matching costs time linear in
+# the generated text per stop string and memory linear in their length (`StopStringMatcher`),
+# so these bound both; past them the request is refused (400).
 MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1024
 MAX_TOP_LOGPROBS = 20
 
 # ---------------------------------------------------------------------------------------
@@ -201,6 +205,10 @@ class Session:
             raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
         if any(not isinstance(s, str) or not s for s in req.stop):
             raise InvalidRequest("stop strings must be non-empty strings", param="stop")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in req.stop):
+            raise InvalidRequest(
+                f"stop strings may have at most {MAX_STOP_STRING_CHARS} characters", param="stop"
+            )
         self.prompt_tokens = await self._tokenize()
         if not self.prompt_tokens:
             raise InvalidRequest("the prompt is empty", param="prompt")

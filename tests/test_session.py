@@ -9,7 +9,7 @@ import trio
 
 from omlx_actors.api import open_runtime
 from omlx_actors.errors import ContextLengthExceeded, InvalidRequest
-from omlx_actors.session import Done, Progress, TextDelta
+from omlx_actors.session import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, Done, Progress, TextDelta
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi."}]
 
@@ -119,6 +119,8 @@ async def test_prefill_progress_is_reported_per_chunk(tiny_llama):
         ({"top_logprobs": 50}, "top_logprobs"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"stop": [""]}, "stop"),
+        ({"stop": ["x" * (MAX_STOP_STRING_CHARS + 1)]}, "stop"),
+        ({"stop": [str(i) for i in range(MAX_STOP_STRINGS + 1)]}, "stop"),
         ({"logit_bias": ((10_000, 1.0),)}, "logit_bias"),
         ({"seed": -1}, "seed"),
         ({"seed": 2**64}, "seed"),
