@@ -35,15 +35,56 @@ _AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _MISSING = re.compile(r"missing required field `(?P<field>[^`]+)`")
 
 
+# Deepest nesting of arrays and objects a body may have (the body itself is level 1). Free-form
+# values (tool schemas, tool inputs, metadata) travel on to the chat template and to
+# json.dumps, which recurse: a bound well below Python's recursion limit keeps every later
+# stage from failing on them. Real tool schemas are a few levels deep.
+MAX_JSON_DEPTH = 64
+
+
 def decode_body(raw: bytes, type_: type[T]) -> T:
-    """Decode and validate a JSON body; raise a 400 `ApiError` naming the bad field."""
+    """Decode and validate a JSON body; raise a 400 `ApiError` naming the bad field.
+
+    Any failure to parse is a 400: malformed JSON, invalid UTF-8, wrong types or ranges, and
+    nesting deeper than `MAX_JSON_DEPTH` (checked after decoding; msgspec's own recursion
+    limit, at about a thousand levels, is reported the same way)."""
     try:
-        return msgspec.json.decode(raw, type=type_)
+        body = msgspec.json.decode(raw, type=type_)
     except msgspec.ValidationError as exc:
         message = str(exc)
         raise invalid(message, param=_param_of(message)) from None
     except msgspec.DecodeError as exc:
         raise invalid(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise _too_deep() from None
+    if _depth_exceeds(body, MAX_JSON_DEPTH):
+        raise _too_deep()
+    return body
+
+
+def _too_deep():
+    return invalid(f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels of "
+                   "arrays and objects)", code="invalid_json")
+
+
+def _depth_exceeds(body: Any, limit: int) -> bool:
+    """Whether `body` (a decoded Struct) nests arrays/objects deeper than `limit`. Iterative,
+    so it cannot itself hit the recursion limit; linear in the body's size."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(value, Struct):
+            children = (getattr(value, f) for f in value.__struct_fields__)
+        elif isinstance(value, dict):
+            children = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (Struct, dict, list)))
+    return False
 
 
 def _param_of(message: str) -> str | None:

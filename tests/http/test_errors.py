@@ -251,3 +251,62 @@ async def test_out_of_memory_without_stream_is_a_503_in_shape(server):
         await wait_until(lambda: len(server.runtime.dispatcher) == 1, timeout=5)
         await server.runtime.inject_fault("injected out-of-memory")
     assert_openai_error(result["r"], 503, "out_of_memory")
+
+
+def _route_body(route: str, **fields) -> dict:
+    if route == "/v1/completions":
+        return {"model": MODEL, "prompt": "Hello", "max_tokens": 2, **fields}
+    return {"model": MODEL, "messages": HELLO, "max_tokens": 2, **fields}
+
+
+async def test_stop_strings_past_the_caps_are_400_in_each_routes_shape(server):
+    from omlx_actors.session import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+
+    too_long = ["ab" * MAX_STOP_STRING_CHARS]
+    too_many = [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]
+    at_the_caps = ["x" * (MAX_STOP_STRING_CHARS - 3) + f"{i:03}" for i in range(MAX_STOP_STRINGS)]
+    async with http_client(server) as http:
+        for route in POST_ROUTES:
+            key = "stop_sequences" if route == "/v1/messages" else "stop"
+            for stops in (too_long, too_many):
+                response = await http.post(route, json=_route_body(route, **{key: stops}))
+                assert_error_shape(route, response, 400)
+                assert "stop" in response.text
+            fine = await http.post(route, json=_route_body(route, **{key: at_the_caps}))
+            assert fine.status_code == 200, fine.text
+
+
+def _nested(depth: int, leaf: bytes = b"1") -> bytes:
+    return b'{"a":' * depth + leaf + b"}" * depth
+
+
+@pytest.mark.parametrize("depth", [65, 2_000, 100_000])
+async def test_json_nested_too_deeply_is_400_in_each_routes_shape(server, depth):
+    # Regression: msgspec raised RecursionError past ~1,000 levels, answered as a 500.
+    nested = _nested(depth)
+    bodies = {
+        "/v1/chat/completions": b'{"model":"tiny-llama","max_tokens":2,"messages":[{"role":"user",'
+        b'"content":"hi"}],"tools":[{"type":"function","function":{"name":"f","parameters":'
+        + nested + b"}}]}",
+        "/v1/completions": b'{"model":"tiny-llama","max_tokens":2,"prompt":' + b"[" * depth + b"]" * depth + b"}",
+        "/v1/messages": b'{"model":"tiny-llama","max_tokens":2,"messages":[{"role":"user",'
+        b'"content":"hi"}],"metadata":' + nested + b"}",
+    }
+    async with http_client(server) as http:
+        for route, raw in bodies.items():
+            response = await http.post(route, content=raw, headers={"content-type": "application/json"})
+            assert_error_shape(route, response, 400)
+            assert "nested" in response.text or route == "/v1/completions", response.text
+        still_fine = await http.post("/v1/chat/completions", json=chat_body(max_tokens=1))
+    assert still_fine.status_code == 200
+
+
+async def test_json_nested_to_the_cap_is_accepted(server):
+    from omlx_actors.http.schemas import MAX_JSON_DEPTH
+
+    # The body, tools, the tool and its function are four levels; parameters start the fifth.
+    parameters = json.loads(_nested(MAX_JSON_DEPTH - 5, b'{"type":"object"}'))
+    tool = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    async with http_client(server) as http:
+        response = await http.post("/v1/chat/completions", json=chat_body(max_tokens=1, tools=[tool]))
+    assert response.status_code == 200, response.text
