@@ -8,8 +8,8 @@ blocks become tool messages), Anthropic tools to function tools. The stream is
 usage) and `message_stop`; `ping` also serves as keep-alive. A failure after the stream
 began ends it with an `error` event.
 
-An absent `temperature` means greedy decoding; `tool_choice` "any" or "tool" is accepted
-but not enforced, "none" hides the tools. Non-standard field: `ignore_eos`.
+An absent `temperature` means greedy decoding; `tool_choice` "any" or "tool" needs `tools`
+(holding the named tool) and is then accepted but not enforced, "none" hides the tools. Non-standard field: `ignore_eos`.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def register(app, state: ServerState) -> None:
     async def messages():
         body = await read_body(MessagesRequest)
         check_model(state, body.model)
+        _check_tool_choice(body)
         tools = None
         if body.tools and not (body.tool_choice and body.tool_choice.type == "none"):
             tools = [
@@ -104,6 +105,23 @@ def register(app, state: ServerState) -> None:
 
 # ---------------------------------------------------------------------------------------
 # Request mapping
+
+
+def _check_tool_choice(body: MessagesRequest) -> None:
+    """"any" and "tool" need tools, and "tool" names one of them: Anthropic answers 400
+    otherwise, and serving it would silently ignore the client's choice."""
+    choice = body.tool_choice
+    if choice is None or choice.type in ("auto", "none"):
+        return
+    names = [t.name for t in body.tools or ()]
+    if not names:
+        raise invalid(f"tool_choice {choice.type!r} needs tools", param="tool_choice")
+    if choice.type == "tool":
+        if choice.name is None:
+            raise invalid("tool_choice of type 'tool' needs the tool's name", param="tool_choice.name")
+        if choice.name not in names:
+            raise invalid(f"tool_choice names the tool {choice.name!r}, which is not among the tools "
+                          f"({', '.join(map(repr, names))})", param="tool_choice.name")
 
 
 def _block_text(content, param: str) -> str:

@@ -7,8 +7,9 @@ either collect the events into one JSON answer or stream them as SSE chunks endi
 chunk, then `data: [DONE]`.
 
 Behaviour worth knowing: an absent `temperature` means greedy decoding (as mlx-lm's
-server); `n` and `best_of` must be 1; `tool_choice` "required" or a named function is
-accepted but not enforced (no constrained decoding), "none" hides the tools; JSON
+server); `n` and `best_of` must be 1; `tool_choice` "required" or a named function needs
+`tools` (holding that function) and is then accepted but not enforced (no constrained
+decoding), "none" hides the tools; JSON
 `response_format`s are refused. Non-standard fields: `ignore_eos`, `top_k`, `min_p`,
 `repetition_penalty`.
 """
@@ -38,6 +39,7 @@ from omlx_actors.http.schemas import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    NamedToolChoice,
     SEED_MAX,
     SEED_MIN,
     OpenAISampling,
@@ -66,6 +68,7 @@ def register(app, state: ServerState) -> None:
                 f"response_format {body.response_format.type!r} is not supported by this server",
                 param="response_format", code="unsupported_parameter",
             )
+        _check_tool_choice(body)
         tools = None
         if body.tools and body.tool_choice != "none":
             tools = [
@@ -153,6 +156,20 @@ async def _respond(state: ServerState, session, body, route: str, stream_cls, bu
         build(events, id=request_id, model=state.model_id, logprobs=logprobs,
               token_text=state.token_text)
     )
+
+
+def _check_tool_choice(body: ChatCompletionRequest) -> None:
+    """A tool_choice that needs tools ("required", or a named function) must find them: OpenAI
+    answers 400 otherwise, and serving it would silently ignore the client's choice."""
+    choice = body.tool_choice
+    if choice is None or choice in ("none", "auto"):
+        return
+    names = [t.function.name for t in body.tools or ()]
+    if not names:
+        raise invalid("tool_choice is only allowed when tools are specified", param="tool_choice")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise invalid(f"tool_choice names the function {choice.function.name!r}, which is not "
+                      f"among the tools ({', '.join(map(repr, names))})", param="tool_choice")
 
 
 def _check_common(body: OpenAISampling) -> None:

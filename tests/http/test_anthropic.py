@@ -164,3 +164,27 @@ async def test_image_blocks_are_refused(server):
                 ]}],
             )
     assert "image blocks are not supported" in caught.value.body["error"]["message"]
+
+
+WEATHER_TOOL = {"name": "get_weather", "input_schema": {"type": "object"}}
+
+
+async def test_tool_choice_naming_a_tool_not_in_tools_is_a_bad_request(server):
+    async with anthropic_client(server) as client:
+        with pytest.raises(anthropic.BadRequestError) as unknown:
+            await client.messages.create(model=MODEL, max_tokens=1, messages=HELLO, tools=[WEATHER_TOOL],
+                                         tool_choice={"type": "tool", "name": "get_time"})
+        with pytest.raises(anthropic.BadRequestError) as no_name:
+            await client.messages.create(model=MODEL, max_tokens=1, messages=HELLO, tools=[WEATHER_TOOL],
+                                         tool_choice={"type": "tool"})
+        with pytest.raises(anthropic.BadRequestError) as no_tools:
+            await client.messages.create(model=MODEL, max_tokens=1, messages=HELLO,
+                                         tool_choice={"type": "any"})
+        named = await client.messages.create(model=MODEL, max_tokens=1, messages=HELLO, tools=[WEATHER_TOOL],
+                                             tool_choice={"type": "tool", "name": "get_weather"})
+    for caught in (unknown, no_name, no_tools):
+        assert caught.value.status_code == 400
+        assert caught.value.body["error"]["type"] == "invalid_request_error"
+        assert "tool_choice" in caught.value.body["error"]["message"]
+    assert "get_time" in unknown.value.body["error"]["message"]
+    assert named.stop_reason == "max_tokens"

@@ -283,3 +283,32 @@ async def test_image_content_is_refused_naming_the_part(server):
                 ]}],
             )
     assert caught.value.param == "messages[0].content[1]"
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+async def test_tool_choice_naming_a_tool_not_in_tools_is_a_bad_request(server):
+    async with openai_client(server) as client:
+        with pytest.raises(openai.BadRequestError) as unknown:
+            await client.chat.completions.create(
+                model=MODEL, messages=HELLO, max_tokens=1, tools=[WEATHER_TOOL],
+                tool_choice={"type": "function", "function": {"name": "get_time"}},
+            )
+        with pytest.raises(openai.BadRequestError) as no_tools:
+            await client.chat.completions.create(
+                model=MODEL, messages=HELLO, max_tokens=1,
+                tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            )
+        with pytest.raises(openai.BadRequestError) as required_without_tools:
+            await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1,
+                                                 tool_choice="required")
+        named = await client.chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=1, tools=[WEATHER_TOOL],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        )
+    for caught in (unknown, no_tools, required_without_tools):
+        assert caught.value.status_code == 400
+        assert caught.value.param == "tool_choice"
+    assert "get_time" in unknown.value.message
+    assert named.choices[0].finish_reason in ("length", "stop")
