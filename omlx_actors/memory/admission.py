@@ -12,6 +12,14 @@ reaches MLX; the ledger admits it, queues it, or refuses it:
   finish and free memory); never is a running request killed to admit a new one. With
   nothing running, pausing cannot relieve pressure, so the head is admitted if it fits.
 
+- **Unblock** the head of the queue when what it waits for will not come by itself
+  (`BlockedHead`, `unblock`): a request must never wait on memory that nothing will free.
+  The prefix cache gives memory back (a waiting request first gives up its own cached
+  prefix, which it would otherwise pin), running requests free theirs when they finish;
+  with neither, or when the budget moved below what the request needs alone, it is
+  refused. Issue #15: a request waited 130 s, with nothing running, for the 32 KB of cache
+  it had pinned itself.
+
 Sizes are what the estimator says, not what MLX reports: MLX's limits are only guidelines
 and a failed allocation on the CPU build is an uncatchable SIGSEGV, so the decision has to be
 made from sizes known before anything is evaluated.
@@ -19,6 +27,7 @@ made from sizes known before anything is evaluated.
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -67,6 +76,42 @@ class Refused:
 class QueueFullRefusal:
     request_id: str
     waiting: int
+
+
+@attrs.frozen(kw_only=True)
+class BlockedHead:
+    """The head of the queue does not fit now; what could change that."""
+
+    request_id: str
+    shortfall_bytes: int  # committed-with-it minus what the budget leaves (> 0)
+    cache_bytes: int  # the prefix cache's share of the committed bytes: it can give them back
+    running: int  # admitted requests: each frees its bytes when it finishes
+    fits_alone: bool  # with nothing running and an empty cache it would fit the budget
+
+
+class HeadAction(enum.Enum):
+    WAIT = "wait"  # running requests will finish and free memory
+    DROP_PREFIX = "drop_prefix"  # run it without its cached prefix (unpin it), then re-decide
+    SHRINK_CACHE = "shrink_cache"  # cut the prefix cache's budget by the shortfall
+    REFUSE = "refuse"  # nothing will ever make room: refuse it now (413)
+
+
+def unblock(head: BlockedHead, *, has_prefix: bool) -> HeadAction:
+    """What to do for a blocked head so that it never waits on memory nothing will free.
+
+    In order: a request that no longer fits even alone (the budget moved since it was
+    queued) is refused; memory held by the prefix cache is taken back - first the head's
+    own cached prefix is given up (it pins those blocks, so a cache cut for it would evict
+    what it is about to read, and priced with them it may cost more than without), then
+    the cache is shrunk; otherwise it waits only if something runs, and is refused if not.
+    """
+    if not head.fits_alone:
+        return HeadAction.REFUSE
+    if head.cache_bytes > 0:
+        return HeadAction.DROP_PREFIX if has_prefix else HeadAction.SHRINK_CACHE
+    if head.running:
+        return HeadAction.WAIT
+    return HeadAction.REFUSE
 
 
 @attrs.define
@@ -141,6 +186,29 @@ class AdmissionLedger:
         if reserved_bytes is not None:
             self.reserved_bytes = reserved_bytes
         return self._admit_waiting()
+
+    def reprice(self, request_id: str, cost: RequestCost) -> list[str]:
+        """A waiting request's price changed (it gave up its cached prefix): it keeps its
+        place in the queue; admit whoever now fits. Unknown ids are ignored."""
+        self.waiting = deque((r, cost if r == request_id else c) for r, c in self.waiting)
+        return self._admit_waiting()
+
+    def blocked_head(self) -> BlockedHead | None:
+        """The head of the queue if memory keeps it out (None if nothing waits, or it fits
+        and only a pause holds it: a pause holds only while requests run, which finish)."""
+        if not self.waiting:
+            return None
+        request_id, cost = self.waiting[0]
+        shortfall = self.shortfall_bytes()
+        if shortfall <= 0:
+            return None
+        return BlockedHead(
+            request_id=request_id,
+            shortfall_bytes=shortfall,
+            cache_bytes=self.cache_bytes,
+            running=len(self.admitted),
+            fits_alone=self.refusal(request_id, cost) is None,
+        )
 
     def shortfall_bytes(self) -> int:
         """How much the head of the queue lacks (0 if nothing waits or it fits)."""
