@@ -138,8 +138,10 @@ class EngineSide:
         return len(restored)
 
 
-def engine_settings(config: RuntimeConfig, model_path: str) -> EngineSettings:
+def engine_settings(config: RuntimeConfig, model_path: str,
+                    step_record_path: str | None = None) -> EngineSettings:
     return EngineSettings(
+        step_record_path=step_record_path,
         model_path=model_path,
         completion_batch_size=config.max_batch_size,
         prefill_batch_size=config.prefill_batch_size,
@@ -153,7 +155,8 @@ def engine_settings(config: RuntimeConfig, model_path: str) -> EngineSettings:
 
 @asynccontextmanager
 async def open_engine_side(
-    config: RuntimeConfig, model_path: str, *, stop_mode: list[ShutdownMode] | None = None
+    config: RuntimeConfig, model_path: str, *, stop_mode: list[ShutdownMode] | None = None,
+    step_record_path: str | None = None,
 ) -> AsyncIterator[EngineSide]:
     """Start the engine-side actors; yield once the model is loaded and the SSD index is
     rebuilt. Raises `executor.EngineLoadFailed` if the model cannot be loaded.
@@ -163,7 +166,7 @@ async def open_engine_side(
     (a one-item list the caller may set late), else `config.shutdown_mode` - so its last
     blocks reach the writer; then the writer flushes (drain) and stops; then the rest.
     """
-    settings = engine_settings(config, model_path)
+    settings = engine_settings(config, model_path, step_record_path)
     ssd_address = None
     if settings.ssd_enabled:
         ssd_address, ssd_control, ssd_saves = ssd_writer.open_writer_inboxes()

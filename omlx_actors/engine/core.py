@@ -22,7 +22,7 @@ from typing import Any, Union
 
 import attrs
 
-from omlx_actors.backend import load_mlx
+from omlx_actors.backend import load_mlx, stop_token_ids
 from omlx_actors.cache.blocks import cache_namespace, default_block_size
 from omlx_actors.cache.index import Eviction, StoredBlock
 from omlx_actors.engine import cpu_attention
@@ -38,6 +38,7 @@ from omlx_actors.engine.messages import (
     TokenLogprob,
 )
 from omlx_actors.engine.mlx_thread import assert_on_mlx_thread
+from omlx_actors.engine.step_record import StepRecorder
 
 mx = load_mlx()
 log = logging.getLogger(__name__)
@@ -206,6 +207,10 @@ class EngineSettings:
     # On the CPU backend, split prompt attention over two streams of the MLX thread
     # (`omlx_actors.engine.cpu_attention`; bit-identical results).
     parallel_attention: bool = True
+    # A file (owned by the front, in another process) where the MLX thread records the
+    # requests of the step it runs, so that a death in that step is evidence against them
+    # (`engine/step_record.py`); None: no record (the engine runs in the front's process).
+    step_record_path: str | None = None
 
 
 @attrs.define
@@ -296,6 +301,7 @@ class EngineCore:
         self._stored: list[StoredBlock] = []  # saved since the last output
         self._ssd_saves: list[tuple] = []
         self._restored: list[tuple[int, tuple[StoredBlock, ...]]] = []
+        self._record = StepRecorder(settings.step_record_path)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -327,6 +333,7 @@ class EngineCore:
                     self._emit(self._step_output((), (), (), ()))
         finally:
             self._teardown()
+            self._record.close()
             self._emit(CoreStopped())
 
     def _load(self) -> EngineInfo:
@@ -339,8 +346,8 @@ class EngineCore:
         with mx.stream(self._stream):
             self._model, config = load_model(path)
         text_config = config.get("text_config", config)
-        eos = config.get("eos_token_id", [])
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        # Not config.json's eos_token_id alone: mlx-lm's set (tokenizer, generation_config).
+        eos_ids = stop_token_ids(path, config)
         self._eos_ids = eos_ids
         if self.settings.parallel_attention and cpu_attention.install(self._model):
             cpu_attention.enable_on_this_thread()
@@ -437,6 +444,9 @@ class EngineCore:
             applied = True
             match command:
                 case CoreSubmit():
+                    # Admission does MLX work of its own (a cached prefix is rebuilt): a
+                    # death in it is evidence against this request alone.
+                    self._record.working((command.submit.request_id,))
                     try:
                         admitted.append(self._admit(command))
                     except Exception as exc:  # noqa: BLE001 - a bad request fails alone
@@ -445,6 +455,7 @@ class EngineCore:
                             prompt_tokens=len(command.submit.prompt_tokens),
                             completion_tokens=0, error_type=type(exc).__name__, error=str(exc),
                         ))
+                    self._record.working(())
                 case CoreAbort(slot=slot):
                     live = self._live.get(slot)
                     if live is not None:
@@ -577,6 +588,11 @@ class EngineCore:
 
     def _run_step(self) -> None:
         assert_on_mlx_thread("EngineCore._run_step")
+        # Before anything of the step runs (an injected abort included), and cleared before
+        # its output is emitted (which may wait): only a death inside the step counts
+        # against its requests.
+        self._record.working(tuple(live.command.submit.request_id
+                                   for live in self._live.values() if live.command is not None))
         self._maybe_inject_fault(FaultKind.ABORT)
         self._align_prefill_group()
         counters = self._gen._counters  # mlx-lm's own prompt time/tokens (pinned 0.32.2)
@@ -628,6 +644,7 @@ class EngineCore:
             self._snapshot_generation_boundaries()
         if self._clear.due(self._step):
             self._clear_buffer_cache()
+        self._record.working(())
         self._emit(self._step_output((), tuple(progress), tuple(tokens), tuple(finished)))
 
     def _align_prefill_group(self) -> None:
@@ -764,6 +781,7 @@ class EngineCore:
             del self._live[live.slot]
             self._slot_of_uid.pop(live.uid, None)
             self._admit(live.command)
+        self._record.working(())
         self._emit(self._step_output((), (), (), failed))
 
     def _finish(

@@ -149,7 +149,8 @@ async def serve(sock: socket.socket) -> int:
         # served while the executor drains, and the drain's last events still go out.
         async with trio.open_nursery() as serving:
             try:
-                async with open_engine_side(config, hello.model_path, stop_mode=stop_mode) as side:
+                async with open_engine_side(config, hello.model_path, stop_mode=stop_mode,
+                                            step_record_path=hello.step_record_path) as side:
                     host = _Host(side, writer)
                     events_done = trio.Event()
 

@@ -15,10 +15,13 @@ from omlx_actors.engine.messages import EngineInfo, Submit
 
 @attrs.frozen(kw_only=True)
 class HostHello:
-    """The engine's settings: a `RuntimeConfig` as JSON, and the resolved model directory."""
+    """The engine's settings: a `RuntimeConfig` as JSON, the resolved model directory, and
+    the file the MLX thread records its current step's requests in (`engine/step_record.py`),
+    which the front reads when the engine dies."""
 
     config_json: str
     model_path: str
+    step_record_path: str | None = None
 
 
 @attrs.frozen(kw_only=True)
