@@ -281,15 +281,19 @@ class Runtime:
         if self.ssd is not None:
             await self.ssd.call(SsdCleanupAll())
 
-    async def inject_disk_fault(self, kind: DiskFaultKind | str, duration_s: float):
-        """Fault injection at the SSD tier's disk (tests, scenarios; off unless called): for
-        `duration_s` seconds, block writes stall ("stall": the writer hangs in its write, so
-        saves back up and are dropped and cleanups wait for it) or fail with ENOSPC
-        ("full"). Raises ValueError without an SSD tier. Returns the writer's stats."""
+    async def inject_disk_fault(self, kind: DiskFaultKind | str, writes: int, *,
+                                after_writes: int = 0, stall_s: float = 0.0):
+        """Fault injection at the SSD tier's disk (tests, scenarios; off unless called),
+        by count: of the block writes after this call, the first `after_writes` go through
+        and the next `writes` stall for `stall_s` each ("stall": the writer hangs in its
+        write, so saves back up and are dropped and cleanups wait for it) or fail with
+        ENOSPC ("full"). Raises ValueError without an SSD tier or with a bad count.
+        Returns the writer's stats."""
         if self.ssd is None:
             raise ValueError("a disk fault needs the SSD tier (ssd_cache_dir)")
-        return await self.ssd.call(
-            InjectDiskFault(kind=DiskFaultKind(kind), duration_s=duration_s), timeout=5.0)
+        fault = InjectDiskFault(kind=DiskFaultKind(kind), writes=writes,
+                                after_writes=after_writes, stall_s=stall_s)
+        return await self.ssd.call(fault, timeout=5.0)
 
     async def ssd_stats(self, timeout: float = 5.0):
         if self.ssd is None:

@@ -426,11 +426,17 @@ async def _wait_for_fault(engine, fault) -> str:
 
 
 async def _disk_fault(engine, fault, clock, result: ReplayResult) -> None:
-    """Stall the SSD tier's block writes, or fail them with ENOSPC, for `duration_s`."""
+    """Arm a count of the SSD tier's block writes to stall or fail with ENOSPC (from the
+    fault's moment on: `after_writes` go through first, then `writes` are struck)."""
     when = await _wait_for_fault(engine, fault)
-    await engine.inject_disk_fault(DISK_FAULTS[fault.kind], fault.duration_s)
+    kind = DISK_FAULTS[fault.kind]
+    await engine.inject_disk_fault(kind, fault.writes, after_writes=fault.after_writes,
+                                   stall_s=fault.stall_s)
+    first = fault.after_writes + 1
+    struck = f"block writes {first}..{first + fault.writes - 1} after it"
+    what = f"{kind} ({fault.stall_s:g} s each) of {struck}" if kind == "stall" else f"{kind}: {struck}"
     result.faults.append(FaultRecord(kind=fault.kind, phase=fault.phase, at_s=clock(),
-                                     what=f"{DISK_FAULTS[fault.kind]} for {fault.duration_s:g} s, {when}"))
+                                     what=f"{what}, armed {when}"))
 
 
 async def _kill_engine(engine, fault, clock, result: ReplayResult) -> None:

@@ -33,7 +33,8 @@ CACHE_HIT_TURNS = ("later", "all")
 # Fault kinds: an engine step failing as an out-of-memory would; the engine process killed
 # from outside (SIGKILL) and restarted by the front; the engine process aborting itself
 # (SIGABRT, as MLX's uncaught C++ errors); the SSD tier's disk hanging in its writes, or
-# full (ENOSPC), for `duration_s`.
+# full (ENOSPC), for a count of block writes (`writes`, after `after_writes`), never for a
+# time window: a window can pass with no write in it on a loaded machine.
 FAULTS = ("executor_oom", "process_restart", "engine_abort", "writer_stall", "disk_full")
 # Those armed in the engine, to strike at a step (`Runtime.inject_fault`).
 STEP_FAULTS = ("executor_oom", "engine_abort")
@@ -171,7 +172,9 @@ class Fault:
     after_s: float | None = None  # seconds after the phase started (the next step fails)
     above_bytes: ByteSize | None = None  # the first step above this active memory fails
     error: str = "injected out-of-memory"
-    duration_s: float | None = None  # how long a disk fault lasts
+    writes: int | None = None  # block writes a disk fault strikes
+    after_writes: int = 0  # block writes it lets through first (counted from its arming)
+    stall_s: float = 0.0  # how long each write struck by a writer_stall hangs
 
 
 # What a scenario can do to a running server besides sending requests (needs the engine).
@@ -559,8 +562,16 @@ def _fault(t: Table, phases: list[Phase], phase_names: set[str]) -> list[Fault] 
     after_s = t.float("after_s", None, minimum=0.0)
     above = t.size("above_bytes")
     error = t.str("error", "injected out-of-memory")
-    duration_s = t.float("duration_s", None, minimum=0.0)
+    disk_keys = ("writes", "after_writes", "stall_s")
+    writes = t.int("writes", None, minimum=1)
+    after_writes = t.int("after_writes", 0, minimum=0)
+    stall_s = t.float("stall_s", 0.0, positive=True)
+    timed = t.get("duration_s", None) is not None  # the old form, refused with its fix
     t.finish()
+    if timed:
+        t.bad("duration_s", "disk faults strike by count, not for a time: use writes (and "
+                            "after_writes, stall_s)")
+        return None
     if phase is not None and phase not in phase_names:
         t.bad("phase", f"no phase named {phase!r}; phases: {', '.join(sorted(phase_names))}")
         return None
@@ -572,9 +583,20 @@ def _fault(t: Table, phases: list[Phase], phase_names: set[str]) -> list[Fault] 
             above is not None or (at_step is None) == (after_s is None)):
         t.bad("kind", f"a {kind} fault needs exactly one of at_step, after_s")
         return None
-    if (kind in DISK_FAULTS) != (duration_s is not None):
-        t.bad("duration_s", f"a {kind} fault needs duration_s" if kind in DISK_FAULTS
-              else f"only disk faults (writer_stall, disk_full) last a duration_s, not {kind}")
+    if kind is not None and kind not in DISK_FAULTS:
+        for key in disk_keys:
+            if t.has(key):
+                t.bad(key, f"only disk faults (writer_stall, disk_full) take {key}, not {kind}")
+                return None
+    if kind in DISK_FAULTS and writes is None:
+        if not t.has("writes"):  # else its value was reported as bad
+            t.bad("kind", f"a {kind} fault needs writes (how many block writes it strikes)")
+        return None
+    if kind == "writer_stall" and not t.has("stall_s"):
+        t.bad("kind", "a writer_stall fault needs stall_s (how long each struck write hangs)")
+        return None
+    if kind == "disk_full" and t.has("stall_s"):
+        t.bad("stall_s", "a disk_full write fails at once: stall_s is only for writer_stall")
         return None
     if kind is None or phase is None:
         return None
@@ -582,7 +604,7 @@ def _fault(t: Table, phases: list[Phase], phase_names: set[str]) -> list[Fault] 
     targets = [p.name for p in phases if p.name == phase or p.name.split("@c")[0] == phase]
     return [
         Fault(kind=kind, phase=target, at_step=at_step, after_s=after_s, above_bytes=above,
-              error=error, duration_s=duration_s)
+              error=error, writes=writes, after_writes=after_writes, stall_s=stall_s)
         for target in targets
     ]
 

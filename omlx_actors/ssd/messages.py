@@ -151,20 +151,37 @@ class SetBudget:
 
 
 class DiskFaultKind(enum.Enum):
-    STALL = "stall"  # each block write first waits out the window: a disk that hangs
-    FULL = "full"  # each block write fails with ENOSPC during the window: a full disk
+    STALL = "stall"  # each struck block write first hangs for `stall_s`: a disk that hangs
+    FULL = "full"  # each struck block write fails with ENOSPC: a full disk
+
+
+def _stall_matches_kind(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if instance.kind is DiskFaultKind.STALL and not value > 0:
+        raise ValueError(f"a stall fault needs {attribute.name} > 0, got {value!r}")
+    if instance.kind is DiskFaultKind.FULL and value != 0:
+        raise ValueError(f"a full-disk fault fails its writes at once: {attribute.name} must "
+                         f"be 0, got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
 class InjectDiskFault:
     """Fault injection at the writer's disk boundary (tests, scenarios; off unless sent).
-    For `duration_s` seconds from its arrival, block writes stall (each waits, on the
-    writer's worker thread, until the window ends - the writer takes nothing else meanwhile,
-    so saves back up and are dropped, and cleanups wait) or fail with ENOSPC as on a full
-    disk (the writer's own error handling runs). Replied with `WriterStats` at once."""
+
+    It strikes by count, never by a time window (a window can pass with no write in it on
+    a loaded machine): of the block writes the writer starts after this message arrives,
+    the first `after_writes` go through untouched and the next `writes` are struck. A
+    block write is one block file written (a skipped or duplicate save is none). A struck
+    write either hangs for `stall_s` seconds in its first write call, then goes on
+    (`STALL`: a hung disk; the writer takes nothing else meanwhile, so saves back up and
+    are dropped, and cleanups wait), or fails with ENOSPC as on a full disk (`FULL`; the
+    writer's own error handling runs). Faults sent one after another are all armed, each
+    counting from its own arrival; where they overlap, the one sent first strikes.
+    Replied with `WriterStats` at once."""
 
     kind: DiskFaultKind
-    duration_s: float = attrs.field(validator=attrs.validators.ge(0))
+    writes: int = attrs.field(validator=attrs.validators.ge(1))
+    after_writes: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    stall_s: float = attrs.field(default=0.0, validator=_stall_matches_kind)
 
 
 @attrs.frozen(kw_only=True)

@@ -305,16 +305,30 @@ class _Removal(enum.Enum):
 _REAL_DISK = DiskIO()
 
 
-def _faulty_disk(disk: DiskIO, kind: DiskFaultKind, until: float) -> DiskIO:
-    """`disk` with its block writes stalled or failing (ENOSPC) until `time.monotonic()`
-    reaches `until`; after that, `disk` itself. Runs on the writer's worker thread."""
+@attrs.frozen
+class _ArmedFault:
+    """An injected disk fault: it strikes block writes number `first`..`last` (the
+    writer's `block_writes` count, 1-based), each as `kind` says."""
+
+    kind: DiskFaultKind
+    first: int
+    last: int
+    stall_s: float
+
+
+def _struck_disk(disk: DiskIO, fault: _ArmedFault) -> DiskIO:
+    """`disk` for one struck block write: its first write call hangs for `fault.stall_s`
+    and then goes on (STALL), or fails with ENOSPC (FULL). Runs on the writer's worker
+    thread."""
+    struck = False
 
     def write(fd: int, buffer: memoryview) -> int:
-        left = until - time.monotonic()
-        if left > 0:
-            if kind is DiskFaultKind.FULL:
+        nonlocal struck
+        if not struck:
+            struck = True
+            if fault.kind is DiskFaultKind.FULL:
                 raise OSError(errno.ENOSPC, "No space left on device (injected)")
-            time.sleep(left)  # a hung disk: the write returns when the window ends
+            time.sleep(fault.stall_s)  # a hung disk: the write returns after the stall
         return disk.write(fd, buffer)
 
     return DiskIO(write=write, fsync=disk.fsync, disk_usage=disk.disk_usage)
@@ -332,7 +346,10 @@ class _Writer:
         self.saves = saves
         self.config = config
         self.io = io
-        self.disk = io  # the disk without injected faults
+        # Block writes started so far (the count injected faults strike by), and the
+        # faults armed, in arrival order.
+        self.block_writes = 0
+        self.armed: list[_ArmedFault] = []
         self.root = Path(config.directory)
         self.identity = config.identity
         self.budget = config.budget_bytes
@@ -502,10 +519,14 @@ class _Writer:
                 return self.stats()
             case StatsQuery():
                 return self.stats()
-            case InjectDiskFault(kind=kind, duration_s=duration):
-                self.io = _faulty_disk(self.disk, kind, time.monotonic() + duration)
-                logger.warning("%s: injected disk fault: %s for %g s", self.control.name,
-                               kind.value, duration)
+            case InjectDiskFault(kind=kind, writes=writes, after_writes=after, stall_s=stall):
+                first = self.block_writes + after + 1
+                self.armed.append(_ArmedFault(kind, first, first + writes - 1, stall))
+                logger.warning(
+                    "%s: injected disk fault: %s of block writes %d..%d%s",
+                    self.control.name, kind.value, first, first + writes - 1,
+                    f" ({stall:g} s each)" if kind is DiskFaultKind.STALL else "",
+                )
                 return self.stats()
             case Shutdown(flush=flush, cleanup=cleanup):
                 if cleanup:
@@ -561,7 +582,7 @@ class _Writer:
             return
         try:
             written = await trio.to_thread.run_sync(
-                blockfile.write_block, self.root, self.identity, record, self.io
+                blockfile.write_block, self.root, self.identity, record, self.next_write_io()
             )
         except OSError as error:
             self.counters.write_errors += 1
@@ -596,6 +617,16 @@ class _Writer:
         self.writes_since_usage += 1
         if self.writes_since_usage >= DISK_USAGE_REFRESH_SAVES:
             await self.refresh_disk_usage()
+
+    def next_write_io(self) -> DiskIO:
+        """Count a block write; the disk it goes to (struck if an armed fault covers it)."""
+        self.block_writes += 1
+        n = self.block_writes
+        self.armed = [fault for fault in self.armed if fault.last >= n]
+        for fault in self.armed:
+            if fault.first <= n:
+                return _struck_disk(self.io, fault)
+        return self.io
 
     async def make_room(self, incoming: int, keep: BlockHash) -> bool:
         """Evict (at most `MAX_UNLINKS_PER_SAVE` files) so `incoming` more bytes fit;

@@ -227,7 +227,7 @@ async def test_a_disk_fault_reaches_the_ssd_writer_in_the_engine_process(tiny_ll
     block writes with ENOSPC while serving goes on untouched."""
     async with open_runtime(tiny_llama, isolation="process", ssd_cache_dir=str(tmp_path),
                             block_size=16) as rt:
-        await rt.inject_disk_fault("full", 30.0)
+        await rt.inject_disk_fault("full", writes=1_000_000)
         results = await run_all(rt, prompts(4), max_tokens=8)
         await rt.flush_ssd_cache()
         stats = await rt.ssd_stats()

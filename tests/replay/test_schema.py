@@ -150,17 +150,30 @@ def test_an_engine_death_fault_needs_the_engine_in_its_own_process(tmp_path):
 
 @pytest.mark.parametrize(("fault", "error"), [
     ('kind = "disk_full"\nafter_s = 1\n',
-     "s.toml:7: [fault[1]] duration_s: a disk_full fault needs duration_s"),
-    ('kind = "writer_stall"\nduration_s = 1\n',
+     "s.toml:8: [fault[1]] kind: a disk_full fault needs writes (how many block writes it "
+     "strikes)"),
+    ('kind = "writer_stall"\nwrites = 1\nstall_s = 1\n',
      "s.toml:8: [fault[1]] kind: a writer_stall fault needs exactly one of at_step, after_s"),
-    ('kind = "writer_stall"\nat_step = 2\nduration_s = 1\n',
+    ('kind = "writer_stall"\nat_step = 2\nwrites = 1\n',
+     "s.toml:8: [fault[1]] kind: a writer_stall fault needs stall_s (how long each struck "
+     "write hangs)"),
+    ('kind = "disk_full"\nat_step = 2\nwrites = 1\nstall_s = 1\n',
+     "s.toml:11: [fault[1]] stall_s: a disk_full write fails at once: stall_s is only for "
+     "writer_stall"),
+    ('kind = "writer_stall"\nat_step = 2\nwrites = 1\nstall_s = 1\n',
      's.toml:1: [server] ssd_cache_dir: a writer_stall fault strikes the SSD tier: set '
      'ssd_cache_dir (e.g. "<tmp>")'),
-    ('kind = "executor_oom"\nat_step = 2\nduration_s = 1\n',
-     "s.toml:10: [fault[1]] duration_s: only disk faults (writer_stall, disk_full) last a "
-     "duration_s, not executor_oom"),
-], ids=["no-duration", "no-moment", "no-ssd-tier", "duration-on-engine-fault"])
-def test_a_disk_fault_needs_a_duration_a_moment_and_the_ssd_tier(tmp_path, fault, error):
+    ('kind = "executor_oom"\nat_step = 2\nwrites = 1\n',
+     "s.toml:10: [fault[1]] writes: only disk faults (writer_stall, disk_full) take writes, "
+     "not executor_oom"),
+    ('kind = "disk_full"\nafter_s = 1\nduration_s = 1\n',
+     "s.toml:10: [fault[1]] duration_s: disk faults strike by count, not for a time: use "
+     "writes (and after_writes, stall_s)"),
+    ('kind = "disk_full"\nafter_s = 1\nwrites = 0\n',
+     "s.toml:10: [fault[1]] writes: expected an integer >= 1, got 0"),
+], ids=["no-count", "no-moment", "no-stall", "stall-on-full", "no-ssd-tier",
+        "count-on-engine-fault", "old-duration", "zero-writes"])
+def test_a_disk_fault_needs_a_count_a_moment_and_the_ssd_tier(tmp_path, fault, error):
     assert _errors(MINIMAL + "\n[[fault]]\n" + fault, tmp_path) == [error]
 
 

@@ -578,6 +578,15 @@ def test_messages_validate_hashes_and_names():
         SetBudget(budget_bytes=-1)
 
 
+def test_a_disk_fault_says_what_it_lacks():
+    with pytest.raises(ValueError, match="must be >= 1"):
+        InjectDiskFault(kind=DiskFaultKind.FULL, writes=0)
+    with pytest.raises(ValueError, match=r"^a stall fault needs stall_s > 0, got 0.0$"):
+        InjectDiskFault(kind=DiskFaultKind.STALL, writes=1)
+    with pytest.raises(ValueError, match="a full-disk fault fails its writes at once"):
+        InjectDiskFault(kind=DiskFaultKind.FULL, writes=1, stall_s=1.0)
+
+
 AnyWriterMessage = Union[
     Save,
     InjectDiskFault,
@@ -614,8 +623,8 @@ STATS = WriterStats(**{f.name: 3 for f in attrs.fields(WriterStats)})
         SetBudget(budget_bytes=1 << 40),
         StatsQuery(),
         Shutdown(flush=False, cleanup=True),
-        InjectDiskFault(kind=DiskFaultKind.STALL, duration_s=1.5),
-        InjectDiskFault(kind=DiskFaultKind.FULL, duration_s=0.0),
+        InjectDiskFault(kind=DiskFaultKind.STALL, writes=3, stall_s=1.5),
+        InjectDiskFault(kind=DiskFaultKind.FULL, writes=1, after_writes=7),
         LoadResult(
             hash=block_hash(1),
             reason=LoadReason.DISK,
