@@ -21,6 +21,7 @@ an actor whose mailbox is its event channel from the dispatcher. Its contract:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import uuid
@@ -47,7 +48,7 @@ from omlx_actors.errors import (
     EngineUnavailable,
     InvalidRequest,
 )
-from omlx_actors.text import ParsedToolCall, StopStringMatcher, ToolCallScanner
+from omlx_actors.text import ParsedToolCall, StopStringMatcher, ToolCallScanner, tokens_at_least
 
 if TYPE_CHECKING:
     from omlx_actors.api import Runtime
@@ -55,6 +56,11 @@ if TYPE_CHECKING:
 # Prompts longer than this many characters are tokenized on a worker thread so a 100k-token
 # prompt does not stall the event loop (tokenizers release the GIL).
 TOKENIZE_OFF_LOOP_CHARS = 20_000
+# A prompt with more characters than this many per token of the context is counted in pieces
+# before it is tokenized whole: past the context the count stops early, so refusing a
+# multi-megabyte prompt costs about a context's worth of tokenizing. Text averages 3-4
+# characters per token, so a prompt that fits rarely pays for the count.
+COUNT_IN_PIECES_ABOVE_CHARS_PER_TOKEN = 4
 
 # Stop strings per request, and characters per stop string: matching costs time linear in
 # the generated text per stop string and memory linear in their length (`StopStringMatcher`),
@@ -280,40 +286,75 @@ class Session:
         return self.max_tokens + chunks + 4
 
     async def _tokenize(self) -> tuple[int, ...]:
+        """The prompt's tokens. A prompt that surely exceeds the context is refused
+        (`ContextLengthExceeded`) without being tokenized whole: first by a bound from its
+        length in characters (no token is longer than the vocabulary's longest entry), then
+        by counting it in pieces (`tokens_at_least`) when it is long for the context; the
+        chat template only ever renders messages within the first bound. Long inputs are
+        prepared on a worker thread, so the event loop keeps serving meanwhile."""
         req = self._request
-        tok = self._rt.tokenizer
+        rt = self._rt
+        tok = rt.tokenizer
+        context = rt.max_context
+        param = "messages" if req.messages is not None else "prompt"
         if req.messages is not None:
             if not req.messages:
                 raise InvalidRequest("messages must not be empty", param="messages")
+            messages, tools = list(req.messages), list(req.tools) if req.tools else None
+            # What the template will surely copy into the prompt: the messages' text.
+            known_chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
 
-            def render() -> list[int]:
-                text = tok.apply_chat_template(
-                    list(req.messages),
-                    tools=list(req.tools) if req.tools else None,
-                    add_generation_prompt=True,
-                    tokenize=False,
+            def render() -> str:
+                return tok.apply_chat_template(
+                    messages, tools=tools, add_generation_prompt=True, tokenize=False
                 )
+
+            def encode(text: str) -> list[int]:
                 return tok.encode(text, add_special_tokens=False)
 
-            size = sum(len(str(m.get("content", ""))) for m in req.messages)
+            size = _input_size(messages, tools)
         elif isinstance(req.prompt, str):
+            prompt = req.prompt
+            known_chars = size = len(prompt)
 
-            def render() -> list[int]:
-                return tok.encode(req.prompt)
+            def render() -> str:
+                return prompt
 
-            size = len(req.prompt)
+            def encode(text: str) -> list[int]:
+                return tok.encode(text)
+
         elif req.prompt is not None:
+            if len(req.prompt) >= context:
+                raise _context_exceeded(len(req.prompt), context, param, exact=True)
             return tuple(int(t) for t in req.prompt)
         else:
             raise InvalidRequest("either messages or prompt is required", param="messages")
+        token_chars = max_token_chars(tok)
+
+        def prepare() -> tuple[int, ...] | int:
+            """The tokens, or a lower bound of their count that reaches the context."""
+            if token_chars and known_chars // token_chars >= context:
+                return known_chars // token_chars  # not even rendered
+            text = render()
+            if token_chars and len(text) // token_chars >= context:
+                return len(text) // token_chars
+            if len(text) > COUNT_IN_PIECES_ABOVE_CHARS_PER_TOKEN * context:
+                at_least = tokens_at_least(text, lambda piece: tok.encode(piece, add_special_tokens=False),
+                                           context)
+                if at_least >= context:
+                    return at_least
+            return tuple(int(t) for t in encode(text))
+
         try:
             if size > TOKENIZE_OFF_LOOP_CHARS:
-                ids = await trio.to_thread.run_sync(render)
+                prepared = await trio.to_thread.run_sync(prepare)
             else:
-                ids = render()
+                prepared = prepare()
         except Exception as exc:  # noqa: BLE001 - template/tokenizer failures are the input's
             raise InvalidRequest(f"could not tokenize the input: {exc}", param="messages") from exc
-        return tuple(int(t) for t in ids)
+        if isinstance(prepared, int):
+            raise _context_exceeded(prepared, context, param, exact=False)
+        return prepared
 
     # -- streaming ---------------------------------------------------------------------------
 
@@ -535,6 +576,34 @@ class Session:
                         done = event
         assert done is not None
         return "".join(parts), calls, done
+
+
+def _context_exceeded(tokens: int, context: int, param: str, *, exact: bool) -> ContextLengthExceeded:
+    count = f"{tokens}" if exact else f"at least {tokens}"
+    return ContextLengthExceeded(
+        f"the prompt has {count} tokens; this model's context is {context} tokens", param=param
+    )
+
+
+def _input_size(messages: list[dict[str, Any]], tools: list[Any] | None) -> int:
+    """About how many characters a chat's template will render, to choose where to render
+    it. Past a few hundred items the answer is "large" without looking further."""
+    if len(messages) + len(tools or ()) > 256:
+        return TOKENIZE_OFF_LOOP_CHARS + 1
+    size = sum(len(c) if isinstance(c := m.get("content"), str) else len(repr(m)) for m in messages)
+    return size + (len(repr(tools)) if tools else 0)
+
+
+@functools.lru_cache(maxsize=8)
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token of `tokenizer` can stand for: its vocabulary's longest
+    entry (byte-level vocabularies spell each byte as one character, SentencePiece spells
+    a space as one); 0 if the vocabulary cannot be read, which disables the bound."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # noqa: BLE001 - any tokenizer without a readable vocabulary
+        return 0
+    return max(map(len, vocab), default=0)
 
 
 def coerce_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -116,6 +116,39 @@ class StopStringMatcher:
         return "" if self.stopped else held
 
 
+# Characters per piece when a long prompt is counted piece by piece (`tokens_at_least`):
+# small enough that the count stops soon after the context is passed, large enough that
+# the cuts' slack is noise (about 4,000 tokens of text per 8 tokens of slack).
+COUNT_PIECE_CHARS = 16_384
+# How much a cut between two pieces may change the count: tokenizers merge characters
+# within words (their pre-tokenizers split at whitespace), pieces are cut before
+# whitespace where there is some, so a cut changes a token or two. The count subtracts this
+# per cut, so it stays a lower bound.
+CUT_SLACK_TOKENS = 8
+
+
+def tokens_at_least(
+    text: str, encode: Callable[[str], Sequence[int]], limit: int, *, piece_chars: int = COUNT_PIECE_CHARS
+) -> int:
+    """A lower bound of the number of tokens of `text`, found by encoding it in pieces of
+    about `piece_chars` characters and stopping as soon as the bound reaches `limit`: the
+    work and memory are those of about `limit` tokens plus a piece, however long the text.
+    Below `limit`, the whole text was encoded and the bound is its count less the slack."""
+    count = cuts = start = 0
+    while start < len(text):
+        end = start + piece_chars
+        if end < len(text):
+            cuts += 1
+            space = max(text.rfind(" ", start + piece_chars // 2, end),
+                        text.rfind("\n", start + piece_chars // 2, end))
+            end = space if space > start else end
+        count += len(encode(text[start:end]))
+        if count - CUT_SLACK_TOKENS * cuts >= limit:
+            break
+        start = end
+    return count - CUT_SLACK_TOKENS * cuts
+
+
 @attrs.frozen(kw_only=True)
 class ParsedToolCall:
     name: str

@@ -6,10 +6,22 @@ import math
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from omlx_actors.api import open_runtime
 from omlx_actors.errors import ContextLengthExceeded, InvalidRequest
 from omlx_actors.session import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, Done, Progress, TextDelta
+from omlx_actors.text import tokens_at_least
+
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_tokenizer(tiny_llama):
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(tiny_llama)
+
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi."}]
 
@@ -236,3 +248,50 @@ async def test_cancelling_receive_ready_aborts_the_request(tiny_llama):
                                     if f.request_id == session.request_id]):
                 await trio.sleep(0.01)
     assert [f.reason.value for f in finished] == ["abort"]
+
+
+async def test_a_prompt_far_past_the_context_is_refused_without_being_tokenized(tiny_llama):
+    # Regression: an 8 MB prompt was tokenized whole (tens of seconds, GBs of RSS) before the
+    # context check. Now its length alone proves it cannot fit.
+    async with open_runtime(tiny_llama) as rt:
+        prompt = "hello world " * 700_000
+        start = trio.current_time()
+        for session in (rt.complete(prompt, max_tokens=1),
+                        rt.chat([{"role": "user", "content": prompt}], max_tokens=1)):
+            with pytest.raises(ContextLengthExceeded) as info:
+                await session.start()
+            assert "at least" in info.value.message
+        assert trio.current_time() - start < 2.0
+        assert len(rt.dispatcher) == 0
+
+
+async def test_a_prompt_past_the_context_is_counted_in_pieces_and_refused(tiny_llama):
+    # Too short for the length bound (17 characters per token at most here), long enough to
+    # be counted in pieces, which stop at the context.
+    async with open_runtime(tiny_llama) as rt:
+        prompt = "hello world " * 2_500
+        assert len(prompt) // 17 < rt.max_context < len(rt.tokenizer.encode(prompt))
+        with pytest.raises(ContextLengthExceeded) as info:
+            await rt.complete(prompt, max_tokens=1).start()
+        assert info.value.message.startswith("the prompt has at least ")
+        assert info.value.param == "prompt"
+
+
+@given(st.lists(st.sampled_from(list("ab \n.,xyzé") + ["hello", "world", "  "]), max_size=120).map("".join),
+       st.integers(8, 64))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_counting_in_pieces_never_exceeds_the_true_count(tiny_llama_tokenizer, text, piece_chars):
+    encode = lambda t: tiny_llama_tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
+    assert tokens_at_least(text, encode, 10**9, piece_chars=piece_chars) <= len(encode(text))
+
+
+def test_counting_in_pieces_stops_soon_after_the_limit(tiny_llama_tokenizer):
+    encoded: list[int] = []
+
+    def encode(piece: str) -> list[int]:
+        encoded.append(len(piece))
+        return tiny_llama_tokenizer.encode(piece, add_special_tokens=False)
+
+    text = "some words of text, " * 500_000  # 10 M characters
+    assert tokens_at_least(text, encode, 2048, piece_chars=4096) >= 2048
+    assert sum(encoded) < 12 * 4096

@@ -310,3 +310,33 @@ async def test_json_nested_to_the_cap_is_accepted(server):
     async with http_client(server) as http:
         response = await http.post("/v1/chat/completions", json=chat_body(max_tokens=1, tools=[tool]))
     assert response.status_code == 200, response.text
+
+
+async def test_multi_megabyte_prompts_are_refused_at_once_while_health_stays_fast(server):
+    # Regression: a 6 MB prompt was tokenized whole before the context check: 19 s, 670 MB
+    # of RSS kept. Now its length proves it cannot fit.
+    prompt = "hello world " * 500_000
+    bodies = {
+        "/v1/chat/completions": chat_body(messages=[{"role": "user", "content": prompt}]),
+        "/v1/completions": {"model": MODEL, "prompt": prompt, "max_tokens": 1},
+        "/v1/messages": {"model": MODEL, "max_tokens": 1, "system": prompt, "messages": HELLO},
+    }
+    health_s: list[float] = []
+    async with http_client(server) as http, trio.open_nursery() as nursery:
+
+        async def probe_health() -> None:
+            while True:
+                start = trio.current_time()
+                assert (await http.get("/health")).status_code == 200
+                health_s.append(trio.current_time() - start)
+                await trio.sleep(0.05)
+
+        nursery.start_soon(probe_health)
+        for route, body in bodies.items():
+            start = trio.current_time()
+            response = await http.post(route, json=body)
+            assert trio.current_time() - start < 3.0
+            assert_error_shape(route, response, 400)
+            assert "at least" in response.text, response.text
+        nursery.cancel_scope.cancel()
+    assert health_s and max(health_s) < 1.0
