@@ -14,7 +14,14 @@ import attrs
 
 from omlx_actors.cache.blocks import BlockHash
 
-__all__ = ["DiskBlock", "DiskIndex", "DiskSpace", "effective_budget"]
+__all__ = [
+    "MAX_FIXED_RESERVE_SHARE",
+    "DiskBlock",
+    "DiskIndex",
+    "DiskSpace",
+    "effective_budget",
+    "free_space_reserve",
+]
 
 
 @attrs.frozen(kw_only=True)
@@ -110,6 +117,21 @@ class DiskIndex:
         return chosen
 
 
+# The fixed part of the reserve (`min_free_bytes`, 1 GiB by default) never takes more than
+# this share of the disk: on a small volume (a 2 MB tmpfs, an 8 GB card) a fixed 1 GiB
+# reserve is the whole disk and the tier would write nothing. A quarter keeps such a disk
+# mostly usable while leaving other programs real room; on disks of 4 GiB or more the
+# fixed reserve applies in full.
+MAX_FIXED_RESERVE_SHARE = 0.25
+
+
+def free_space_reserve(total_bytes: int, min_free_bytes: int, min_free_fraction: float) -> int:
+    """The free space the directory never eats into on a disk of `total_bytes`:
+    `max(min_free_fraction * total, min(min_free_bytes, MAX_FIXED_RESERVE_SHARE * total))`."""
+    fixed = min(min_free_bytes, math.floor(MAX_FIXED_RESERVE_SHARE * total_bytes))
+    return max(fixed, math.ceil(min_free_fraction * total_bytes))
+
+
 def effective_budget(
     budget_bytes: int,
     used_bytes: int,
@@ -119,9 +141,9 @@ def effective_budget(
     min_free_fraction: float,
 ) -> int:
     """The bytes the directory may hold: the configured budget, shrunk so the disk keeps
-    `max(min_free_bytes, min_free_fraction * total)` free. The directory's own bytes
-    (`used_bytes`) count as reclaimable space. Never negative."""
-    reserve = max(min_free_bytes, math.ceil(min_free_fraction * total_bytes))
+    `free_space_reserve(...)` free. The directory's own bytes (`used_bytes`) count as
+    reclaimable space. Never negative."""
+    reserve = free_space_reserve(total_bytes, min_free_bytes, min_free_fraction)
     return max(0, min(budget_bytes, used_bytes + free_bytes - reserve))
 
 

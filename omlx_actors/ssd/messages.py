@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 # Free space the directory never eats into: max(MIN_FREE_BYTES, MIN_FREE_FRACTION of the
-# disk), so the SSD tier cannot fill the system disk.
+# disk), so the SSD tier cannot fill the system disk; on a disk under 4 GiB the fixed part
+# is capped at a quarter of it (`disk_index.free_space_reserve`).
 MIN_FREE_BYTES = 1 << 30
 MIN_FREE_FRACTION = 0.05
 

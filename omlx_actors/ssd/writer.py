@@ -34,11 +34,15 @@ the writer records a barrier - "cancel saves of this scope among the next `k`" -
 those are never written. The reply is the acknowledgement; nothing else is needed.
 
 Budget. The directory may hold `budget_bytes`, shrunk so the disk keeps
-`max(min_free_bytes, min_free_fraction * total)` free (free space is re-read every
-`DISK_USAGE_REFRESH_SAVES` writes and after every error). Before a write the writer
+`max(min_free_fraction * total, min(min_free_bytes, total / 4))` free (the fixed reserve
+scales down on a small disk; free space is re-read every `DISK_USAGE_REFRESH_SAVES` writes
+and after every error). The budget in effect is logged at start, as a warning when the
+disk cuts the configured one. Before a write the writer
 evicts least recently used blocks - at most `MAX_UNLINKS_PER_SAVE` per save, so a sudden
 budget drop cannot stall a save on an unlink storm - and skips the save (counted) if it
-still does not fit. When idle it keeps evicting in batches of the same size until within
+still does not fit (a skip, like a write error, is logged at its first occurrence and
+then at most once per `REPEAT_LOG_INTERVAL_S`, with the count not logged). When idle it
+keeps evicting in batches of the same size until within
 budget. Loads and saves refresh recency. Sizes are the files' real sizes.
 
 Counters (reset when the writer restarts). Every save taken off the save inbox is
@@ -100,7 +104,8 @@ from omlx_actors.runtime import (
 
 from . import blockfile
 from .blockfile import BlockRecord, DiskIO
-from .disk_index import DiskBlock, DiskIndex, DiskSpace, effective_budget
+from .disk_index import DiskBlock, DiskIndex, DiskSpace, effective_budget, free_space_reserve
+from .lograte import RepeatedLog
 from .messages import (
     ALL_MESSAGE_TYPES,
     MIN_FREE_BYTES,
@@ -134,6 +139,7 @@ __all__ = [
     "MIN_FREE_BYTES",
     "MIN_FREE_FRACTION",
     "PENDING_CAPACITY",
+    "REPEAT_LOG_INTERVAL_S",
     "SAVE_INBOX_CAPACITY",
     "SAVE_WAIT_S",
     "CleanupAll",
@@ -184,6 +190,10 @@ MAX_UNLINKS_PER_SAVE = 32
 # Re-read the disk's free space after this many writes (and after every error): other
 # programs use the disk too.
 DISK_USAGE_REFRESH_SAVES = 64
+# A failure that repeats (every save skipped for lack of room, every write failing on a
+# full disk) is logged at its first occurrence, then at most once per this interval with
+# the count of those not logged; the exact counts are in `WriterStats`.
+REPEAT_LOG_INTERVAL_S = 10.0
 
 
 @attrs.frozen
@@ -368,6 +378,9 @@ class _Writer:
         # Set when an idle eviction pass freed nothing (unlinks failing): idle passes
         # stop until the next write or budget change, instead of spinning.
         self.drain_stalled = False
+        # Repeated failures are logged rate-limited (see REPEAT_LOG_INTERVAL_S).
+        self.skip_log = RepeatedLog(REPEAT_LOG_INTERVAL_S)
+        self.write_error_log = RepeatedLog(REPEAT_LOG_INTERVAL_S)
 
     # -- start ------------------------------------------------------------------------
 
@@ -402,6 +415,30 @@ class _Writer:
                 scan.unremovable,
             )
         await self.refresh_disk_usage()
+        self.say_budget()
+
+    def say_budget(self) -> None:
+        """Log the budget this writer will really use, once, at start: a warning when the
+        disk cuts the configured one (a small volume: say so, never skip silently)."""
+        if not self.space.known:
+            return
+        reserve = free_space_reserve(
+            self.space.total, self.config.min_free_bytes, self.config.min_free_fraction
+        )
+        effective = self.effective_budget()
+        logger.log(
+            logging.WARNING if effective < self.budget else logging.INFO,
+            "%s: %s: SSD cache budget %d bytes (configured %d; the disk has %d of %d bytes "
+            "free and keeps %d free)%s",
+            self.control.name,
+            self.root,
+            effective,
+            self.budget,
+            self.space.free,
+            self.space.total,
+            reserve,
+            "; no block can be saved" if effective == 0 else "",
+        )
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -568,16 +605,19 @@ class _Writer:
             fits = self.index.bytes + size - replaced <= self.effective_budget()
         if not fits:
             self.counters.saves_skipped += 1
-            logger.warning(
-                "%s: skipped block %s (%d bytes): no room within the budget (%d of %d "
-                "bytes used); %d skipped so far",
-                self.control.name,
-                save.hash,
-                size,
-                self.index.bytes,
-                self.effective_budget(),
-                self.counters.saves_skipped,
-            )
+            unlogged = self.skip_log.occurred(trio.current_time())
+            if unlogged is not None:
+                logger.warning(
+                    "%s: skipped block %s (%d bytes): no room within the budget (%d of %d "
+                    "bytes used); %d skipped so far, %d of them not logged",
+                    self.control.name,
+                    save.hash,
+                    size,
+                    self.index.bytes,
+                    self.effective_budget(),
+                    self.counters.saves_skipped,
+                    unlogged,
+                )
             self.pending.pop_oldest()
             return
         try:
@@ -586,13 +626,17 @@ class _Writer:
             )
         except OSError as error:
             self.counters.write_errors += 1
-            logger.error(
-                "%s: writing block %s failed (%s); %d write errors so far",
-                self.control.name,
-                save.hash,
-                errno.errorcode.get(error.errno or 0, error.errno),
-                self.counters.write_errors,
-            )
+            unlogged = self.write_error_log.occurred(trio.current_time())
+            if unlogged is not None:
+                logger.error(
+                    "%s: writing block %s failed (%s); %d write errors so far, %d of them "
+                    "not logged",
+                    self.control.name,
+                    save.hash,
+                    errno.errorcode.get(error.errno or 0, error.errno),
+                    self.counters.write_errors,
+                    unlogged,
+                )
             if existing is not None:
                 # A failure after the rename removed the replaced file too.
                 path = blockfile.block_path(self.root, save.hash)

@@ -5,7 +5,13 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omlx_actors.ssd.disk_index import DiskBlock, DiskIndex, DiskSpace, effective_budget
+from omlx_actors.ssd.disk_index import (
+    DiskBlock,
+    DiskIndex,
+    DiskSpace,
+    effective_budget,
+    free_space_reserve,
+)
 
 GiB = 1 << 30
 
@@ -47,6 +53,19 @@ def test_effective_budget_keeps_the_reserve_free():
     assert effective_budget(4 * GiB, 2 * GiB, 80 * GiB, 100 * GiB, GiB, 0.05) == 4 * GiB
     # a small disk: the 1 GiB floor beats 5%
     assert effective_budget(10 * GiB, 0, 2 * GiB, 4 * GiB, GiB, 0.05) == GiB
+
+
+def test_the_fixed_reserve_scales_down_on_a_small_disk():
+    """Regression (issue #15 item 11): a fixed 1 GiB reserve left a 2 MB disk no room at
+    all, so the tier wrote nothing. It now takes at most a quarter of the disk."""
+    MB = 1 << 20
+    assert free_space_reserve(2 * MB, GiB, 0.05) == MB // 2
+    assert effective_budget(10 * GiB, 0, 2 * MB, 2 * MB, GiB, 0.05) == 3 * MB // 2
+    # 2 GiB: a quarter (512 MiB) rather than 1 GiB; from 4 GiB on the full 1 GiB.
+    assert free_space_reserve(2 * GiB, GiB, 0.05) == GiB // 2
+    assert free_space_reserve(8 * GiB, GiB, 0.05) == GiB
+    # A larger share asked for by fraction still wins.
+    assert free_space_reserve(2 * MB, GiB, 0.5) == MB
 
 
 def test_disk_space_follows_writes_and_removals():
