@@ -111,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
                             "it is killed and replaced")
     serve.add_argument("--engine-max-restarts", type=int, default=10,
                        help="engine deaths tolerated within a minute before the server reports "
-                            "the engine failed (503) instead of restarting it")
+                            "the engine failed (503) and waits a cool-down before trying again")
+    serve.add_argument("--engine-restart-cooldown", type=float, default=30.0,
+                       help="seconds the engine stays failed before a new one is tried; doubled "
+                            "at each give-up in a row, up to --engine-restart-cooldown-max")
+    serve.add_argument("--engine-restart-cooldown-max", type=float, default=900.0,
+                       help="the longest cool-down, in seconds")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None,
@@ -194,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             args, shutdown_mode=args.shutdown, drain_timeout_s=args.drain_timeout,
             engine_heartbeat_timeout_s=args.engine_heartbeat_timeout,
             engine_max_restarts=args.engine_max_restarts,
+            engine_restart_cooldown_s=args.engine_restart_cooldown,
+            engine_restart_cooldown_max_s=args.engine_restart_cooldown_max,
             gil_switch_interval_s=args.gil_switch_interval,
         )
         try:

@@ -78,10 +78,15 @@ class RuntimeConfig:
     # and how long it may leave a heartbeat unanswered before it is killed and restarted.
     engine_start_timeout_s: float = attrs.field(default=300.0, validator=_positive)
     engine_heartbeat_timeout_s: float = attrs.field(default=10.0, validator=_positive)
-    # More engine deaths than this within the window and the front gives up: the engine is
-    # "failed", in-flight requests end with an error and new ones get 503.
+    # More engine deaths than this within the window (a start that fails counts as one) and
+    # the front gives up for a while: the engine is "failed", in-flight requests end with an
+    # error and new ones get 503 - until a new engine is tried after a cool-down, doubled at
+    # each give-up in a row up to the max (a crash-looping engine costs little, a passing
+    # cause - memory taken by another program - heals without a person).
     engine_max_restarts: int = attrs.field(default=10, validator=_positive)
     engine_restart_window_s: float = attrs.field(default=60.0, validator=_positive)
+    engine_restart_cooldown_s: float = attrs.field(default=30.0, validator=_positive)
+    engine_restart_cooldown_max_s: float = attrs.field(default=900.0, validator=_positive)
 
     # Python's thread switch interval (seconds) for the processes that run the engine (the
     # server, and the engine process): the MLX thread releases the GIL while the device

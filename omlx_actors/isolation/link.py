@@ -14,9 +14,17 @@ rebuilt), re-sends sticky fault injections, and re-submits each in-flight reques
 continuation (see `recovery.py`). Sessions see a pause; HTTP streams keep sending
 keep-alives. Requests submitted during a restart are held and sent once it is ready.
 
-Deaths beyond `engine_max_restarts` within `engine_restart_window_s`, or a new engine that
-cannot start, make the engine "failed": in-flight requests end with an error, new ones get
-`EngineUnavailable`.
+A new engine that fails while starting (killed, crashed or timed out while loading, or
+reporting that it cannot load) is one more death, under the same policy. Deaths beyond
+`engine_max_restarts` within `engine_restart_window_s` make the engine "failed" for a
+cool-down (`engine_restart_cooldown_s`, doubled at each give-up in a row up to
+`engine_restart_cooldown_max_s`; `EngineStatus.retry_in_s` says when the next try is):
+in-flight requests end with an error, new ones get `EngineUnavailable`; then a new engine
+is tried.
+
+Poison evidence: each engine process records, before every step, the requests it is about
+to run in a file the link gave it (`engine/step_record.py`); when it dies the link reads it
+and tells `Recovery` exactly which requests were in the step that died.
 
 Cancellation: `EngineLink.call` cancelled mid-call forgets the call (a late reply is
 dropped); a `Submit` cancelled that way is aborted in the engine, so nothing runs unheard.
@@ -27,9 +35,12 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -42,6 +53,7 @@ import trio
 
 from omlx_actors.config import RuntimeConfig
 from omlx_actors.engine.executor import ENGINE_EVENT_BACKLOG, DuplicateRequest, EngineLoadFailed
+from omlx_actors.engine.step_record import read_step_record
 from omlx_actors.engine.messages import (
     Abort,
     EngineEvent,
@@ -67,7 +79,7 @@ from omlx_actors.isolation.messages import (
     HostStop,
     LookupAndSubmit,
 )
-from omlx_actors.isolation.recovery import Recovery
+from omlx_actors.isolation.recovery import Recovery, cooldown_s
 from omlx_actors.runtime import ActorError, ActorUnavailable, CallTimeout, wire
 
 log = logging.getLogger(__name__)
@@ -105,6 +117,7 @@ class EngineStatus:
     last_restart_s: float | None = None  # from death to the new engine being ready
     last_resume_s: float | None = None  # from death to the first resumed token
     reason: str | None = None  # why it is failed
+    retry_in_s: float | None = None  # failed: seconds until a new engine is tried
 
 
 @attrs.define(eq=False)
@@ -117,9 +130,11 @@ class RemoteMemory:
 @attrs.define(eq=False)
 class _Incarnation:
     process: trio.Process
+    stream: trio.SocketStream
     writer: FrameWriter
     reader: FrameReader
     ready: HostReady
+    record_path: str  # where it records the requests of its current step
     pending: dict[int, trio.MemorySendChannel] = attrs.field(factory=dict)
     dead: trio.Event = attrs.field(factory=trio.Event)
     cause: str | None = None
@@ -177,6 +192,15 @@ class EngineLink:
         self.last_resume_s: float | None = None
         self.failed_reason: str | None = None
         self.first_ready: HostReady | None = None
+        # Give-ups since an engine last stayed up a whole restart window (the cool-down's
+        # exponent), when the current engine became ready, and when the next try is.
+        self._give_ups = 0
+        self._ready_since: float | None = None
+        self._retry_at: float | None = None  # on trio's clock
+        self._starting: trio.Process | None = None
+        self._spawns = itertools.count(1)
+        # Step records live in a directory of our own, removed when the link stops.
+        self._record_dir = tempfile.mkdtemp(prefix="omlx-engine-")
 
     # -- what the runtime uses ----------------------------------------------------------------
 
@@ -187,13 +211,22 @@ class EngineLink:
     def pid(self) -> int | None:
         return self._current.ready.pid if self._current is not None else None
 
+    @property
+    def starting_pid(self) -> int | None:
+        """The engine process being started (not yet ready), if any."""
+        return self._starting.pid if self._starting is not None else None
+
     def status(self) -> EngineStatus:
+        retry_in = None
+        if self.state is EngineState.FAILED and self._retry_at is not None:
+            retry_in = round(max(0.0, self._retry_at - trio.current_time()), 3)
         return EngineStatus(
             state=self.state.value, isolation="process", pid=self.pid, restarts=self.restarts,
             resumed_requests=self.recovery.resumed_total,
             crash_loop_failures=self.recovery.poisoned_total, last_exit=self.last_exit,
             last_restart_s=self.last_restart_s, last_resume_s=self.last_resume_s,
-            reason=self.failed_reason,
+            reason=self.failed_reason if self.state is EngineState.FAILED else None,
+            retry_in_s=retry_in,
         )
 
     async def call(self, target: str, message: Any, *, timeout: float | None = None) -> Any:
@@ -342,7 +375,9 @@ class EngineLink:
 
     async def _spawn(self) -> _Incarnation:
         """Start an engine process and wait until it is ready. Raises `EngineLoadFailed`
-        if it reports that, `ActorUnavailable` if it dies or times out while starting."""
+        if it reports that, `ActorUnavailable` if it dies, breaks the connection or times
+        out while starting. Cancelled, it kills the process it started and re-raises."""
+        record_path = os.path.join(self._record_dir, f"engine-{next(self._spawns)}.step")
         ours, theirs = socket.socketpair()
         try:
             process = await trio.lowlevel.open_process(
@@ -354,31 +389,37 @@ class EngineLink:
             )
         finally:
             theirs.close()
+        self._starting = process
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
         writer, reader = FrameWriter(stream), FrameReader(stream)
-        hello = HostHello(config_json=self.config.to_json(), model_path=str(self.model_path))
+        hello = HostHello(config_json=self.config.to_json(), model_path=str(self.model_path),
+                          step_record_path=record_path)
         try:
             with trio.fail_after(self.config.engine_start_timeout_s):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(writer.run)
-                    await writer.send(Kind.CAST, 0, "host", encode_message(hello))
-                    _, _, _, payload = await reader.receive()
-                    nursery.cancel_scope.cancel()
+                payload = await _handshake(writer, reader, hello)
             answer = decode_message(payload)
         except BaseException as exc:  # cancelled too: never leave a half-started engine
             process.kill()
             with trio.CancelScope(shield=True), trio.move_on_after(REAP_TIMEOUT_S):
                 await process.wait()
-            if not isinstance(exc, (ConnectionLost, trio.TooSlowError)):
+            _remove(record_path)
+            stream.socket.close()  # a crash loop must not leak a socket per try
+            if not _is_start_failure(exc):
                 raise
             how = _describe_exit(process.returncode)
-            raise ActorUnavailable("engine", f"the engine process did not start ({how}): {exc}") from exc
+            raise ActorUnavailable("engine", f"the engine process did not start ({how}): "
+                                             f"{_leaf(exc)!r}") from None
+        finally:
+            self._starting = None
         if isinstance(answer, HostLoadFailed):
             with trio.move_on_after(REAP_TIMEOUT_S):
                 await process.wait()
+            _remove(record_path)
+            stream.socket.close()
             raise EngineLoadFailed("executor", answer.error)
         assert isinstance(answer, HostReady), answer
-        return _Incarnation(process=process, writer=writer, reader=reader, ready=answer)
+        return _Incarnation(process=process, stream=stream, writer=writer, reader=reader,
+                            ready=answer, record_path=record_path)
 
     async def _run_incarnation(self, inc: _Incarnation) -> None:
         """Serve `inc` until it dies (or the link stops it); then reap it and fail the calls
@@ -401,6 +442,7 @@ class EngineLink:
                     await inc.process.wait()
         self.last_exit = f"{_describe_exit(inc.process.returncode)}: {inc.cause}"
         inc.writer.close()  # a caller waiting for room in the outbox gets ConnectionLost
+        inc.stream.socket.close()  # its reader and writer tasks have ended with it
         for send in list(inc.pending.values()):
             send.send_nowait((None, inc.cause))  # capacity 1, one answer each: never blocks
         inc.pending.clear()
@@ -459,12 +501,13 @@ class EngineLink:
     # -- supervision -----------------------------------------------------------------------
 
     async def supervise(self, first: _Incarnation, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Run incarnations one after another until the link stops or gives up."""
+        """Run incarnations one after another until the link stops."""
         inc: _Incarnation | None = first
         try:
             while inc is not None:
                 self._current = inc
                 self.state = EngineState.READY
+                self._ready_since = time.monotonic()
                 self._pump_sends()
                 if inc is first:
                     task_status.started()
@@ -479,43 +522,74 @@ class EngineLink:
                     self.state = EngineState.STOPPED
                 await self._fail_all("EngineStopped", self.failed_reason or "the engine stopped")
                 self._events_send.close()
+                shutil.rmtree(self._record_dir, ignore_errors=True)
                 self._stopped.set()
 
-    async def _restart(self, dead: _Incarnation) -> _Incarnation | None:
+    async def _restart(self, dead: _Incarnation) -> _Incarnation:
+        """Replace `dead` with a ready engine: every failed start is one more death, and
+        past the restart limit the engine is failed for a cool-down, then tried again. Only
+        cancellation (the link stopping) ends it without an engine."""
+        in_step = read_step_record(dead.record_path)
+        _remove(dead.record_path)
+        log.error("engine process %d died (%s); starting a new one", dead.ready.pid, self.last_exit)
+        await self._on_death(in_step)
+        while True:
+            if len(self._deaths) > self.config.engine_max_restarts:
+                await self._cool_down(
+                    f"the engine died {len(self._deaths)} times within "
+                    f"{self.config.engine_restart_window_s:g}s (last: {self.last_exit})")
+            try:
+                inc = await self._spawn()
+            except (ActorError, OSError) as exc:
+                self.last_exit = f"a new engine did not start: {exc}"
+                log.error("%s", self.last_exit)
+                await self._on_death(frozenset())  # it ran no step: nobody is struck
+                continue
+            break
+        for fault in self._sticky_faults:
+            # Queued ahead of every continuation: the writer sends the outbox in order.
+            inc.writer.send_nowait(Kind.CAST, 0, "executor", encode_message(fault))
+        self.last_restart_s = time.monotonic() - self._died_at
+        log.warning("engine restarted in %.2fs (pid %d); resuming %d requests",
+                    self.last_restart_s, inc.ready.pid, len(self.recovery.tracked))
+        return inc
+
+    async def _on_death(self, in_step: frozenset[str]) -> None:
+        """Count a death (of a serving or a starting engine) and apply the poison rule to
+        the requests that were in the step that died."""
         now = time.monotonic()
         self.state = EngineState.RESTARTING
         self.restarts += 1
         self._died_at = now
         self.last_resume_s = None
-        log.error("engine process %d died (%s); starting a new one", dead.ready.pid, self.last_exit)
+        window = self.config.engine_restart_window_s
+        if self._ready_since is not None and now - self._ready_since >= window:
+            self._give_ups = 0  # the last engine held a whole window: the backoff starts over
+        self._ready_since = None
         self._deaths.append(now)
-        while self._deaths and now - self._deaths[0] > self.config.engine_restart_window_s:
+        while self._deaths and now - self._deaths[0] > window:
             self._deaths.popleft()
-        for failure in self.recovery.on_death():
+        for failure in self.recovery.on_death(in_step):
             log.error("%s", failure.error)
             await self._emit(_error(failure.request_id, failure.error_type, failure.error))
         self._awaiting_resume = set(self.recovery.tracked)
-        if len(self._deaths) > self.config.engine_max_restarts:
-            self._give_up(f"the engine died {len(self._deaths)} times within "
-                          f"{self.config.engine_restart_window_s:g}s (last: {self.last_exit})")
-            return None
-        try:
-            inc = await self._spawn()
-        except (ActorError, OSError) as exc:
-            self._give_up(f"a new engine could not be started: {exc}")
-            return None
-        for fault in self._sticky_faults:
-            # Queued ahead of every continuation: the writer sends the outbox in order.
-            inc.writer.send_nowait(Kind.CAST, 0, "executor", encode_message(fault))
-        self.last_restart_s = time.monotonic() - now
-        log.warning("engine restarted in %.2fs (pid %d); resuming %d requests",
-                    self.last_restart_s, inc.ready.pid, len(self.recovery.tracked))
-        return inc
 
-    def _give_up(self, reason: str) -> None:
-        log.error("engine failed: %s", reason)
+    async def _cool_down(self, reason: str) -> None:
+        """Give up for a while: fail what is in flight, refuse new requests (503) while the
+        state is failed, then forget the deaths and let the caller try a new engine."""
+        self._give_ups += 1
+        delay = cooldown_s(self._give_ups, self.config.engine_restart_cooldown_s,
+                           self.config.engine_restart_cooldown_max_s)
+        log.error("engine failed: %s; trying a new one in %.0fs", reason, delay)
         self.state = EngineState.FAILED
         self.failed_reason = reason
+        self._retry_at = trio.current_time() + delay
+        await self._fail_all("EngineStopped", reason)
+        self._awaiting_resume.clear()
+        await trio.sleep_until(self._retry_at)
+        self._retry_at = None
+        self._deaths.clear()
+        self.state = EngineState.RESTARTING
 
     async def _fail_all(self, error_type: str, error: str) -> None:
         for request_id in list(self.recovery.tracked):
@@ -544,6 +618,42 @@ class EngineLink:
         await self._stopped.wait()
 
 
+async def _handshake(writer: FrameWriter, reader: FrameReader, hello: HostHello) -> Any:
+    """Send `hello`, return the payload of the engine's first answer."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        await writer.send(Kind.CAST, 0, "host", encode_message(hello))
+        _, _, _, payload = await reader.receive()
+        nursery.cancel_scope.cancel()
+    return payload
+
+
+# What a starting engine's failure looks like here: it died or broke the connection
+# (`ConnectionLost`, raised in `_handshake`'s nursery, so it arrives in an exception group)
+# or did not answer in time. Anything else - cancellation above all - is not ours to absorb.
+_START_FAILURES = (ConnectionLost, trio.TooSlowError)
+
+
+def _is_start_failure(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(_START_FAILURES)
+        return rest is None
+    return isinstance(exc, _START_FAILURES)
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _error(request_id: str, error_type: str, error: str) -> Finished:
     return Finished(request_id=request_id, reason=FinishReason.ERROR, prompt_tokens=0,
                     completion_tokens=0, error=error, error_type=error_type)
@@ -567,7 +677,11 @@ async def open_engine_link(config: RuntimeConfig, model_path: Path) -> AsyncIter
     per `config.shutdown_mode` and every request still tracked ends with an error."""
     async with trio.open_nursery() as nursery:
         link = EngineLink(config, model_path, nursery)
-        first = await link._spawn()
+        try:
+            first = await link._spawn()
+        except BaseException:
+            shutil.rmtree(link._record_dir, ignore_errors=True)
+            raise
         link.first_ready = first.ready
         await nursery.start(link.supervise, first)
         try:

@@ -10,18 +10,29 @@ the next engine as a *continuation*: its prompt plus the delivered tokens, the r
 `max_tokens`, the same sampling settings. Greedy decoding continues exactly where it
 stopped; the session sees a pause, then more tokens.
 
-Poison requests. A request that was in the engine at `POISON_DEATHS` consecutive deaths
-without receiving a token in between is a *suspect*. One suspect alone is failed
-(`EngineCrashLoop`). Several suspects - they shared the fatal batches, so any of them may be
-the culprit - are put on *probation* one at a time: each is resumed alone (nothing unproven
-runs with it; everything else is held) until it receives a token or finishes; one that kills
-the engine while alone on probation is failed. So one request cannot crash-loop the server,
-and the requests that merely shared its batch finish.
+Poison requests. Only evidence counts: the engine records, before each step, the requests
+it is about to run (`engine/step_record.py`), and the link passes that set to `on_death`. A
+death *strikes* the requests in the step that died; a request merely waiting (sent but not
+yet admitted, or queued), or a death while the engine was loading or idle between steps,
+strikes nobody. A strike is *alone* when the request was the only one in that step that had
+not yet received a token from that engine (the others had run steps and survived them). A
+token clears a request's strikes, so only consecutive deaths count.
+
+A request with `POISON_DEATHS` strikes is a *suspect*: suspects are put on *probation* one
+at a time, each resumed alone (nothing unproven runs with it; everything else is held)
+until it receives a token or finishes. A request with `POISON_DEATHS` alone strikes is
+failed (`EngineCrashLoop`). So a request that crashes every engine is failed after K deaths
+if it ran alone, after at most 2K if it shared its batches (K to become a suspect, K alone
+on probation), the requests that shared its batch finish, and an external kill at a random
+moment is not enough to fail an innocent request: that takes K deaths, each inside a step
+where it was the only unproven request, with no token in between.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
+
 import attrs
 
 from omlx_actors.engine.messages import (
@@ -50,11 +61,9 @@ class Tracked:
     base: int = 0  # tokens delivered before the current incarnation's submission
     admitted_seen: bool = False  # its session has had an `Admitted`
     prefill_seen: int = 0  # the largest `PrefillProgress.done` its session has had
-    # Submitted to the current engine incarnation. A sent request counts as in the engine:
-    # the engine may admit it at any moment, and a crash at its very first step comes
-    # before any `Admitted` event for it could be sent.
-    sent: bool = False
-    stalled_deaths: int = 0  # deaths while sent since its last delivered token
+    sent: bool = False  # submitted to the current engine incarnation
+    strikes: int = 0  # deaths inside a step it was in, since its last delivered token
+    alone_strikes: int = 0  # of those, the ones where it was the step's only unproven request
 
 
 @attrs.frozen
@@ -70,9 +79,9 @@ class Recovery:
     """The tracked requests, the probation queue, and the decisions over them.
 
     Invariants (checked by `check()`, exercised by a hypothesis state machine): a probationer
-    is tracked and is the only request sent that has not proven itself since the last death;
+    is tracked and is the only request sent that has not proven itself since its last strike;
     suspects waiting for probation are tracked and not sent; while any suspect is unproven,
-    no other unsent request is sent.
+    no other unsent request is sent; a request with K alone strikes is no longer tracked.
     """
 
     def __init__(self, poison_deaths: int = POISON_DEATHS) -> None:
@@ -137,7 +146,7 @@ class Recovery:
                 return (event,)
             case TokenDelta(tokens=tokens):
                 tracked.delivered.extend(choice.token for choice in tokens)
-                tracked.stalled_deaths = 0
+                tracked.strikes = tracked.alone_strikes = 0
                 self._proven(event.request_id)
                 return (event,)
             case Finished():
@@ -146,28 +155,30 @@ class Recovery:
                 return (fixed,)
         return (event,)
 
-    def on_death(self) -> tuple[Failure, ...]:
-        """The engine died: every tracked request is now unsent. Decide who is failed (they
-        are no longer tracked) and who goes on probation; `sendable()` then says what to
-        send once the next engine is ready."""
-        failed: list[Failure] = []
+    def on_death(self, in_step: Collection[str] = ()) -> tuple[Failure, ...]:
+        """The engine died (or a starting engine did) while running a step of the requests
+        `in_step` (empty: it was loading, idle, or between steps). Every tracked request is
+        now unsent. Strike the ones in the step, fail those with K alone strikes (they are
+        no longer tracked), queue new suspects for probation; `sendable()` then says what
+        to send once the next engine is ready."""
+        struck = [rid for rid in in_step if rid in self.tracked]
+        unproven = [rid for rid in struck if not self._ran_here(self.tracked[rid])]
+        for rid in struck:
+            tracked = self.tracked[rid]
+            tracked.strikes += 1
+            if unproven == [rid]:
+                tracked.alone_strikes += 1
         for tracked in self.tracked.values():
-            if tracked.sent:
-                tracked.stalled_deaths += 1
             tracked.sent = False
-        if self.probation is not None:
-            # It ran with nothing unproven beside it: this death was its own.
-            culprit = self.probation
-            self.probation = None
-            failed.append(self._crash_loop(
-                culprit, "it ran alone on a fresh engine and the engine died again"))
-        suspects = [rid for rid, t in self.tracked.items()
-                    if t.stalled_deaths >= self.poison_deaths and rid not in self.suspects]
-        if len(suspects) == 1 and not self.suspects:
-            failed.append(self._crash_loop(
-                suspects[0], f"it was in the engine at {self.poison_deaths} consecutive engine deaths"))
-            suspects = []
-        self.suspects.extend(suspects)
+        failed = [
+            self._crash_loop(rid, f"the engine died {t.alone_strikes} times in a row inside a "
+                                  "step where it was the only request that had not yet run")
+            for rid, t in list(self.tracked.items()) if t.alone_strikes >= self.poison_deaths
+        ]
+        self.suspects.extend(
+            rid for rid, t in self.tracked.items()
+            if t.strikes >= self.poison_deaths and rid not in self.suspects and rid != self.probation
+        )
         self._next_probation()
         return tuple(failed)
 
@@ -201,6 +212,12 @@ class Recovery:
 
     # -- internals --------------------------------------------------------------------------
 
+    @staticmethod
+    def _ran_here(tracked: Tracked) -> bool:
+        """It received a token from the engine it was last sent to: it ran steps there and
+        survived them, so that engine's death is not its first step."""
+        return len(tracked.delivered) > tracked.base
+
     def _proven(self, request_id: str) -> None:
         if self.probation == request_id:
             self.probation = None
@@ -216,6 +233,10 @@ class Recovery:
 
     def _crash_loop(self, request_id: str, why: str) -> Failure:
         self.tracked.pop(request_id, None)
+        if request_id in self.suspects:
+            self.suspects.remove(request_id)
+        if self.probation == request_id:
+            self.probation = None
         self.poisoned_total += 1
         return Failure(
             request_id=request_id,
@@ -257,5 +278,17 @@ class Recovery:
             assert not self.tracked[rid].sent, "a waiting suspect was sent"
         if self.holding:
             unproven_sent = [rid for rid, t in self.tracked.items()
-                             if t.sent and t.stalled_deaths > 0 and rid != self.probation]
+                             if t.sent and t.strikes > 0 and rid != self.probation]
             assert not unproven_sent, f"unproven requests run beside a probation: {unproven_sent}"
+        for rid, t in self.tracked.items():
+            assert t.alone_strikes < self.poison_deaths, f"{rid} should have been failed"
+            assert t.alone_strikes <= t.strikes
+
+
+def cooldown_s(give_ups_in_a_row: int, base_s: float, max_s: float) -> float:
+    """How long the engine stays failed after its `give_ups_in_a_row`-th give-up (1, 2, ...)
+    before a new one is tried: `base_s`, doubled at each give-up in a row, never above
+    `max_s`."""
+    if give_ups_in_a_row < 1:
+        raise ValueError("give_ups_in_a_row must be >= 1")
+    return min(max_s, base_s * 2.0 ** min(give_ups_in_a_row - 1, 64))

@@ -65,3 +65,41 @@ async def test_a_stream_survives_the_engine_being_killed(tiny_llama):
     assert outcome["usage"].completion_tokens == 400
     assert "\nomlx_engine_restarts_total 1.0\n" in metrics
     assert "\nomlx_engine_resumed_requests_total 1.0\n" in metrics
+
+
+async def kill_ready_engine(rt) -> None:
+    """SIGKILL the ready engine; return once it has been replaced or the link gave up."""
+    pid = rt.engine_pid
+    os.kill(pid, signal.SIGKILL)
+    with trio.fail_after(120):
+        while rt.engine_status().state != "failed" and (
+                rt.engine_pid in (pid, None) or rt.engine_status().state != "ready"):
+            await trio.sleep(0.01)
+
+
+async def test_a_failed_engine_is_tried_again_after_a_cool_down_and_health_says_when(tiny_llama):
+    """Issue #15 (3): past --engine-max-restarts the engine was failed until a person
+    restarted the server. Now /health says when the next try is, and the try comes;
+    each give-up in a row doubles the wait."""
+    async with serve(tiny_llama, isolation="process", engine_max_restarts=1,
+                     engine_restart_cooldown_s=2.0, engine_restart_cooldown_max_s=60.0) as server:
+        rt = server.runtime
+        async with http_client(server) as http:
+            for cool_down in (2.0, 4.0):
+                await kill_ready_engine(rt)
+                await kill_ready_engine(rt)
+                response = await http.get("/health")
+                body = response.json()
+                assert response.status_code == 503 and body["status"] == "failed"
+                assert "died 2 times" in body["engine"]["reason"]
+                assert cool_down / 2 < body["engine"]["retry_in_s"] <= cool_down
+                chat = await http.post("/v1/chat/completions", json={
+                    "model": MODEL, "messages": PROMPT, "max_tokens": 4})
+                assert chat.status_code == 503
+                with trio.fail_after(120):
+                    while (response := await http.get("/health")).status_code != 200:
+                        await trio.sleep(0.05)
+                assert "retry_in_s" not in response.json()["engine"]
+                chat = await http.post("/v1/chat/completions", json={
+                    "model": MODEL, "messages": PROMPT, "max_tokens": 4})
+                assert chat.status_code == 200

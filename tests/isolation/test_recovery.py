@@ -18,7 +18,12 @@ from omlx_actors.engine.messages import (
     TokenChoice,
     TokenDelta,
 )
-from omlx_actors.isolation.recovery import CRASH_LOOP_ERROR_TYPE, POISON_DEATHS, Recovery
+from omlx_actors.isolation.recovery import (
+    CRASH_LOOP_ERROR_TYPE,
+    POISON_DEATHS,
+    Recovery,
+    cooldown_s,
+)
 
 
 def submit(rid: str, prompt=(5, 6, 7), max_tokens: int = 8, stop=(1,)) -> Submit:
@@ -104,36 +109,60 @@ def test_events_of_untracked_requests_pass_through_unchanged():
     assert r.on_event(event) == (event,)
 
 
-def test_one_request_stalled_at_two_consecutive_deaths_is_failed():
+def test_the_only_unproven_request_in_the_dying_step_twice_is_failed():
     r = Recovery()
     sent(r, "poison", "good")
-    r.on_event(token("good"))
-    assert r.on_death() == ()
+    r.on_event(token("good"))  # good ran steps on this engine: the death is not its first
+    assert r.on_death({"poison", "good"}) == ()
     r.mark_sent("poison"), r.mark_sent("good")
-    r.on_event(token("good"))  # progress between the deaths: not a suspect
-    (failure,) = r.on_death()
+    r.on_event(token("good"))
+    (failure,) = r.on_death({"poison", "good"})
     assert failure.request_id == "poison" and failure.error_type == CRASH_LOOP_ERROR_TYPE
+    assert "2 times in a row" in failure.error
     assert set(r.tracked) == {"good"} and not r.holding
     assert r.sendable() == ("good",)
     assert r.poisoned_total == 1
+
+
+def test_a_death_outside_a_step_strikes_nobody():
+    """Issue #15 (2): requests sent to an engine that died before running them (killed
+    right after it said ready), or while it loaded, are not suspects, however often."""
+    r = Recovery()
+    sent(r, "a", "b")
+    for _ in range(5):
+        assert r.on_death(frozenset()) == ()
+        assert not r.holding and set(r.sendable()) == {"a", "b"}
+        for rid in r.sendable():
+            r.mark_sent(rid)
+    assert all(t.strikes == 0 for t in r.tracked.values())
+
+
+def test_a_request_merely_waiting_beside_the_step_is_not_struck():
+    r = Recovery()
+    sent(r, "running", "waiting")
+    for _ in range(3):
+        r.on_death({"running"})
+        for rid in r.sendable():
+            r.mark_sent(rid)
+    assert r.tracked["waiting"].strikes == 0
 
 
 def test_a_token_resets_the_count_so_only_consecutive_deaths_count():
     r = Recovery()
     sent(r, "a")
     for _ in range(3):
-        assert r.on_death() == ()
+        assert r.on_death({"a"}) == ()
         r.mark_sent("a")
         r.on_event(token("a"))
 
 
 def die_together(r: Recovery, deaths: int) -> None:
-    """`deaths` engine deaths, every tracked request resent in between."""
+    """`deaths` engine deaths inside a step of every sent request, all resent in between."""
     for death in range(deaths):
         if death:
             for rid in r.sendable():
                 r.mark_sent(rid)
-        assert r.on_death() == ()
+        assert r.on_death({rid for rid, t in r.tracked.items() if t.sent}) == ()
 
 
 def test_shared_suspects_are_proven_alone_one_at_a_time():
@@ -149,7 +178,11 @@ def test_shared_suspects_are_proven_alone_one_at_a_time():
     r.on_event(token("x"))  # proven: y goes next, alone (x keeps running: it is proven)
     assert r.probation == "y" and r.sendable() == ("y",)
     r.mark_sent("y")
-    (failure,) = r.on_death()  # y killed the engine while on probation
+    # y kills the engine in its first step, beside x (which has run on this engine).
+    assert r.on_death({"x", "y"}) == ()
+    assert r.probation == "y" and r.sendable() == ("y",)  # alone again: x is held too
+    r.mark_sent("y")
+    (failure,) = r.on_death({"y"})  # twice alone in the dying step: it is the cause
     assert failure.request_id == "y"
     assert r.probation == "z" and r.sendable() == ("z",)
     r.mark_sent("z")
@@ -201,7 +234,7 @@ def test_simulated_crash_loop_fails_only_the_poison_and_finishes_the_rest(
             break
         if names[poison] in running:
             deaths += 1
-            for failure in r.on_death():
+            for failure in r.on_death(set(running)):
                 outcome[failure.request_id] = failure.error_type
             r.check()
             continue
@@ -214,8 +247,8 @@ def test_simulated_crash_loop_fails_only_the_poison_and_finishes_the_rest(
         r.check()
     assert outcome[names[poison]] == CRASH_LOOP_ERROR_TYPE
     assert all(outcome[n] == "length" for n in names if n != names[poison])
-    # K deaths in the shared batch, then at most one death per suspect on probation.
-    assert deaths <= POISON_DEATHS + count
+    # K deaths in the shared batch make it a suspect, K more alone on probation fail it.
+    assert deaths <= 2 * POISON_DEATHS
 
 
 # ------------------------------------------------------------------------------------------
@@ -228,6 +261,7 @@ class RecoveryMachine(RuleBasedStateMachine):
         self.r = Recovery()
         self.next_id = 0
         self.ended: set[str] = set()
+        self.alone: dict[str, int] = {}  # alone strikes since the last token (the model)
 
     @rule()
     def submit_one(self):
@@ -249,6 +283,7 @@ class RecoveryMachine(RuleBasedStateMachine):
     def token_for_a_running_request(self, data):
         rid = data.draw(st.sampled_from(sorted(k for k, t in self.r.tracked.items() if t.sent)))
         self.r.on_event(token(rid))
+        self.alone.pop(rid, None)
 
     @precondition(lambda self: any(t.sent for t in self.r.tracked.values()))
     @rule(data=st.data())
@@ -265,10 +300,29 @@ class RecoveryMachine(RuleBasedStateMachine):
         assert self.r.untrack(rid) is not None
         self._end(rid)
 
-    @rule()
-    def engine_dies(self):
-        for failure in self.r.on_death():
+    @rule(data=st.data())
+    def engine_dies(self, data):
+        # In a step: any subset of what was sent (the rest waited, or it was idle).
+        sent = sorted(rid for rid, t in self.r.tracked.items() if t.sent)
+        in_step = data.draw(st.sets(st.sampled_from(sent)) if sent else st.just(set()))
+        unproven = [rid for rid in in_step if not self._ran_here(rid)]
+        for rid in list(self.alone):
+            if rid not in self.r.tracked:
+                del self.alone[rid]
+        for rid in in_step:
+            if unproven == [rid]:
+                self.alone[rid] = self.alone.get(rid, 0) + 1
+        failures = self.r.on_death(in_step)
+        # Failed exactly when it was alone in the dying step K times with no token between.
+        assert {f.request_id for f in failures} == {
+            rid for rid, n in self.alone.items() if n >= POISON_DEATHS}
+        for failure in failures:
             self._end(failure.request_id)
+            del self.alone[failure.request_id]
+
+    def _ran_here(self, rid: str) -> bool:
+        t = self.r.tracked[rid]
+        return len(t.delivered) > t.base
 
     def _end(self, rid: str) -> None:
         assert rid not in self.ended, f"{rid} ended twice"
@@ -285,3 +339,15 @@ class RecoveryMachine(RuleBasedStateMachine):
 
 TestRecoveryMachine = RecoveryMachine.TestCase
 TestRecoveryMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+# ------------------------------------------------------------------------------------------
+# The cool-down after a give-up (issue #15 (3)).
+
+
+@given(base=st.floats(0.01, 100), cap=st.floats(0.01, 10_000), n=st.integers(1, 200))
+def test_the_cool_down_doubles_at_each_give_up_and_is_capped(base, cap, n):
+    assert cooldown_s(1, base, cap) == min(base, cap)
+    assert cooldown_s(n, base, cap) <= cap
+    assert cooldown_s(n + 1, base, cap) == min(cap, 2 * cooldown_s(n, base, cap)) or \
+        cooldown_s(n + 1, base, cap) == cap
