@@ -47,6 +47,10 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", type=_size, default=None,
                    help="bytes for weights + prefix cache + requests, e.g. 12G (default: "
                         "total memory minus a headroom); what can never fit gets 413")
+    p.add_argument("--max-queue-wait", type=float, default=120.0,
+                   help="seconds a request may wait for memory before it is refused (503 "
+                        "queue_timeout with Retry-After; an error event if its stream began) "
+                        "(default: %(default)s)")
     p.add_argument("--block-size", type=int, default=None,
                    help="prefix cache block size in tokens (default: 64 for attention-only "
                         "models, 256 for models with recurrent layers)")
@@ -79,6 +83,7 @@ def runtime_config(args: argparse.Namespace, **extra) -> RuntimeConfig:
             parallel_attention=args.parallel_attention,
             prefix_cache_bytes=args.prefix_cache_bytes,
             memory_budget_bytes=args.memory_budget,
+            max_queue_wait_s=args.max_queue_wait,
             ssd_cache_dir=getattr(args, "ssd_cache_dir", None),
             ssd_cache_bytes=getattr(args, "ssd_cache_bytes", 16 * 1024**3),
             isolation=getattr(args, "isolation", "thread"),

@@ -56,6 +56,10 @@ class RuntimeConfig:
     # automatic (total memory minus a headroom). Requests that can never fit are refused
     # (413) before any work; ones that fit later wait (bounded by max_waiting_requests).
     memory_budget_bytes: int | None = attrs.field(default=None, validator=_positive)
+    # The longest a request may wait for memory (seconds, from its arrival at the engine):
+    # past it, it is refused - 503 `queue_timeout` with Retry-After before the first byte, an
+    # error event after. A request that nothing will ever make room for is refused at once.
+    max_queue_wait_s: float = attrs.field(default=120.0, validator=_positive)
     memory_poll_interval_s: float = attrs.field(default=0.5, validator=_positive)
     # SSD tier of the prefix cache: a directory for block files (None: off) and its byte
     # budget (also shrunk when the disk runs low). Blocks are written through as they are

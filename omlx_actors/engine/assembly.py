@@ -203,6 +203,7 @@ async def open_engine_side(
             prefix_cache_bytes=config.prefix_cache_bytes,
             prefill_step_size=config.prefill_step_size,
             prefill_batch_size=config.prefill_batch_size,
+            max_queue_wait_s=config.max_queue_wait_s,
         )
         if cache_address is not None:
             # Not restarted: a fresh index would not know the blocks the engine still

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import queue
 import time
 from typing import Any
@@ -67,10 +68,12 @@ from omlx_actors.cache.actor import SetBudget
 from omlx_actors.memory.admission import (
     AdmissionLedger,
     Admitted as LedgerAdmitted,
+    HeadAction,
     Queued,
     QueueFullRefusal,
     Refused,
     RequestCost,
+    unblock,
 )
 from omlx_actors.memory.enforcer import MemoryLevel
 from omlx_actors.memory.estimator import (
@@ -114,6 +117,15 @@ SSD_FORWARD_BACKLOG_TOKENS = 8192
 # Under memory pressure prefill chunks shrink, but not below this many tokens (smaller
 # chunks cost more per token than the scratch they save).
 PREFILL_STEP_FLOOR = 64
+
+# How long a request may wait in the memory queue by default before it is refused
+# (`RuntimeConfig.max_queue_wait_s`); see `_expire_waiting`.
+MAX_QUEUE_WAIT_S = 120.0
+
+# The queue-expiry task's doorbell: "a request was queued, look at the deadlines again".
+# One pending ring says it all; further rings while it is unread are dropped (send_nowait
+# finds it full), never waited for.
+QUEUE_DOORBELL_CAPACITY = 1
 
 
 class EngineLoadFailed(ActorError):
@@ -169,6 +181,7 @@ class MemoryWiring:
     prefill_step_size: int
     prefill_batch_size: int
     prefill_step_floor: int = PREFILL_STEP_FLOOR
+    max_queue_wait_s: float = MAX_QUEUE_WAIT_S
 
 
 @attrs.define
@@ -199,6 +212,8 @@ class ExecutorState:
     gauge: MlxGauge | None = None
     max_requests: int = 1 << 30  # unpriced admission: batch + waiting bound
     cache_shrunk: bool = False  # the prefix cache budget was cut to make room
+    cache_target: int | None = None  # the last budget cut sent for the queue's head
+    queued: Any = None  # a trio send channel: rung when a request joins the memory queue
     under_pressure: bool = False  # the enforcer's last level was soft or hard
     normal_prefill_step: int = 512  # the configured chunk, restored when nothing needs less
     floor_priced: set[str] = attrs.field(factory=set)  # admitted only with floor-sized chunks
@@ -312,7 +327,12 @@ async def run(
             else:
                 forwarded.set()
             if memory is not None and state.ledger is not None:
-                nursery.start_soon(_watch_memory, state, info, memory, commands, cache_index)
+                nursery.start_soon(_watch_memory, state, info, memory, commands, cache_index,
+                                   events)
+                queued_send, queued_recv = trio.open_memory_channel[None](QUEUE_DOORBELL_CAPACITY)
+                state.queued = queued_send
+                nursery.start_soon(_expire_waiting, state, memory.max_queue_wait_s, queued_recv,
+                                   commands, events, cache_index)
             task_status.started(info)
             async for envelope in inbox:
                 await _handle(envelope, state, commands, events, cache_index)
@@ -376,20 +396,17 @@ async def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue, e
                     DuplicateRequest("executor", f"request {submit.request_id!r} is still running")
                 )
             else:
-                _admit(envelope, state, submit, commands)
-                await _make_room(state, cache_index)
+                unpinned = _admit(envelope, state, submit, commands)
+                if unpinned and cache_index is not None:
+                    await cache_index.cast(Release(request_id=submit.request_id))
+                await _settle(state, commands, events, cache_index)
         case Abort(request_id=request_id):
             request = state.by_id.get(request_id)
             if request is not None and request.request_id in state.waiting:
                 # Still queued for memory: it never reached the engine.
-                del state.waiting[request_id]
-                state.remove(request)
-                state.ledger.finish(request_id)
-                state.floor_priced.discard(request_id)
-                await events.send(
-                    Finished(request_id=request_id, reason=FinishReason.ABORT,
-                             prompt_tokens=request.prompt_tokens, completion_tokens=0)
-                )
+                await _leave_queue(state, request_id, commands, events, cache_index,
+                                   FinishReason.ABORT)
+                await _settle(state, commands, events, cache_index)
             elif request is not None and not request.aborted:
                 request.aborted = True
                 commands.put(CoreAbort(request.slot))
@@ -405,6 +422,9 @@ async def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue, e
         case DropBlocks(evictions=evictions):
             commands.put(CoreDropBlocks(tuple(evictions)))
             envelope.reply(None)
+            if state.waiting:
+                _forget_dropped_prefixes(state, {e.hash for e in evictions}, commands)
+                await _settle(state, commands, events, cache_index)
         case other:
             unknown_message("executor", other)
 
@@ -446,8 +466,40 @@ def _request_cost(state: ExecutorState, submit: Submit, prefill_chunk: int) -> R
     )
 
 
-def _admit(envelope, state: ExecutorState, submit: Submit, commands: queue.SimpleQueue) -> None:
-    """Price the request and admit, queue or refuse it (see memory/admission.py).
+def _price(state: ExecutorState, submit: Submit) -> tuple[RequestCost, int] | Refused:
+    """The cost of `submit` as it would run, and the prefill chunk it is priced at; or the
+    ledger's `Refused` if it can never fit, even alone.
+
+    "Never fits" is judged at the smallest prefill chunk we would use: a request that fits
+    with chunks at the floor is not refused - chunks shrink to the floor while it is
+    admitted, and grow back once it has finished (see `_deliver`)."""
+    floor = min(state.prefill_step_size, PREFILL_STEP_FLOOR)
+    refusal = None
+    for chunk in dict.fromkeys((state.prefill_step_size, floor)):
+        cost = _request_cost(state, submit, chunk)
+        refusal = state.ledger.refusal(submit.request_id, cost)
+        if refusal is None:
+            return cost, chunk
+    assert refusal is not None
+    return refusal
+
+
+def _use_chunk(state: ExecutorState, request_id: str, chunk: int, commands: queue.SimpleQueue) -> None:
+    """A request priced at the floor chunk: prefill at that chunk until it has finished."""
+    if chunk != state.prefill_step_size:
+        state.floor_priced.add(request_id)
+        state.prefill_step_size = chunk
+        commands.put(CoreSetPrefillStep(chunk))
+
+
+def _admit(envelope, state: ExecutorState, submit: Submit, commands: queue.SimpleQueue) -> bool:
+    """Price the request and admit, queue or refuse it (see memory/admission.py). Returns
+    whether the request gave up its cached prefix (the caller unpins it in the index).
+
+    A cached prefix is restored into a buffer of exactly its length, which the prefill
+    then grows by a whole 256-position step: with a prefix the same prompt may cost more
+    than without. A request that fits only without its prefix runs without it (issue #15:
+    the same request got 200, then 413 once its blocks were cached).
 
     Order of refusals: one that can never fit (413) before a full queue (429) - a client
     retrying a request that can never run would retry forever. The count bound (batch +
@@ -461,52 +513,163 @@ def _admit(envelope, state: ExecutorState, submit: Submit, commands: queue.Simpl
     if state.ledger is None:
         if full:
             queue_full()
-            return
+            return False
         request = state.add(submit)
         commands.put(CoreSubmit(request.slot, submit, time.monotonic()))
         envelope.reply(None)
-        return
-    cost = _request_cost(state, submit, state.prefill_step_size)
-    if state.ledger.refusal(submit.request_id, cost) is not None:
-        # "Never fits" is judged at the smallest prefill chunk we would use: a request that
-        # fits with chunks at the floor is not refused - chunks shrink to the floor while it
-        # is admitted, and grow back once it has finished (see `_deliver`).
-        floor = min(state.prefill_step_size, PREFILL_STEP_FLOOR)
-        floor_cost = _request_cost(state, submit, floor)
-        if state.ledger.refusal(submit.request_id, floor_cost) is None:
-            cost = floor_cost
-            state.floor_priced.add(submit.request_id)
-            if state.prefill_step_size != floor:
-                state.prefill_step_size = floor
-                commands.put(CoreSetPrefillStep(floor))
-    if full and state.ledger.refusal(submit.request_id, cost) is None:
+        return False
+    unpinned = False
+    priced = _price(state, submit)
+    if isinstance(priced, Refused) and submit.cached_blocks:
+        plain = attrs.evolve(submit, cached_blocks=())
+        plain_priced = _price(state, plain)
+        if not isinstance(plain_priced, Refused):
+            submit, priced, unpinned = plain, plain_priced, True
+    if isinstance(priced, Refused):
+        envelope.fail(MemoryRefused("executor", priced.reason, priced.needed_bytes,
+                                    priced.available_bytes))
+        return False
+    if full:
         queue_full()
-        return
+        return unpinned
+    cost, chunk = priced
     match state.ledger.submit(submit.request_id, cost):
         case LedgerAdmitted():
+            _use_chunk(state, submit.request_id, chunk, commands)
             request = state.add(submit)
             commands.put(CoreSubmit(request.slot, submit, time.monotonic()))
             envelope.reply(None)
         case Queued():
+            _use_chunk(state, submit.request_id, chunk, commands)
             request = state.add(submit)
             state.waiting[submit.request_id] = CoreSubmit(request.slot, submit, time.monotonic())
+            if state.queued is not None:
+                try:
+                    state.queued.send_nowait(None)
+                except trio.WouldBlock:
+                    pass  # a ring is pending: the expiry task will see this request too
             envelope.reply(None)
         case Refused(reason=reason, needed_bytes=needed, available_bytes=available):
             envelope.fail(MemoryRefused("executor", reason, needed, available))
         case QueueFullRefusal(waiting=waiting):
             envelope.fail(AdmissionQueueFull(
                 "executor", f"{waiting} requests already wait for memory; retry shortly"))
+    return unpinned
 
 
-async def _make_room(state: ExecutorState, cache_index: Address | None) -> None:
-    """A request waits only because the prefix cache holds memory: shrink the cache by
-    what it lacks (the cache gives memory back; running requests never do)."""
-    if state.ledger is None or cache_index is None:
+async def _leave_queue(state: ExecutorState, request_id: str, commands: queue.SimpleQueue,
+                       events, cache_index: Address | None, reason: FinishReason,
+                       error_type: str | None = None, error: str | None = None) -> None:
+    """A request leaves the memory queue without running (aborted, refused, expired): it is
+    forgotten at once (nothing is awaited before that), then unpinned and finished.
+
+    What its leaving lets in goes to the engine: the ledger may admit requests queued
+    behind it (an aborted queued request once left those admitted in the ledger but never
+    sent to the engine, to wait forever), and its pinned prefix is released (it was not)."""
+    command = state.waiting.pop(request_id)
+    request = state.by_id.get(request_id)
+    if request is not None:
+        state.remove(request)
+    state.floor_priced.discard(request_id)
+    _admit_now(state, state.ledger.finish(request_id), commands)
+    if command.submit.cached_blocks and cache_index is not None:
+        await cache_index.cast(Release(request_id=request_id))
+    await events.send(Finished(
+        request_id=request_id, reason=reason, prompt_tokens=len(command.submit.prompt_tokens),
+        completion_tokens=0, error=error, error_type=error_type))
+
+
+def _forget_dropped_prefixes(state: ExecutorState, dropped: set[str],
+                             commands: queue.SimpleQueue) -> None:
+    """The index evicted blocks (maybe ones a waiting request pinned, when its budget was
+    cut below what requests pin): a waiting request keeps the part of its prefix before the
+    first dropped block - the engine will restore no more - and is priced again for it.
+    Admitted requests need nothing: their `CoreSubmit` reached the engine before this
+    eviction, so their prefix was copied first."""
+    for request_id, command in list(state.waiting.items()):
+        blocks = command.submit.cached_blocks
+        kept = next((i for i, h in enumerate(blocks) if h in dropped), len(blocks))
+        if kept == len(blocks):
+            continue
+        submit = attrs.evolve(command.submit, cached_blocks=blocks[:kept])
+        state.waiting[request_id] = attrs.evolve(command, submit=submit)
+        priced = _price(state, submit)
+        if not isinstance(priced, Refused):  # else `_settle` refuses it when it is the head
+            _use_chunk(state, request_id, priced[1], commands)
+            _admit_now(state, state.ledger.reprice(request_id, priced[0]), commands)
+
+
+async def _settle(state: ExecutorState, commands: queue.SimpleQueue, events,
+                  cache_index: Address | None) -> None:
+    """Make sure the head of the memory queue waits only for what will come: running
+    requests finishing, or the prefix cache giving memory back (`admission.unblock`).
+    Called after every change of the ledger.
+
+    The head gives up its cached prefix first (unpinned in the index), then the cache is
+    cut by what the head lacks (the index evicts pinned blocks too if it must: it never
+    holds more than its budget); a head that nothing will make room for is refused with
+    `Finished(error, MemoryRefused)` - 413 before the first byte, an error event after."""
+    ledger = state.ledger
+    if ledger is None:
         return
-    shortfall = state.ledger.shortfall_bytes()
-    if shortfall > 0 and state.ledger.cache_bytes > 0:
-        state.cache_shrunk = True
-        await cache_index.cast(SetBudget(budget_bytes=max(0, state.ledger.cache_bytes - shortfall)))
+    while (head := ledger.blocked_head()) is not None:
+        command = state.waiting[head.request_id]
+        action = unblock(head, has_prefix=bool(command.submit.cached_blocks))
+        if action is HeadAction.DROP_PREFIX:
+            plain = attrs.evolve(command.submit, cached_blocks=())
+            priced = _price(state, plain)
+            if isinstance(priced, Refused):
+                action = HeadAction.REFUSE
+            else:
+                state.waiting[head.request_id] = attrs.evolve(command, submit=plain)
+                _use_chunk(state, head.request_id, priced[1], commands)
+                _admit_now(state, ledger.reprice(head.request_id, priced[0]), commands)
+                if cache_index is not None:
+                    await cache_index.cast(Release(request_id=head.request_id))
+                continue
+        if action is HeadAction.SHRINK_CACHE and cache_index is not None:
+            target = max(0, head.cache_bytes - head.shortfall_bytes)
+            if state.cache_target is None or target < state.cache_target:
+                state.cache_target = target
+                state.cache_shrunk = True
+                await cache_index.cast(SetBudget(budget_bytes=target))
+            return  # the engine's next report of its block store's bytes decides again
+        if action is HeadAction.WAIT:
+            return
+        refusal = ledger.refusal(head.request_id, ledger.waiting[0][1])
+        await _leave_queue(
+            state, head.request_id, commands, events, cache_index, FinishReason.ERROR,
+            "MemoryRefused",
+            f"{refusal.reason} (the budget moved while it waited)" if refusal is not None else
+            f"it lacks {head.shortfall_bytes} bytes and nothing running will free them",
+        )
+
+
+async def _expire_waiting(state: ExecutorState, max_wait_s: float, queued,
+                          commands: queue.SimpleQueue, events,
+                          cache_index: Address | None) -> None:
+    """Refuse every request that has waited `max_wait_s` in the memory queue (counted from
+    its arrival at the executor) with `Finished(error, QueueTimeout)`: 503 with Retry-After
+    before the first byte, an error event after. Sleeps until the oldest deadline or until
+    `queued` rings (a request joined). Runs until cancelled; a cancellation leaves nothing
+    half done (a request is forgotten before anything is awaited for it)."""
+    while True:
+        now = time.monotonic()
+        expired = [r for r, c in state.waiting.items() if c.received_at + max_wait_s <= now]
+        for request_id in expired:
+            command = state.waiting.get(request_id)
+            if command is not None:
+                await _leave_queue(
+                    state, request_id, commands, events, cache_index, FinishReason.ERROR,
+                    "QueueTimeout",
+                    f"waited {now - command.received_at:.1f} s for memory (the limit is "
+                    f"{max_wait_s:g} s); retry later")
+        if expired:
+            await _settle(state, commands, events, cache_index)
+        oldest = min((c.received_at for c in state.waiting.values()), default=None)
+        timeout = math.inf if oldest is None else oldest + max_wait_s - time.monotonic()
+        with trio.move_on_after(max(timeout, 0)):
+            await queued.receive()
 
 
 def _admit_now(state: ExecutorState, request_ids: list[str], commands: queue.SimpleQueue) -> None:
@@ -552,7 +715,8 @@ async def _start_admission(state: ExecutorState, info: EngineInfo, memory: Memor
 
 
 async def _watch_memory(state: ExecutorState, info: EngineInfo, memory: MemoryWiring,
-                        commands: queue.SimpleQueue, cache_index: Address | None) -> None:
+                        commands: queue.SimpleQueue, cache_index: Address | None,
+                        events) -> None:
     """Follow the enforcer's snapshots: new budget or pressure → admit, degrade, recover.
 
     Under pressure, in order: shrink the prefix cache (to a quarter of its budget), shrink
@@ -562,7 +726,10 @@ async def _watch_memory(state: ExecutorState, info: EngineInfo, memory: MemoryWi
     async for snapshot in memory.snapshots:
         pressure = snapshot.level is not MemoryLevel.OK
         if pressure and not degraded and cache_index is not None:
-            await cache_index.cast(SetBudget(budget_bytes=memory.prefix_cache_bytes // 4))
+            quarter = memory.prefix_cache_bytes // 4
+            if state.cache_target is not None:
+                quarter = min(quarter, state.cache_target)  # never undo a cut for the queue
+            await cache_index.cast(SetBudget(budget_bytes=quarter))
         if pressure:
             step = max(memory.prefill_step_floor, state.prefill_step_size // 2)
             if step != state.prefill_step_size:
@@ -573,6 +740,7 @@ async def _watch_memory(state: ExecutorState, info: EngineInfo, memory: MemoryWi
             commands.put(CoreSetPrefillStep(memory.prefill_step_size))
         if not pressure and (degraded or state.cache_shrunk) and not state.waiting:
             state.cache_shrunk = False
+            state.cache_target = None
             if cache_index is not None:
                 await cache_index.cast(SetBudget(budget_bytes=memory.prefix_cache_bytes))
         degraded = state.under_pressure = pressure
@@ -582,6 +750,7 @@ async def _watch_memory(state: ExecutorState, info: EngineInfo, memory: MemoryWi
             reserved_bytes=limits.cache_limit,
             paused=snapshot.level is MemoryLevel.HARD,
         ), commands)
+        await _settle(state, commands, events, cache_index)  # the budget may have moved
 
 
 async def _deliver(
@@ -604,6 +773,7 @@ async def _deliver(
             output.active_memory, output.cache_memory, output.peak_memory)
     if state.ledger is not None and state.ledger.cache_bytes != output.block_store_bytes:
         _admit_now(state, state.ledger.update(cache_bytes=output.block_store_bytes), commands)
+        await _settle(state, commands, events, cache_index)
     if cache_index is not None and output.stored:
         await cache_index.cast(Stored(blocks=output.stored))
     state.last_step_at = time.monotonic()
@@ -640,6 +810,8 @@ async def _deliver(
                 commands.put(CoreSetPrefillStep(state.normal_prefill_step))
         if cache_index is not None:
             await cache_index.cast(Release(request_id=request.request_id))
+        # After the release: a cache cut for the queue's head then evicts its blocks first.
+        await _settle(state, commands, events, cache_index)
         reason = FinishReason.ABORT if request.aborted else done.reason
         await events.send(
             Finished(

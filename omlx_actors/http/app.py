@@ -430,6 +430,13 @@ def failed_done(done: Done) -> WireError | None:
             # The engine survived and serves on: retrying later is the right move.
             return WireError(status=503, message=f"the engine ran out of memory: {done.error}",
                              code="out_of_memory", retry_after_s=1)
+        if done.error_type == "MemoryRefused":
+            # Queued, then found that nothing would ever make room (the executor's _settle).
+            return WireError(status=413, message=f"this request cannot fit in memory: {done.error}",
+                             code="prefill_memory_exceeded")
+        if done.error_type == "QueueTimeout":
+            return WireError(status=503, message=done.error or "waited too long for memory",
+                             code="queue_timeout", retry_after_s=1)
         return WireError(status=500, message=f"generation failed: {done.error or done.error_type}",
                          code="generation_failed")
     return None
