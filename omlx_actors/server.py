@@ -1,9 +1,11 @@
 """`omlx-actors serve`: the HTTP server, in the same trio run as the runtime.
 
 `open_server(config, settings, host=..., port=0)` is the in-process way (tests, embedding):
-it starts the runtime, serves the Quart-Trio app with Hypercorn's trio worker on a bound
-loopback port, and yields a `RunningServer` (its URL and runtime). `serve_main` is the CLI
-path: it prints the banner once listening and shuts down gracefully on SIGINT/SIGTERM.
+it binds the port and serves the Quart-Trio app with Hypercorn's trio worker first, then
+starts the runtime (loads the model) - meanwhile /health answers 503 `starting` and /v1
+routes 503 with Retry-After - and yields a `RunningServer` (its URL and, once ready, its
+runtime). `serve_main` is the CLI path: it says where it listens at once, prints the banner
+once the model is loaded, and shuts down gracefully on SIGINT/SIGTERM.
 
 Shutdown, in order: stop admitting (new /v1 requests answer 503, /health turns 503); then
 with `shutdown_mode="drain"` wait for in-flight requests to finish (bounded by
@@ -18,7 +20,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -52,14 +54,15 @@ def _url_host(host: str) -> str:
 
 @attrs.define(eq=False)
 class RunningServer:
-    """A server that is listening. `url` is its base URL (no trailing slash, no /v1)."""
+    """A server that is listening. `url` is its base URL (no trailing slash, no /v1).
+    `runtime` is None while the model loads (see `open_server`'s `on_listening`)."""
 
     url: str
     host: str
     port: int
-    runtime: object  # omlx_actors.api.Runtime
     state: object  # omlx_actors.http.app.ServerState
     _stop_serving: trio.Event
+    runtime: object = None  # omlx_actors.api.Runtime, once ready
     _shutdown_done: trio.Event = attrs.field(factory=trio.Event)
     _shutdown_started: bool = False
     _drain_scope: trio.CancelScope | None = None
@@ -125,34 +128,45 @@ async def open_server(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
+    on_listening: Callable[[RunningServer], None] | None = None,
 ) -> AsyncIterator[RunningServer]:
-    """Start the runtime and an HTTP server for it; yield once it is listening. Port 0
-    binds an ephemeral port (see `RunningServer.port`). On exit: graceful shutdown."""
+    """Bind and serve HTTP first, then start the runtime (load the model); yield once it
+    is ready. In between - `on_listening(server)` is called then, with `server.runtime`
+    None - /health answers 503 `starting` and /v1 routes 503 with Retry-After. Port 0 binds
+    an ephemeral port (see `RunningServer.port`). A runtime that fails to start raises
+    here, after the HTTP server has stopped. On exit: graceful shutdown (stop admitting,
+    drain or abort, stop serving), then the runtime stops."""
     import hypercorn.trio
 
     from omlx_actors.api import open_runtime
     from omlx_actors.http import create_app
 
     config = config or RuntimeConfig()
-    async with open_runtime(config=config) as runtime:
-        asgi, state = create_app(runtime, settings or HttpSettings())
-        stop_serving = trio.Event()
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(
-                partial(hypercorn.trio.serve, asgi, _hypercorn_config(host, port),
-                        shutdown_trigger=stop_serving.wait)
-            )
-            url = binds[0]
-            bound_port = int(url.rsplit(":", 1)[1])
-            server = RunningServer(
-                url=url, host=host, port=bound_port, runtime=runtime, state=state,
-                stop_serving=stop_serving,
-            )
-            try:
-                yield server
-            finally:
-                with trio.CancelScope(shield=True):
-                    await server.shutdown()
+    asgi, state = create_app(None, settings or HttpSettings())
+    stop_serving = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(
+            partial(hypercorn.trio.serve, asgi, _hypercorn_config(host, port),
+                    shutdown_trigger=stop_serving.wait)
+        )
+        url = binds[0]
+        bound_port = int(url.rsplit(":", 1)[1])
+        server = RunningServer(
+            url=url, host=host, port=bound_port, state=state, stop_serving=stop_serving,
+        )
+        try:
+            if on_listening is not None:
+                on_listening(server)
+            async with open_runtime(config=config) as runtime:
+                server.runtime = runtime
+                state.attach(runtime)
+                try:
+                    yield server
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await server.shutdown()
+        finally:
+            stop_serving.set()  # also when the runtime failed to start
 
 
 def serve_main(config: RuntimeConfig, *, host: str, port: int, settings: HttpSettings | None = None) -> int:
@@ -165,28 +179,57 @@ def serve_main(config: RuntimeConfig, *, host: str, port: int, settings: HttpSet
         # may set it (the engine process sets it for itself).
         sys.setswitchinterval(config.gil_switch_interval_s)
 
+    def listening(server: RunningServer) -> None:
+        print(f"omlx-actors: listening on {server.url} (503 until the model is loaded)",
+              flush=True)
+
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with open_server(config, settings, host=host, port=port) as server:
-                print(banner(server.runtime, host, server.port), flush=True)
-                async for signum in signals:
-                    break
-                print(
-                    f"omlx-actors: {signal.Signals(signum).name}: shutting down "
-                    f"({config.shutdown_mode}); signal again to abort in-flight requests",
-                    flush=True,
-                )
-                async with trio.open_nursery() as nursery:
+            # A signal while the model loads stops at once: nothing is in flight yet.
+            loading = trio.CancelScope()
+            watching = trio.CancelScope()
+            watched = trio.Event()
 
-                    async def escalate() -> None:
-                        async for _ in signals:
-                            print("omlx-actors: aborting in-flight requests", flush=True)
-                            server.abort_now()
+            async def stop_loading_on_signal() -> None:
+                try:
+                    with watching:
+                        async for signum in signals:
+                            print(f"omlx-actors: {signal.Signals(signum).name} while loading "
+                                  "the model: stopping", flush=True)
+                            loading.cancel()
+                            return
+                finally:
+                    watched.set()
 
-                    nursery.start_soon(escalate)
-                    await server.shutdown()
-                    nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as watcher:
+                watcher.start_soon(stop_loading_on_signal)
+                with loading:
+                    async with open_server(config, settings, host=host, port=port,
+                                           on_listening=listening) as server:
+                        watching.cancel()
+                        await watched.wait()  # one reader of `signals` at a time
+                        await serve_until_signal(server, signals)
         print("omlx-actors: stopped", flush=True)
+
+    async def serve_until_signal(server: RunningServer, signals) -> None:
+        print(banner(server.runtime, host, server.port), flush=True)
+        async for signum in signals:
+            break
+        print(
+            f"omlx-actors: {signal.Signals(signum).name}: shutting down "
+            f"({config.shutdown_mode}); signal again to abort in-flight requests",
+            flush=True,
+        )
+        async with trio.open_nursery() as nursery:
+
+            async def escalate() -> None:
+                async for _ in signals:
+                    print("omlx-actors: aborting in-flight requests", flush=True)
+                    server.abort_now()
+
+            nursery.start_soon(escalate)
+            await server.shutdown()
+            nursery.cancel_scope.cancel()
 
     try:
         trio.run(main)
