@@ -528,7 +528,8 @@ class EngineLink:
     async def _restart(self, dead: _Incarnation) -> _Incarnation:
         """Replace `dead` with a ready engine: every failed start is one more death, and
         past the restart limit the engine is failed for a cool-down, then tried again. Only
-        cancellation (the link stopping) ends it without an engine."""
+        cancellation (the link stopping) ends it without an engine; an engine it was
+        starting then is killed and reaped (`_spawn`), and the state is left as it was."""
         in_step = read_step_record(dead.record_path)
         _remove(dead.record_path)
         log.error("engine process %d died (%s); starting a new one", dead.ready.pid, self.last_exit)

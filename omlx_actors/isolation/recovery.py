@@ -171,8 +171,9 @@ class Recovery:
         for tracked in self.tracked.values():
             tracked.sent = False
         failed = [
-            self._crash_loop(rid, f"the engine died {t.alone_strikes} times in a row inside a "
-                                  "step where it was the only request that had not yet run")
+            self._crash_loop(rid, f"the engine died {t.alone_strikes} times, with no token "
+                                  "for it in between, inside a step where it was the only "
+                                  "request not yet seen to run")
             for rid, t in list(self.tracked.items()) if t.alone_strikes >= self.poison_deaths
         ]
         self.suspects.extend(

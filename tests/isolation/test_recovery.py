@@ -118,7 +118,7 @@ def test_the_only_unproven_request_in_the_dying_step_twice_is_failed():
     r.on_event(token("good"))
     (failure,) = r.on_death({"poison", "good"})
     assert failure.request_id == "poison" and failure.error_type == CRASH_LOOP_ERROR_TYPE
-    assert "2 times in a row" in failure.error
+    assert "died 2 times, with no token for it in between" in failure.error
     assert set(r.tracked) == {"good"} and not r.holding
     assert r.sendable() == ("good",)
     assert r.poisoned_total == 1
