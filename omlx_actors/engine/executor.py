@@ -492,6 +492,15 @@ def _use_chunk(state: ExecutorState, request_id: str, chunk: int, commands: queu
         commands.put(CoreSetPrefillStep(chunk))
 
 
+def _restore_prefill_step(state: ExecutorState, commands: queue.SimpleQueue) -> None:
+    """The configured prefill chunk again, once no request priced at the floor is left
+    (and no memory pressure keeps chunks small)."""
+    if (not state.floor_priced and not state.under_pressure
+            and state.prefill_step_size != state.normal_prefill_step):
+        state.prefill_step_size = state.normal_prefill_step
+        commands.put(CoreSetPrefillStep(state.normal_prefill_step))
+
+
 def _admit(envelope, state: ExecutorState, submit: Submit, commands: queue.SimpleQueue) -> bool:
     """Price the request and admit, queue or refuse it (see memory/admission.py). Returns
     whether the request gave up its cached prefix (the caller unpins it in the index).
@@ -571,6 +580,7 @@ async def _leave_queue(state: ExecutorState, request_id: str, commands: queue.Si
     if request is not None:
         state.remove(request)
     state.floor_priced.discard(request_id)
+    _restore_prefill_step(state, commands)
     _admit_now(state, state.ledger.finish(request_id), commands)
     if command.submit.cached_blocks and cache_index is not None:
         await cache_index.cast(Release(request_id=request_id))
@@ -804,10 +814,7 @@ async def _deliver(
         if state.ledger is not None:
             _admit_now(state, state.ledger.finish(request.request_id), commands)
             state.floor_priced.discard(request.request_id)
-            if (not state.floor_priced and not state.under_pressure
-                    and state.prefill_step_size != state.normal_prefill_step):
-                state.prefill_step_size = state.normal_prefill_step
-                commands.put(CoreSetPrefillStep(state.normal_prefill_step))
+            _restore_prefill_step(state, commands)
         if cache_index is not None:
             await cache_index.cast(Release(request_id=request.request_id))
         # After the release: a cache cut for the queue's head then evicts its blocks first.

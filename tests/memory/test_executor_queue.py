@@ -141,3 +141,37 @@ async def test_a_request_waiting_past_max_queue_wait_is_refused_and_the_rest_are
     assert tokens_then < 1200  # it expired while "running" ran, not when it finished
     assert engine.tokens("running") == 1200
     assert engine.finished("after").reason is FinishReason.LENGTH
+
+
+def test_a_queued_request_whose_pinned_blocks_are_evicted_is_priced_for_the_prefix_left(tiny_llama):
+    # Plain data: the executor's bookkeeping, no engine. A budget cut below the pinned
+    # bytes evicts a queued request's blocks; the engine will restore only the blocks before
+    # the first evicted one, so the request must be priced (and submitted) for just those.
+    import json
+
+    import attrs
+
+    from omlx_actors.engine.core import CoreSubmit
+    from omlx_actors.memory.admission import AdmissionLedger, Queued, unpadded_batch_cost
+    from omlx_actors.memory.estimator import ModelMemoryFacts
+
+    config = json.loads((tiny_llama / "config.json").read_text())
+    state = executor.ExecutorState(
+        facts=ModelMemoryFacts.from_config(config, weights_bytes=WEIGHTS), block_size=64)
+    state.ledger = AdmissionLedger(weights_bytes=WEIGHTS, budget_bytes=BUDGET,
+                                   batch_cost=unpadded_batch_cost(512))
+    state.ledger.submit("running", executor.RequestCost(context_tokens=5800, other_bytes=0))
+    submit = Submit(request_id="queued", prompt_tokens=tuple(range(20, 220)), max_tokens=20,
+                    cached_blocks=("a", "b", "c"))
+    priced = executor._request_cost(state, submit, 512)
+    assert isinstance(state.ledger.submit("queued", priced), Queued)
+    state.waiting["queued"] = CoreSubmit(state.add(submit).slot, submit, 0.0)
+    commands = executor.queue.SimpleQueue()
+
+    executor._forget_dropped_prefixes(state, {"b", "x"}, commands)
+
+    kept = attrs.evolve(submit, cached_blocks=("a",))
+    assert state.waiting["queued"].submit == kept
+    assert state.ledger.waiting[0] == ("queued", executor._request_cost(state, kept, 512))
+    assert state.ledger.waiting[0][1] != priced
+    assert commands.empty()  # still waiting for "running": nothing went to the engine
