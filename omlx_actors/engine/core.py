@@ -22,7 +22,7 @@ from typing import Any, Union
 
 import attrs
 
-from omlx_actors.backend import load_mlx, stop_token_ids
+from omlx_actors.backend import load_mlx
 from omlx_actors.cache.blocks import cache_namespace, default_block_size
 from omlx_actors.cache.index import Eviction, StoredBlock
 from omlx_actors.engine import cpu_attention
@@ -346,8 +346,8 @@ class EngineCore:
         with mx.stream(self._stream):
             self._model, config = load_model(path)
         text_config = config.get("text_config", config)
-        # Not config.json's eos_token_id alone: mlx-lm's set (tokenizer, generation_config).
-        eos_ids = stop_token_ids(path, config)
+        eos = config.get("eos_token_id", [])
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         self._eos_ids = eos_ids
         if self.settings.parallel_attention and cpu_attention.install(self._model):
             cpu_attention.enable_on_this_thread()
