@@ -379,14 +379,18 @@ async def run(
 
 async def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue, events,
                   cache_index: Address | None = None) -> None:
+    """One inbox message. Awaits only casts to the cache index (its handler never waits on
+    us) and events for requests that leave the memory queue (the event channel has room in
+    practice), so the inbox is served at once. A `Submit` is answered before anything is
+    awaited. Cancelled in between, the executor is stopping with its engine side (the
+    index included): a request already forgotten here is not released there, and need
+    not be."""
     if isinstance(envelope.message, RestoreBlocks):
         tag = next(state.slots)
         state.restores[tag] = envelope
         commands.put(CoreRestoreBlocks(
             tag, tuple((b.hash, b.parent, b.tensors) for b in envelope.message.blocks)))
         return
-    """One inbox message. Awaits only to report an abort of a request that never reached
-    the engine (the event channel has room in practice): the inbox is served at once."""
     match envelope.message:
         case Submit() as submit:
             if state.stopping:
@@ -701,7 +705,10 @@ async def _start_admission(state: ExecutorState, info: EngineInfo, memory: Memor
         log.warning("cannot price requests for this model (%s): admission by memory is off", exc)
         return
     snapshot = await memory.snapshots.receive()
-    limits = memory.limits_for(snapshot.budget_bytes, info.weights_bytes)
+    try:
+        limits = memory.limits_for(snapshot.budget_bytes, info.weights_bytes)
+    except ValueError as exc:  # the weights do not fit the budget: this engine cannot start
+        raise EngineLoadFailed("executor", str(exc)) from None
     commands.put(CoreSetLimits(limits.memory_limit, limits.cache_limit, limits.wired_limit))
     facts = state.facts
 

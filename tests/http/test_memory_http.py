@@ -130,8 +130,11 @@ async def _answer(http, content: str, *, stream: bool) -> tuple[int, int, str]:
     return 200, chunks[-1]["usage"]["completion_tokens"], [r for r in reasons if r][-1]
 
 
-async def test_the_same_request_under_a_tiny_budget_is_answered_every_time_and_never_left_waiting(tiny_llama):
-    async with serve(tiny_llama, memory_budget_bytes=2 * MiB, block_size=64) as server:
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+async def test_the_same_request_under_a_tiny_budget_is_answered_every_time_and_never_left_waiting(
+        tiny_llama, isolation):
+    async with serve(tiny_llama, memory_budget_bytes=2 * MiB, block_size=64,
+                     isolation=isolation) as server:
         async with http_client(server, timeout=ANSWER_BOUND_S) as http:
             answers = []
             for content, stream in [(REPEATED, False), (REPEATED, False), (REPEATED, True),
@@ -146,16 +149,17 @@ async def test_the_same_request_under_a_tiny_budget_is_answered_every_time_and_n
 
 
 async def test_a_request_queued_past_max_queue_wait_gets_503_with_retry_after_or_an_error_event(tiny_llama):
-    # A 3 MiB budget: the process is far over it, so admission pauses while a request runs
+    # A 4 MiB budget: the process is far over it, so admission pauses while a request runs
     # and the others queue; each must leave the queue after max_queue_wait_s, while the
-    # long stream (700 tokens, ~1.4 s on a busy 2-core machine) still runs.
-    async with serve(tiny_llama, memory_budget_bytes=3 * MiB, block_size=64,
+    # long stream (1200 tokens, ~2.4 s on a busy 2-core machine) still runs.
+    async with serve(tiny_llama, memory_budget_bytes=4 * MiB, block_size=64,
                      max_queue_wait_s=0.2) as server:
         async with http_client(server, timeout=ANSWER_BOUND_S) as http, trio.open_nursery() as nursery:
             long_answer = []
+            queued: dict[str, object] = {}
 
             async def long_stream(task_status=trio.TASK_STATUS_IGNORED):
-                body = chat_body(max_tokens=700, ignore_eos=True, stream=True,
+                body = chat_body(max_tokens=1200, ignore_eos=True, stream=True,
                                  stream_options={"include_usage": True})
                 async with http.stream("POST", "/v1/chat/completions", json=body) as r:
                     lines = r.aiter_lines()
@@ -166,23 +170,33 @@ async def test_a_request_queued_past_max_queue_wait_gets_503_with_retry_after_or
                     rest = [line async for line in lines]
                 long_answer.append(json.loads(sse_payloads(rest)[-2])["usage"]["completion_tokens"])
 
+            async def plain():
+                queued["plain"] = await http.post("/v1/chat/completions", json=chat_body(max_tokens=5))
+
+            async def streamed():
+                queued["streamed"] = await _answer(http, "Hello there", stream=True)
+
+            async def openai_sdk():
+                async with openai_client(server) as client:
+                    with pytest.raises(openai.APIStatusError) as caught:
+                        await client.chat.completions.create(
+                            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+                queued["openai"] = caught.value
+
             await nursery.start(long_stream)
             with trio.fail_after(ANSWER_BOUND_S):
-                plain = await http.post("/v1/chat/completions", json=chat_body(max_tokens=5))
-            streamed = await _answer(http, "Hello there", stream=True)
-            async with openai_client(server) as client:
-                with pytest.raises(openai.APIStatusError) as caught:
-                    await client.chat.completions.create(
-                        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+                async with trio.open_nursery() as waiting:
+                    for task in (plain, streamed, openai_sdk):
+                        waiting.start_soon(task)
             running_when_refused = not long_answer
-        after = await http_client(server).__aenter__()
-        late = await _answer(after, "Hello there", stream=False)
-        await after.aclose()
+        async with http_client(server) as after:
+            late = await _answer(after, "Hello there", stream=False)
     assert running_when_refused  # each left the queue while the long stream still ran
+    plain = queued["plain"]
     assert plain.status_code == 503 and plain.headers["retry-after"] == "1"
     assert plain.json()["error"]["code"] == "queue_timeout"
     assert "limit is 0.2 s" in plain.json()["error"]["message"]
-    assert streamed == (200, 0, "queue_timeout")
-    assert caught.value.status_code == 503
-    assert long_answer == [700]
+    assert queued["streamed"] == (200, 0, "queue_timeout")
+    assert queued["openai"].status_code == 503
+    assert long_answer == [1200]
     assert late == (200, 20, "length")  # the queue works on once the long stream ended
