@@ -238,7 +238,13 @@ class Runtime:
 
     @property
     def max_context(self) -> int:
-        return self.info.max_context or self.config.fallback_context_length
+        """The most tokens a request's prompt + max_tokens may hold: the model's context
+        (or `fallback_context_length` when its config names none), capped by
+        `max_model_len`."""
+        context = self.info.max_context or self.config.fallback_context_length
+        if self.config.max_model_len is not None:
+            return min(context, self.config.max_model_len)
+        return context
 
     @property
     def pending_requests(self) -> int:
@@ -413,9 +419,15 @@ async def open_runtime(
     elif model is not None or overrides:
         config = attrs.evolve(config, **({"model": str(model)} if model is not None else {}), **overrides)
     path, is_demo = await resolve_model(config)
+    config.check_model_fits(path)
     from mlx_lm.utils import load_tokenizer
 
-    tokenizer = await trio.to_thread.run_sync(load_tokenizer, path)
+    # transformers takes both as tokenizer options: a `chat_template` replaces the one the
+    # model ships; `trust_remote_code` lets it import a tokenizer class shipped as code.
+    tokenizer_options = {"trust_remote_code": config.trust_remote_code}
+    if config.chat_template is not None:
+        tokenizer_options["chat_template"] = config.chat_template
+    tokenizer = await trio.to_thread.run_sync(load_tokenizer, path, tokenizer_options)
     dispatcher = Dispatcher()
     async with trio.open_nursery() as nursery:
         async with _open_engine(config, path) as (engine, link):

@@ -1,15 +1,60 @@
 """`omlx-actors`: serve, bench, replay, build-demo.
 
-Flags become one `RuntimeConfig`; nothing below reads the environment.
+Flags become one `RuntimeConfig` (and, for serve, its `HttpSettings`). The environment is
+read only for XDG_CACHE_HOME (where the demo models and the SSD tier go by default),
+OMLX_OPENBLAS (Linux: which OpenBLAS library to preload, or `off`) and, through mlx-lm,
+Hugging Face's HF_* variables (resolving a model id).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from omlx_actors.config import RuntimeConfig
+from omlx_actors.config import LOG_LEVELS, RuntimeConfig
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, unless it has none worth showing (None:
+    the help says what happens; on/off switches) or the help says it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad command line is one line on stderr and exit status 2 (not the whole usage)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _config_error(message: str) -> NoReturn:
+    """A setting that cannot work: one line, exit status 2."""
+    print(f"omlx-actors: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _chat_template(text: str) -> str:
+    """A Jinja chat template: a file's content, or the argument itself when it is inline
+    (holds a Jinja tag)."""
+    if "{" in text:
+        return text
+    path = Path(text).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(
+            f"cannot read chat template file {text!r}: {exc.strerror or exc}") from None
 
 
 def _default_ssd_dir() -> Path:
@@ -43,7 +88,8 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-step-size", type=int, default=512, help="tokens per prefill chunk")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests that may wait beyond the batch before 429")
-    p.add_argument("--default-max-tokens", type=int, default=512)
+    p.add_argument("--default-max-tokens", type=int, default=512,
+                   help="max_tokens of a request that does not say")
     p.add_argument("--memory-budget", type=_size, default=None,
                    help="bytes for weights + prefix cache + requests, e.g. 12G (default: "
                         "total memory minus a headroom); what can never fit gets 413")
@@ -57,8 +103,20 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-parallel-attention", dest="parallel_attention", action="store_false",
                    help="CPU backend: compute prompt attention on one stream (default: split "
                         "over two, bit-identical and faster on multi-core CPUs)")
-    p.add_argument("--prefix-cache-bytes", type=_size, default=2 * 1024**3,
+    p.add_argument("--prefix-cache-bytes", type=_size, default="2G",
                    help="memory budget of the prefix cache (0 turns it off)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="cap on any request's prompt + max_tokens, in tokens (default: the "
+                        "model's context; a larger value changes nothing)")
+    p.add_argument("--chat-template", type=_chat_template, default=None,
+                   help="a Jinja chat template file (or the template itself, inline) that "
+                        "replaces the model's (default: the tokenizer's own)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let mlx-lm and transformers run Python code shipped with the model "
+                        "(a custom architecture or tokenizer); off by default because that "
+                        "code runs with your rights - enable it only for models you trust")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="warning",
+                   help="logging threshold of the server and the engine process")
 
 
 def _add_isolation_flag(p: argparse.ArgumentParser, default: str) -> None:
@@ -87,14 +145,18 @@ def runtime_config(args: argparse.Namespace, **extra) -> RuntimeConfig:
             ssd_cache_dir=getattr(args, "ssd_cache_dir", None),
             ssd_cache_bytes=getattr(args, "ssd_cache_bytes", 16 * 1024**3),
             isolation=getattr(args, "isolation", "thread"),
+            max_model_len=args.max_model_len,
+            chat_template=args.chat_template,
+            trust_remote_code=args.trust_remote_code,
+            log_level=args.log_level,
             **extra,
         )
     except (ValueError, TypeError) as exc:
-        raise SystemExit(f"omlx-actors: invalid setting: {exc}") from exc
+        _config_error(f"invalid setting: {exc}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="omlx-actors", description=__doc__)
+    parser = _Parser(prog="omlx-actors", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the OpenAI/Anthropic-compatible HTTP server")
@@ -104,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                             "written through and survive restarts")
     serve.add_argument("--no-ssd-cache", dest="ssd_cache_dir", action="store_const", const=None,
                        help="keep the prefix cache in memory only")
-    serve.add_argument("--ssd-cache-bytes", type=_size, default=16 * 1024**3,
+    serve.add_argument("--ssd-cache-bytes", type=_size, default="16G",
                        help="byte budget of the SSD tier, e.g. 64G (also shrunk when the disk runs low)")
     serve.add_argument("--gil-switch-interval", type=float, default=None,
                        help="seconds; a shorter Python thread switch interval (in the server "
@@ -122,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
                             "at each give-up in a row, up to --engine-restart-cooldown-max")
     serve.add_argument("--engine-restart-cooldown-max", type=float, default=900.0,
                        help="the longest cool-down, in seconds")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (0.0.0.0 or :: exposes the server to the "
+                            "network; set --api-key then)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
     serve.add_argument("--api-key", default=None,
                        help="require this key (Authorization: Bearer KEY or x-api-key) on /v1/*")
     serve.add_argument("--protect-health", action="store_true",
@@ -132,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="on SIGINT/SIGTERM: let in-flight requests finish, or abort them")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds a drain may take before the rest is aborted")
-    serve.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024,
+    serve.add_argument("--max-body-bytes", type=_size, default="32M",
                        help="larger request bodies get 413")
     serve.add_argument("--keepalive", type=float, default=5.0,
                        help="seconds of silence before a stream gets a keep-alive")
@@ -143,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_runtime_flags(bench)
     _add_isolation_flag(bench, "thread")
     bench.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
-    bench.add_argument("--prompt-tokens", type=int, default=128)
-    bench.add_argument("--max-tokens", type=int, default=64)
+    bench.add_argument("--prompt-tokens", type=int, default=128, help="tokens per prompt")
+    bench.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     bench.add_argument("--repeat", type=int, default=3,
                        help="alternating runs per level; the median run of each side is kept")
     bench.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -153,37 +217,42 @@ def main(argv: list[str] | None = None) -> int:
         "bench-resume", help="engine killed mid-stream: time to the first resumed token, "
                              "with and without the SSD tier")
     _add_runtime_flags(resume_bench)
-    resume_bench.add_argument("--streams", type=int, default=1)
-    resume_bench.add_argument("--prompt-tokens", type=int, default=2000)
-    resume_bench.add_argument("--max-tokens", type=int, default=48)
+    resume_bench.add_argument("--streams", type=int, default=1, help="concurrent streams")
+    resume_bench.add_argument("--prompt-tokens", type=int, default=2000, help="tokens per prompt")
+    resume_bench.add_argument("--max-tokens", type=int, default=48,
+                              help="tokens generated per stream")
     resume_bench.add_argument("--kill-after", type=int, default=16,
                               help="SIGKILL the engine when the first stream has this many tokens")
-    resume_bench.add_argument("--json", type=Path, default=None)
+    resume_bench.add_argument("--json", type=Path, default=None, help="also write the results here")
 
     cache_bench = sub.add_parser(
         "bench-cache", help="TTFT of a long conversation's second turn vs its cold first turn")
     _add_runtime_flags(cache_bench)
-    cache_bench.add_argument("--history-tokens", type=int, default=4000)
-    cache_bench.add_argument("--new-tokens", type=int, default=50)
-    cache_bench.add_argument("--max-tokens", type=int, default=16)
+    cache_bench.add_argument("--history-tokens", type=int, default=4000,
+                             help="tokens of the conversation so far (the first turn's prompt)")
+    cache_bench.add_argument("--new-tokens", type=int, default=50,
+                             help="tokens the second turn adds")
+    cache_bench.add_argument("--max-tokens", type=int, default=16, help="tokens generated per turn")
     cache_bench.add_argument("--ssd-dir", type=Path, default=None,
                              help="measure a restart instead: the prompt's prefix comes back from "
                                   "this SSD tier directory (emptied first)")
-    cache_bench.add_argument("--json", type=Path, default=None)
+    cache_bench.add_argument("--json", type=Path, default=None, help="also write the results here")
 
     full = sub.add_parser(
         "bench-servers",
         help="(a) bare BatchGenerator vs (b) in-process vs (c) this server over HTTP vs (d) mlx_lm.server")
     _add_runtime_flags(full)
-    full.add_argument("--concurrency", default="1,8,32")
-    full.add_argument("--prompt-words", type=int, default=100)
-    full.add_argument("--max-tokens", type=int, default=64)
-    full.add_argument("--repeat", type=int, default=1)
-    full.add_argument("--conversations", type=int, default=4)
-    full.add_argument("--turns", type=int, default=3)
-    full.add_argument("--history-words", type=int, default=600)
+    full.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
+    full.add_argument("--prompt-words", type=int, default=100, help="words per prompt")
+    full.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
+    full.add_argument("--repeat", type=int, default=1, help="runs per level and side")
+    full.add_argument("--conversations", type=int, default=4,
+                      help="multi-turn workload: conversations run at once")
+    full.add_argument("--turns", type=int, default=3, help="multi-turn workload: turns each")
+    full.add_argument("--history-words", type=int, default=600,
+                      help="multi-turn workload: words of history before the first turn")
     full.add_argument("--sides", default="a,b,c,d", help="which of a,b,c,d to run")
-    full.add_argument("--json", type=Path, default=None)
+    full.add_argument("--json", type=Path, default=None, help="also write the results here")
 
     replay = sub.add_parser("replay", help="run a scenario file and check its expectations")
     from omlx_actors.replay.cli import add_replay_arguments
@@ -193,9 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     build = sub.add_parser("build-demo", help="build a random-weight demo model directory")
     build.add_argument("name", help="demo-150m, tiny-llama or tiny-hybrid")
     build.add_argument("dest", type=Path)
-    build.add_argument("--overwrite", action="store_true")
+    build.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
 
     args = parser.parse_args(argv)
+    if getattr(args, "log_level", None) is not None:
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="omlx-actors %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         from omlx_actors.http.settings import HttpSettings
         from omlx_actors.server import serve_main
@@ -215,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                 served_model_name=args.served_model_name,
             )
         except (ValueError, TypeError) as exc:
-            raise SystemExit(f"omlx-actors: invalid setting: {exc}") from exc
+            _config_error(f"invalid setting: {exc}")
         return serve_main(config, host=args.host, port=args.port, settings=settings)
     if args.command == "bench":
         from omlx_actors.bench import bench_main

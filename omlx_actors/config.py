@@ -1,6 +1,7 @@
 """The runtime's configuration: one typed object, built once and passed down.
 
-No module reads the environment itself; the CLI builds a `RuntimeConfig` from flags.
+No module reads the environment itself; the CLI builds a `RuntimeConfig` from flags (the
+documented exceptions are listed in `omlx_actors.cli`'s help).
 """
 
 from __future__ import annotations
@@ -9,6 +10,14 @@ import json
 from pathlib import Path
 
 import attrs
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work (with this model, on this machine). The CLI reports it in
+    one line and exits with status 2, like a bad flag."""
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def _positive(instance, attribute, value) -> None:
@@ -99,6 +108,28 @@ class RuntimeConfig:
     # (a GPU). None leaves Python's default.
     gil_switch_interval_s: float | None = attrs.field(default=None, validator=_positive)
 
+    # Caps any request's prompt + max_tokens below the model's context (the context check
+    # uses the smaller of the two; a larger value changes nothing). None: the model's.
+    max_model_len: int | None = attrs.field(default=None, validator=_positive)
+    # A Jinja chat template (its text) that replaces the tokenizer's; None keeps the model's.
+    chat_template: str | None = None
+    # Let mlx-lm and transformers run Python code shipped with the model (a config's
+    # `model_file`, custom tokenizer classes). Off: mlx-lm refuses such models.
+    trust_remote_code: bool = False
+    # Logging threshold of the server and the engine process.
+    log_level: str = attrs.field(default="warning", validator=attrs.validators.in_(LOG_LEVELS))
+
+    def check_model_fits(self, model_path: Path) -> None:
+        """Raise `ConfigError` when an explicit memory budget cannot even hold the model's
+        weights (their files' sizes), before anything is loaded."""
+        if self.memory_budget_bytes is None:
+            return
+        weights = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
+        if weights >= self.memory_budget_bytes:
+            raise ConfigError(
+                f"the weights of {Path(model_path).name} ({_human(weights)}) do not fit "
+                f"the memory budget ({_human(self.memory_budget_bytes)})")
+
     def to_json(self) -> str:
         """This config as JSON (paths as strings), for the engine process."""
         return json.dumps(attrs.asdict(
@@ -111,3 +142,10 @@ class RuntimeConfig:
             if data.get(name) is not None:
                 data[name] = Path(data[name])
         return cls(**data)
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"

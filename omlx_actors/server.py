@@ -171,7 +171,11 @@ async def open_server(
 
 def serve_main(config: RuntimeConfig, *, host: str, port: int, settings: HttpSettings | None = None) -> int:
     """The CLI: serve until SIGINT/SIGTERM, then shut down gracefully; exit status 0. A
-    second signal during a drain aborts the requests still running."""
+    second signal during a drain aborts the requests still running. A start that fails
+    for a reason the user can fix (the model cannot be found or loaded, the settings do
+    not fit it) is one line on stderr and exit status 2; the port taken, one line and 1."""
+    from omlx_actors.config import ConfigError
+    from omlx_actors.engine.executor import EngineLoadFailed
     from omlx_actors.errors import RequestError
 
     if config.gil_switch_interval_s is not None:
@@ -235,8 +239,11 @@ def serve_main(config: RuntimeConfig, *, host: str, port: int, settings: HttpSet
         trio.run(main)
     except BaseException as exc:  # noqa: BLE001 - report startup failures in one line
         leaf = _single_leaf(exc)
-        if isinstance(leaf, RequestError):
-            print(f"omlx-actors: {leaf.message}", file=sys.stderr)
+        if isinstance(leaf, (RequestError, ConfigError)):
+            print(f"omlx-actors: {leaf}", file=sys.stderr)
+            return 2
+        if isinstance(leaf, EngineLoadFailed):
+            print(f"omlx-actors: cannot load the model: {leaf.message}", file=sys.stderr)
             return 2
         if isinstance(leaf, OSError):
             print(f"omlx-actors: cannot serve on {host}:{port}: {leaf}", file=sys.stderr)

@@ -150,6 +150,7 @@ def engine_settings(config: RuntimeConfig, model_path: str,
         max_requests=config.max_batch_size + config.max_waiting_requests,
         ssd_enabled=config.ssd_cache_dir is not None and config.prefix_cache_bytes > 0,
         parallel_attention=config.parallel_attention,
+        trust_remote_code=config.trust_remote_code,
     )
 
 

@@ -207,6 +207,8 @@ class EngineSettings:
     # On the CPU backend, split prompt attention over two streams of the MLX thread
     # (`omlx_actors.engine.cpu_attention`; bit-identical results).
     parallel_attention: bool = True
+    # Let mlx-lm import the model's own architecture file (its config's `model_file`).
+    trust_remote_code: bool = False
     # A file (owned by the front, in another process) where the MLX thread records the
     # requests of the step it runs, so that a death in that step is evidence against them
     # (`engine/step_record.py`); None: no record (the engine runs in the front's process).
@@ -344,7 +346,8 @@ class EngineCore:
         self._stream = mx.new_stream(mx.default_device())
         path = Path(self.settings.model_path)
         with mx.stream(self._stream):
-            self._model, config = load_model(path)
+            self._model, config = load_model(
+                path, trust_remote_code=self.settings.trust_remote_code)
         text_config = config.get("text_config", config)
         eos = config.get("eos_token_id", [])
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())

@@ -139,6 +139,7 @@ async def serve(sock: socket.socket) -> int:
         log.error("engine host: expected HostHello first, got %r", hello)
         return EXIT_BAD_HELLO
     config = RuntimeConfig.from_json(hello.config_json)
+    logging.getLogger().setLevel(config.log_level.upper())  # the front's --log-level
     if config.gil_switch_interval_s is not None:
         sys.setswitchinterval(config.gil_switch_interval_s)
     stop_mode = [ShutdownMode.ABORT]  # unless the front asks for a drain
@@ -180,7 +181,8 @@ async def serve(sock: socket.socket) -> int:
                 failure = _load_failure(exc)
                 if failure is None:
                     raise
-                log.error("engine host: %s", failure.message)
+                # The front reports it (the CLI in one line); say it here only when asked.
+                log.info("engine host: %s", failure.message)
                 failed = HostLoadFailed(error_type=type(failure).__name__, error=failure.message)
                 await writer.send_quietly(Kind.REPLY, 0, "host", encode_message(failed))
                 code = EXIT_LOAD_FAILED

@@ -199,8 +199,9 @@ class EngineLink:
         self._retry_at: float | None = None  # on trio's clock
         self._starting: trio.Process | None = None
         self._spawns = itertools.count(1)
-        # Step records live in a directory of our own, removed when the link stops.
-        self._record_dir = tempfile.mkdtemp(prefix="omlx-engine-")
+        # Step records live in a directory of our own, made by the first spawn and removed
+        # when the link stops.
+        self._record_dir: str | None = None
 
     # -- what the runtime uses ----------------------------------------------------------------
 
@@ -377,6 +378,8 @@ class EngineLink:
         """Start an engine process and wait until it is ready. Raises `EngineLoadFailed`
         if it reports that, `ActorUnavailable` if it dies, breaks the connection or times
         out while starting. Cancelled, it kills the process it started and re-raises."""
+        if self._record_dir is None:
+            self._record_dir = tempfile.mkdtemp(prefix="omlx-engine-")
         record_path = os.path.join(self._record_dir, f"engine-{next(self._spawns)}.step")
         ours, theirs = socket.socketpair()
         try:
@@ -522,7 +525,7 @@ class EngineLink:
                     self.state = EngineState.STOPPED
                 await self._fail_all("EngineStopped", self.failed_reason or "the engine stopped")
                 self._events_send.close()
-                shutil.rmtree(self._record_dir, ignore_errors=True)
+                self._remove_record_dir()
                 self._stopped.set()
 
     async def _restart(self, dead: _Incarnation) -> _Incarnation:
@@ -554,6 +557,11 @@ class EngineLink:
         log.warning("engine restarted in %.2fs (pid %d); resuming %d requests",
                     self.last_restart_s, inc.ready.pid, len(self.recovery.tracked))
         return inc
+
+    def _remove_record_dir(self) -> None:
+        if self._record_dir is not None:
+            shutil.rmtree(self._record_dir, ignore_errors=True)
+            self._record_dir = None
 
     async def _on_death(self, in_step: frozenset[str]) -> None:
         """Count a death (of a serving or a starting engine) and apply the poison rule to
@@ -681,7 +689,7 @@ async def open_engine_link(config: RuntimeConfig, model_path: Path) -> AsyncIter
         try:
             first = await link._spawn()
         except BaseException:
-            shutil.rmtree(link._record_dir, ignore_errors=True)
+            link._remove_record_dir()
             raise
         link.first_ready = first.ready
         await nursery.start(link.supervise, first)

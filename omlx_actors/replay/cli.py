@@ -30,7 +30,8 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help=f"report directory (default: {DEFAULT_OUT}/<scenario name>)")
     p.add_argument("--api-key", default=None, help="with --url: the server's API key")
-    p.add_argument("--served-model", default=None,
+    # The same name as serve's flag for the same thing (--served-model kept as an alias).
+    p.add_argument("--served-model-name", "--served-model", dest="served_model", default=None,
                    help="with --url: the model id to send (default: the first of /v1/models)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -53,7 +54,7 @@ def replay_main(args: argparse.Namespace) -> int:
         print(f"omlx-actors replay: cannot read {args.scenario}: {exc}", file=sys.stderr)
         return 2
     if (args.api_key or args.served_model) and not args.url:
-        print("omlx-actors replay: --api-key and --served-model go with --url", file=sys.stderr)
+        print("omlx-actors replay: --api-key and --served-model-name go with --url", file=sys.stderr)
         return 2
     run = partial(replay, scenario, url=args.url, serve=args.serve, model=args.model,
                   api_key=args.api_key, served_model=args.served_model,

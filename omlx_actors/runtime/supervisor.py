@@ -214,7 +214,7 @@ class Supervisor:
                         ended = "actor has exited"
                         return
                     except Exception as error:
-                        self._crashed(child, error)
+                        self._crashed(child, error, started=readiness.reported)
                         if not readiness.reported:
                             ended = "actor failed to start"
                             raise
@@ -239,8 +239,15 @@ class Supervisor:
             child.inbox.fail_pending(ActorUnavailable(child.name, ended))
             child.done.set()
 
-    def _crashed(self, child: _Child, error: Exception) -> None:
+    def _crashed(self, child: _Child, error: Exception, *, started: bool = True) -> None:
         error_type, detail = _describe(error)
+        if not started:
+            # Raised to whoever started it, who reports it (a CLI in one line): logging its
+            # traceback here too would bury that line.
+            logger.info("%s: actor %s failed to start with %s: %s", self.name, child.name,
+                        error_type, detail)
+            child.inbox.fail_outstanding(ActorCrashed(child.name, error_type, detail))
+            return
         logger.error(
             "%s: actor %s crashed with %s: %s",
             self.name,
