@@ -19,9 +19,7 @@ forever; the core is told to stop, and its thread parks for reuse.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import math
 import queue
 import time
 from typing import Any
@@ -34,8 +32,6 @@ from omlx_actors.engine.core import (
     CoreAbort,
     CoreDropBlocks,
     CoreRestoreBlocks,
-    CoreSetLimits,
-    CoreSetPrefillStep,
     CoreFault,
     CoreLoadFailed,
     CoreReady,
@@ -64,23 +60,29 @@ from omlx_actors.engine.messages import (
     TokenDelta,
 )
 from omlx_actors.engine.mlx_thread import acquire_worker
-from omlx_actors.cache.actor import SetBudget
+from omlx_actors.engine.memory_queue import (  # MlxGauge, MemoryWiring: assembly's wiring
+    QUEUE_DOORBELL_CAPACITY,
+    MemoryWiring,
+    MlxGauge,
+    admit_now,
+    expire_waiting,
+    forget_dropped_prefixes,
+    leave_queue,
+    price,
+    restore_prefill_step,
+    settle,
+    start_admission,
+    use_chunk,
+    watch_memory,
+)
 from omlx_actors.memory.admission import (
     AdmissionLedger,
     Admitted as LedgerAdmitted,
-    HeadAction,
     Queued,
     QueueFullRefusal,
     Refused,
-    RequestCost,
-    unblock,
 )
-from omlx_actors.memory.enforcer import MemoryLevel
-from omlx_actors.memory.estimator import (
-    ModelMemoryFacts,
-    estimate_request_bytes,
-    padded_batch_kv_bytes,
-)
+from omlx_actors.memory.estimator import ModelMemoryFacts
 from omlx_actors.runtime import ActorError, Address, Inbox, unknown_message
 from omlx_actors.ssd.messages import Save
 
@@ -103,30 +105,10 @@ CORE_STOP_TIMEOUT = 30.0
 # A draining executor checks this often whether its last request has finished.
 DRAIN_POLL_INTERVAL = 0.01
 
-# A decode batch holds one KV buffer padded to its longest row; it admits rows by
-# concatenating the prefilled batch's buffer onto it, so for a moment the old buffer, the
-# joining one and the result coexist: the batch's KV is priced three times. (Priced once or
-# twice, the 200-request replay test's MLX peak overshot its budget by 3-6%.)
-BATCH_KV_COPIES = 3
-
 # Saves in flight from the engine to the SSD writer (see `run`), counted in tokens so that
 # the bound means the same bytes and the same burst whatever the block size (32 blocks of
 # 256 tokens; 128 of the 64-token blocks attention-only models default to).
 SSD_FORWARD_BACKLOG_TOKENS = 8192
-
-# Under memory pressure prefill chunks shrink, but not below this many tokens (smaller
-# chunks cost more per token than the scratch they save).
-PREFILL_STEP_FLOOR = 64
-
-# How long a request may wait in the memory queue by default before it is refused
-# (`RuntimeConfig.max_queue_wait_s`); see `_expire_waiting`.
-MAX_QUEUE_WAIT_S = 120.0
-
-# The queue-expiry task's doorbell: "a request was queued, look at the deadlines again".
-# One pending ring says it all; further rings while it is unread are dropped (send_nowait
-# finds it full), never waited for.
-QUEUE_DOORBELL_CAPACITY = 1
-
 
 class EngineLoadFailed(ActorError):
     """The model could not be loaded; the executor never became ready."""
@@ -154,34 +136,6 @@ class MemoryRefused(ActorError):
 
 class AdmissionQueueFull(ActorError):
     """Too many requests already wait for memory."""
-
-
-@attrs.define
-class MlxGauge:
-    """MLX's memory as of the engine's last step. Written only by the executor; the memory
-    enforcer reads it (MLX itself may only be asked on the MLX thread)."""
-
-    active: int = 0
-    cache: int = 0
-    peak: int = 0
-
-    def reading(self) -> tuple[int, int, int]:
-        return self.active, self.cache, self.peak
-
-
-@attrs.frozen(kw_only=True)
-class MemoryWiring:
-    """What the executor needs to admit by memory (in-process wiring, not a message)."""
-
-    gauge: MlxGauge
-    snapshots: Any  # an enforcer SnapshotSubscription: latest snapshot wins
-    limits_for: Any  # budget, weights -> MlxLimits
-    max_waiting: int
-    prefix_cache_bytes: int  # the configured prefix cache budget, restored when calm
-    prefill_step_size: int
-    prefill_batch_size: int
-    prefill_step_floor: int = PREFILL_STEP_FLOOR
-    max_queue_wait_s: float = MAX_QUEUE_WAIT_S
 
 
 @attrs.define
@@ -319,7 +273,7 @@ async def run(
         state.max_requests = settings.max_requests
         if memory is not None:
             state.gauge = memory.gauge
-            await _start_admission(state, info, memory, commands)
+            await start_admission(state, info, memory, commands)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump)
             if ssd_writer is not None:
@@ -327,11 +281,11 @@ async def run(
             else:
                 forwarded.set()
             if memory is not None and state.ledger is not None:
-                nursery.start_soon(_watch_memory, state, info, memory, commands, cache_index,
+                nursery.start_soon(watch_memory, state, info, memory, commands, cache_index,
                                    events)
                 queued_send, queued_recv = trio.open_memory_channel[None](QUEUE_DOORBELL_CAPACITY)
                 state.queued = queued_send
-                nursery.start_soon(_expire_waiting, state, memory.max_queue_wait_s, queued_recv,
+                nursery.start_soon(expire_waiting, state, memory.max_queue_wait_s, queued_recv,
                                    commands, events, cache_index)
             task_status.started(info)
             async for envelope in inbox:
@@ -403,14 +357,14 @@ async def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue, e
                 unpinned = _admit(envelope, state, submit, commands)
                 if unpinned and cache_index is not None:
                     await cache_index.cast(Release(request_id=submit.request_id))
-                await _settle(state, commands, events, cache_index)
+                await settle(state, commands, events, cache_index)
         case Abort(request_id=request_id):
             request = state.by_id.get(request_id)
             if request is not None and request.request_id in state.waiting:
                 # Still queued for memory: it never reached the engine.
-                await _leave_queue(state, request_id, commands, events, cache_index,
+                await leave_queue(state, request_id, commands, events, cache_index,
                                    FinishReason.ABORT)
-                await _settle(state, commands, events, cache_index)
+                await settle(state, commands, events, cache_index)
             elif request is not None and not request.aborted:
                 request.aborted = True
                 commands.put(CoreAbort(request.slot))
@@ -427,8 +381,8 @@ async def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue, e
             commands.put(CoreDropBlocks(tuple(evictions)))
             envelope.reply(None)
             if state.waiting:
-                _forget_dropped_prefixes(state, {e.hash for e in evictions}, commands)
-                await _settle(state, commands, events, cache_index)
+                forget_dropped_prefixes(state, {e.hash for e in evictions}, commands)
+                await settle(state, commands, events, cache_index)
         case other:
             unknown_message("executor", other)
 
@@ -452,57 +406,6 @@ async def _forward_to_ssd(from_engine, writer, forwarded: trio.Event) -> None:
     async for save in from_engine:
         await writer.save(save)  # waits at most SAVE_WAIT_S, then the writer counts a drop
     forwarded.set()
-
-
-def _request_cost(state: ExecutorState, submit: Submit, prefill_chunk: int) -> RequestCost:
-    cached = len(submit.cached_blocks) * state.block_size
-    estimate = estimate_request_bytes(
-        state.facts,
-        prompt_tokens=len(submit.prompt_tokens),
-        cached_tokens=min(cached, len(submit.prompt_tokens) - 1),
-        max_tokens=submit.max_tokens,
-        prefill_chunk=prefill_chunk,
-        prefix_shared=False,  # the restored prefix is copied into the batch
-    )
-    return RequestCost(
-        context_tokens=estimate.kv_capacity_tokens,
-        other_bytes=estimate.scratch_bytes + estimate.recurrent_state_bytes,
-    )
-
-
-def _price(state: ExecutorState, submit: Submit) -> tuple[RequestCost, int] | Refused:
-    """The cost of `submit` as it would run, and the prefill chunk it is priced at; or the
-    ledger's `Refused` if it can never fit, even alone.
-
-    "Never fits" is judged at the smallest prefill chunk we would use: a request that fits
-    with chunks at the floor is not refused - chunks shrink to the floor while it is
-    admitted, and grow back once it has finished (see `_deliver`)."""
-    floor = min(state.prefill_step_size, PREFILL_STEP_FLOOR)
-    refusal = None
-    for chunk in dict.fromkeys((state.prefill_step_size, floor)):
-        cost = _request_cost(state, submit, chunk)
-        refusal = state.ledger.refusal(submit.request_id, cost)
-        if refusal is None:
-            return cost, chunk
-    assert refusal is not None
-    return refusal
-
-
-def _use_chunk(state: ExecutorState, request_id: str, chunk: int, commands: queue.SimpleQueue) -> None:
-    """A request priced at the floor chunk: prefill at that chunk until it has finished."""
-    if chunk != state.prefill_step_size:
-        state.floor_priced.add(request_id)
-        state.prefill_step_size = chunk
-        commands.put(CoreSetPrefillStep(chunk))
-
-
-def _restore_prefill_step(state: ExecutorState, commands: queue.SimpleQueue) -> None:
-    """The configured prefill chunk again, once no request priced at the floor is left
-    (and no memory pressure keeps chunks small)."""
-    if (not state.floor_priced and not state.under_pressure
-            and state.prefill_step_size != state.normal_prefill_step):
-        state.prefill_step_size = state.normal_prefill_step
-        commands.put(CoreSetPrefillStep(state.normal_prefill_step))
 
 
 def _admit(envelope, state: ExecutorState, submit: Submit, commands: queue.SimpleQueue) -> bool:
@@ -532,10 +435,10 @@ def _admit(envelope, state: ExecutorState, submit: Submit, commands: queue.Simpl
         envelope.reply(None)
         return False
     unpinned = False
-    priced = _price(state, submit)
+    priced = price(state, submit)
     if isinstance(priced, Refused) and submit.cached_blocks:
         plain = attrs.evolve(submit, cached_blocks=())
-        plain_priced = _price(state, plain)
+        plain_priced = price(state, plain)
         if not isinstance(plain_priced, Refused):
             submit, priced, unpinned = plain, plain_priced, True
     if isinstance(priced, Refused):
@@ -548,12 +451,12 @@ def _admit(envelope, state: ExecutorState, submit: Submit, commands: queue.Simpl
     cost, chunk = priced
     match state.ledger.submit(submit.request_id, cost):
         case LedgerAdmitted():
-            _use_chunk(state, submit.request_id, chunk, commands)
+            use_chunk(state, submit.request_id, chunk, commands)
             request = state.add(submit)
             commands.put(CoreSubmit(request.slot, submit, time.monotonic()))
             envelope.reply(None)
         case Queued():
-            _use_chunk(state, submit.request_id, chunk, commands)
+            use_chunk(state, submit.request_id, chunk, commands)
             request = state.add(submit)
             state.waiting[submit.request_id] = CoreSubmit(request.slot, submit, time.monotonic())
             if state.queued is not None:
@@ -568,206 +471,6 @@ def _admit(envelope, state: ExecutorState, submit: Submit, commands: queue.Simpl
             envelope.fail(AdmissionQueueFull(
                 "executor", f"{waiting} requests already wait for memory; retry shortly"))
     return unpinned
-
-
-async def _leave_queue(state: ExecutorState, request_id: str, commands: queue.SimpleQueue,
-                       events, cache_index: Address | None, reason: FinishReason,
-                       error_type: str | None = None, error: str | None = None) -> None:
-    """A request leaves the memory queue without running (aborted, refused, expired): it is
-    forgotten at once (nothing is awaited before that), then unpinned and finished.
-
-    What its leaving lets in goes to the engine: the ledger may admit requests queued
-    behind it (an aborted queued request once left those admitted in the ledger but never
-    sent to the engine, to wait forever), and its pinned prefix is released (it was not)."""
-    command = state.waiting.pop(request_id)
-    request = state.by_id.get(request_id)
-    if request is not None:
-        state.remove(request)
-    state.floor_priced.discard(request_id)
-    _restore_prefill_step(state, commands)
-    _admit_now(state, state.ledger.finish(request_id), commands)
-    if command.submit.cached_blocks and cache_index is not None:
-        await cache_index.cast(Release(request_id=request_id))
-    await events.send(Finished(
-        request_id=request_id, reason=reason, prompt_tokens=len(command.submit.prompt_tokens),
-        completion_tokens=0, error=error, error_type=error_type))
-
-
-def _forget_dropped_prefixes(state: ExecutorState, dropped: set[str],
-                             commands: queue.SimpleQueue) -> None:
-    """The index evicted blocks (maybe ones a waiting request pinned, when its budget was
-    cut below what requests pin): a waiting request keeps the part of its prefix before the
-    first dropped block - the engine will restore no more - and is priced again for it.
-    Admitted requests need nothing: their `CoreSubmit` reached the engine before this
-    eviction, so their prefix was copied first."""
-    for request_id, command in list(state.waiting.items()):
-        blocks = command.submit.cached_blocks
-        kept = next((i for i, h in enumerate(blocks) if h in dropped), len(blocks))
-        if kept == len(blocks):
-            continue
-        submit = attrs.evolve(command.submit, cached_blocks=blocks[:kept])
-        state.waiting[request_id] = attrs.evolve(command, submit=submit)
-        priced = _price(state, submit)
-        if not isinstance(priced, Refused):  # else `_settle` refuses it when it is the head
-            _use_chunk(state, request_id, priced[1], commands)
-            _admit_now(state, state.ledger.reprice(request_id, priced[0]), commands)
-
-
-async def _settle(state: ExecutorState, commands: queue.SimpleQueue, events,
-                  cache_index: Address | None) -> None:
-    """Make sure the head of the memory queue waits only for what will come: running
-    requests finishing, or the prefix cache giving memory back (`admission.unblock`).
-    Called after every change of the ledger.
-
-    The head gives up its cached prefix first (unpinned in the index), then the cache is
-    cut by what the head lacks (the index evicts pinned blocks too if it must: it never
-    holds more than its budget); a head that nothing will make room for is refused with
-    `Finished(error, MemoryRefused)` - 413 before the first byte, an error event after."""
-    ledger = state.ledger
-    if ledger is None:
-        return
-    while (head := ledger.blocked_head()) is not None:
-        command = state.waiting[head.request_id]
-        action = unblock(head, has_prefix=bool(command.submit.cached_blocks))
-        if action is HeadAction.DROP_PREFIX:
-            plain = attrs.evolve(command.submit, cached_blocks=())
-            priced = _price(state, plain)
-            if isinstance(priced, Refused):
-                action = HeadAction.REFUSE
-            else:
-                state.waiting[head.request_id] = attrs.evolve(command, submit=plain)
-                _use_chunk(state, head.request_id, priced[1], commands)
-                _admit_now(state, ledger.reprice(head.request_id, priced[0]), commands)
-                if cache_index is not None:
-                    await cache_index.cast(Release(request_id=head.request_id))
-                continue
-        if action is HeadAction.SHRINK_CACHE and cache_index is not None:
-            target = max(0, head.cache_bytes - head.shortfall_bytes)
-            if state.cache_target is None or target < state.cache_target:
-                state.cache_target = target
-                state.cache_shrunk = True
-                await cache_index.cast(SetBudget(budget_bytes=target))
-            return  # the engine's next report of its block store's bytes decides again
-        if action is HeadAction.WAIT:
-            return
-        refusal = ledger.refusal(head.request_id, ledger.waiting[0][1])
-        await _leave_queue(
-            state, head.request_id, commands, events, cache_index, FinishReason.ERROR,
-            "MemoryRefused",
-            f"{refusal.reason} (the budget moved while it waited)" if refusal is not None else
-            f"it lacks {head.shortfall_bytes} bytes and nothing running will free them",
-        )
-
-
-async def _expire_waiting(state: ExecutorState, max_wait_s: float, queued,
-                          commands: queue.SimpleQueue, events,
-                          cache_index: Address | None) -> None:
-    """Refuse every request that has waited `max_wait_s` in the memory queue (counted from
-    its arrival at the executor) with `Finished(error, QueueTimeout)`: 503 with Retry-After
-    before the first byte, an error event after. Sleeps until the oldest deadline or until
-    `queued` rings (a request joined). Runs until cancelled; a cancellation leaves nothing
-    half done (a request is forgotten before anything is awaited for it)."""
-    while True:
-        now = time.monotonic()
-        expired = [r for r, c in state.waiting.items() if c.received_at + max_wait_s <= now]
-        for request_id in expired:
-            command = state.waiting.get(request_id)
-            if command is not None:
-                await _leave_queue(
-                    state, request_id, commands, events, cache_index, FinishReason.ERROR,
-                    "QueueTimeout",
-                    f"waited {now - command.received_at:.1f} s for memory (the limit is "
-                    f"{max_wait_s:g} s); retry later")
-        if expired:
-            await _settle(state, commands, events, cache_index)
-        oldest = min((c.received_at for c in state.waiting.values()), default=None)
-        timeout = math.inf if oldest is None else oldest + max_wait_s - time.monotonic()
-        with trio.move_on_after(max(timeout, 0)):
-            await queued.receive()
-
-
-def _admit_now(state: ExecutorState, request_ids: list[str], commands: queue.SimpleQueue) -> None:
-    for request_id in request_ids:
-        command = state.waiting.pop(request_id, None)
-        if command is not None:
-            commands.put(command)
-
-
-async def _start_admission(state: ExecutorState, info: EngineInfo, memory: MemoryWiring,
-                           commands: queue.SimpleQueue) -> None:
-    """Read the model's memory facts and the first snapshot; apply MLX's limits."""
-    if info.memory_config is None:
-        return
-    config = {k: json.loads(v) for k, v in info.memory_config}
-    try:
-        state.facts = ModelMemoryFacts.from_config(config, weights_bytes=info.weights_bytes)
-    except ValueError as exc:
-        log.warning("cannot price requests for this model (%s): admission by memory is off", exc)
-        return
-    snapshot = await memory.snapshots.receive()
-    try:
-        limits = memory.limits_for(snapshot.budget_bytes, info.weights_bytes)
-    except ValueError as exc:  # the weights do not fit the budget: this engine cannot start
-        raise EngineLoadFailed("executor", str(exc)) from None
-    commands.put(CoreSetLimits(limits.memory_limit, limits.cache_limit, limits.wired_limit))
-    facts = state.facts
-
-    prefill_rows = memory.prefill_batch_size
-
-    def batch_cost(requests) -> int:
-        # KV: every row padded to the longest. Scratch: prompts prefilled together are
-        # padded to the longest too, and at most `prefill_rows` prefill at once.
-        longest = max((r.context_tokens for r in requests), default=0)
-        kv = padded_batch_kv_bytes(facts, rows=len(requests), longest_context=longest)
-        scratch = min(len(requests), prefill_rows) * max((r.other_bytes for r in requests), default=0)
-        return BATCH_KV_COPIES * kv + scratch
-
-    state.ledger = AdmissionLedger(
-        weights_bytes=info.weights_bytes,
-        budget_bytes=snapshot.budget_bytes,
-        batch_cost=batch_cost,
-        reserved_bytes=limits.cache_limit,
-        max_waiting=memory.max_waiting,
-    )
-
-
-async def _watch_memory(state: ExecutorState, info: EngineInfo, memory: MemoryWiring,
-                        commands: queue.SimpleQueue, cache_index: Address | None,
-                        events) -> None:
-    """Follow the enforcer's snapshots: new budget or pressure → admit, degrade, recover.
-
-    Under pressure, in order: shrink the prefix cache (to a quarter of its budget), shrink
-    prefill chunks (halving, down to a floor), pause admission (hard level). Never a
-    running request is killed. When the level is back to ok, all three are undone."""
-    degraded = False
-    async for snapshot in memory.snapshots:
-        pressure = snapshot.level is not MemoryLevel.OK
-        if pressure and not degraded and cache_index is not None:
-            quarter = memory.prefix_cache_bytes // 4
-            if state.cache_target is not None:
-                quarter = min(quarter, state.cache_target)  # never undo a cut for the queue
-            await cache_index.cast(SetBudget(budget_bytes=quarter))
-        if pressure:
-            step = max(memory.prefill_step_floor, state.prefill_step_size // 2)
-            if step != state.prefill_step_size:
-                state.prefill_step_size = step
-                commands.put(CoreSetPrefillStep(step))
-        elif degraded and not state.floor_priced:
-            state.prefill_step_size = memory.prefill_step_size
-            commands.put(CoreSetPrefillStep(memory.prefill_step_size))
-        if not pressure and (degraded or state.cache_shrunk) and not state.waiting:
-            state.cache_shrunk = False
-            state.cache_target = None
-            if cache_index is not None:
-                await cache_index.cast(SetBudget(budget_bytes=memory.prefix_cache_bytes))
-        degraded = state.under_pressure = pressure
-        limits = memory.limits_for(snapshot.budget_bytes, info.weights_bytes)
-        _admit_now(state, state.ledger.update(
-            budget_bytes=snapshot.budget_bytes,
-            reserved_bytes=limits.cache_limit,
-            paused=snapshot.level is MemoryLevel.HARD,
-        ), commands)
-        await _settle(state, commands, events, cache_index)  # the budget may have moved
 
 
 async def _deliver(
@@ -789,8 +492,8 @@ async def _deliver(
         state.gauge.active, state.gauge.cache, state.gauge.peak = (
             output.active_memory, output.cache_memory, output.peak_memory)
     if state.ledger is not None and state.ledger.cache_bytes != output.block_store_bytes:
-        _admit_now(state, state.ledger.update(cache_bytes=output.block_store_bytes), commands)
-        await _settle(state, commands, events, cache_index)
+        admit_now(state, state.ledger.update(cache_bytes=output.block_store_bytes), commands)
+        await settle(state, commands, events, cache_index)
     if cache_index is not None and output.stored:
         await cache_index.cast(Stored(blocks=output.stored))
     state.last_step_at = time.monotonic()
@@ -819,13 +522,13 @@ async def _deliver(
             continue
         state.remove(request)
         if state.ledger is not None:
-            _admit_now(state, state.ledger.finish(request.request_id), commands)
+            admit_now(state, state.ledger.finish(request.request_id), commands)
             state.floor_priced.discard(request.request_id)
-            _restore_prefill_step(state, commands)
+            restore_prefill_step(state, commands)
         if cache_index is not None:
             await cache_index.cast(Release(request_id=request.request_id))
         # After the release: a cache cut for the queue's head then evicts its blocks first.
-        await _settle(state, commands, events, cache_index)
+        await settle(state, commands, events, cache_index)
         reason = FinishReason.ABORT if request.aborted else done.reason
         await events.send(
             Finished(

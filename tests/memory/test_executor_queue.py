@@ -12,7 +12,7 @@ import itertools
 
 import trio
 
-from omlx_actors.engine import executor
+from omlx_actors.engine import executor, memory_queue
 from omlx_actors.engine.core import EngineSettings
 from omlx_actors.engine.messages import Abort, Finished, FinishReason, Ping, Submit, TokenDelta
 from omlx_actors.memory.enforcer import (
@@ -72,8 +72,8 @@ class Engine:
 async def start_engine(nursery, tiny_llama, *, max_queue_wait_s: float = 600.0) -> Engine:
     board = SnapshotBoard()
     seq = itertools.count(1)
-    wiring = executor.MemoryWiring(
-        gauge=executor.MlxGauge(), snapshots=board.subscribe(), limits_for=mlx_limits_for,
+    wiring = memory_queue.MemoryWiring(
+        gauge=memory_queue.MlxGauge(), snapshots=board.subscribe(), limits_for=mlx_limits_for,
         max_waiting=8, prefix_cache_bytes=0, prefill_step_size=512, prefill_batch_size=8,
         max_queue_wait_s=max_queue_wait_s,
     )
@@ -151,8 +151,15 @@ def test_a_queued_request_whose_pinned_blocks_are_evicted_is_priced_for_the_pref
 
     import attrs
 
+    import queue
+
     from omlx_actors.engine.core import CoreSubmit
-    from omlx_actors.memory.admission import AdmissionLedger, Queued, unpadded_batch_cost
+    from omlx_actors.memory.admission import (
+        AdmissionLedger,
+        Queued,
+        RequestCost,
+        unpadded_batch_cost,
+    )
     from omlx_actors.memory.estimator import ModelMemoryFacts
 
     config = json.loads((tiny_llama / "config.json").read_text())
@@ -160,18 +167,18 @@ def test_a_queued_request_whose_pinned_blocks_are_evicted_is_priced_for_the_pref
         facts=ModelMemoryFacts.from_config(config, weights_bytes=WEIGHTS), block_size=64)
     state.ledger = AdmissionLedger(weights_bytes=WEIGHTS, budget_bytes=BUDGET,
                                    batch_cost=unpadded_batch_cost(512))
-    state.ledger.submit("running", executor.RequestCost(context_tokens=5800, other_bytes=0))
+    state.ledger.submit("running", RequestCost(context_tokens=5800, other_bytes=0))
     submit = Submit(request_id="queued", prompt_tokens=tuple(range(20, 220)), max_tokens=20,
                     cached_blocks=("a", "b", "c"))
-    priced = executor._request_cost(state, submit, 512)
+    priced = memory_queue.request_cost(state, submit, 512)
     assert isinstance(state.ledger.submit("queued", priced), Queued)
     state.waiting["queued"] = CoreSubmit(state.add(submit).slot, submit, 0.0)
-    commands = executor.queue.SimpleQueue()
+    commands = queue.SimpleQueue()
 
-    executor._forget_dropped_prefixes(state, {"b", "x"}, commands)
+    memory_queue.forget_dropped_prefixes(state, {"b", "x"}, commands)
 
     kept = attrs.evolve(submit, cached_blocks=("a",))
     assert state.waiting["queued"].submit == kept
-    assert state.ledger.waiting[0] == ("queued", executor._request_cost(state, kept, 512))
+    assert state.ledger.waiting[0] == ("queued", memory_queue.request_cost(state, kept, 512))
     assert state.ledger.waiting[0][1] != priced
     assert commands.empty()  # still waiting for "running": nothing went to the engine
