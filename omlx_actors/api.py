@@ -369,7 +369,9 @@ class Runtime:
 async def resolve_model(config: RuntimeConfig) -> tuple[Path, bool]:
     """The model directory to load, and whether it is the random-weight demo.
 
-    A local directory is used as is; anything else goes through mlx-lm's hub resolution
+    A GGUF file is imported once into the user cache (`omlx_actors.models.resolve`), and a
+    quantized GGUF import is served as float32 on the CPU; another local directory is used
+    as is; anything else goes through mlx-lm's hub resolution
     (which works offline for already-downloaded repos). None builds/uses the demo model -
     built in a child process, because building runs MLX and MLX belongs to the executor's
     thread in this process.
@@ -389,6 +391,18 @@ async def resolve_model(config: RuntimeConfig) -> tuple[Path, bool]:
             await trio.run_process(args)
         return path, True
     local = Path(config.model).expanduser()
+    from omlx_actors.models import resolve as model_resolve
+
+    if model_resolve.needs_child(local):
+        # A GGUF file (imported once into the cache) or a quantized import (float32 on the
+        # CPU): MLX work, so in a child process; its progress goes to our stderr.
+        what = "gguf" if local.is_file() else "dir"
+        proc = await trio.run_process(model_resolve.prepare_args(what, local), check=False,
+                                      capture_stdout=True)
+        try:
+            return model_resolve.parse_child(proc.returncode, proc.stdout.decode()), False
+        except ValueError as exc:  # UnsupportedGguf
+            raise ModelNotFound(f"cannot serve {local.name}: {exc}") from None
     if local.is_dir():
         if not (local / "config.json").exists():
             raise ModelNotFound(f"{local} has no config.json: not an mlx-lm model directory")

