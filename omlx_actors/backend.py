@@ -83,3 +83,55 @@ def device_name() -> str:
 
 # Importing this module is enough to fix the BLAS: `import omlx_actors.backend` first.
 load_mlx()
+
+
+def stop_token_ids(model_path, config: dict) -> tuple[int, ...]:
+    """The ids that end a generation for the model at `model_path`: the set mlx-lm's
+    `load(...)` gives its tokenizer wrapper, computed without loading the tokenizer.
+
+    That is `eos_token_id` from `config` (mlx-lm's `load_config` already replaced it with
+    `generation_config.json`'s when that names one; config.json's own ids are kept too),
+    the tokenizer's `eos_token` (tokenizer_config.json or special_tokens_map.json, looked up
+    in tokenizer.json), and the model module's tokenizer defaults. Many chat models end
+    their turn with a token named only in the tokenizer or in generation_config.json; a
+    stop id missing here makes the engine generate past the end of the answer.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(model_path)
+    ids: set[int] = set()
+
+    def add(value) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+
+    def read(name: str) -> dict:
+        try:
+            data = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    add(config.get("eos_token_id"))
+    add(read("config.json").get("eos_token_id"))
+    add(read("generation_config.json").get("eos_token_id"))
+    eos = read("tokenizer_config.json").get("eos_token") or read(
+        "special_tokens_map.json").get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if isinstance(eos, str) and (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        token_id = Tokenizer.from_file(str(path / "tokenizer.json")).token_to_id(eos)
+        if token_id is not None:
+            ids.add(token_id)
+    try:
+        from mlx_lm.utils import _tokenizer_defaults
+
+        add((_tokenizer_defaults(path) or {}).get("eos_token_ids"))
+    except ImportError:  # an mlx-lm without per-model tokenizer defaults
+        pass
+    return tuple(sorted(ids))

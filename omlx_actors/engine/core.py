@@ -22,7 +22,7 @@ from typing import Any, Union
 
 import attrs
 
-from omlx_actors.backend import load_mlx
+from omlx_actors.backend import load_mlx, stop_token_ids
 from omlx_actors.cache.blocks import cache_namespace, default_block_size
 from omlx_actors.cache.index import Eviction, StoredBlock
 from omlx_actors.engine import cpu_attention
@@ -349,8 +349,8 @@ class EngineCore:
             self._model, config = load_model(
                 path, trust_remote_code=self.settings.trust_remote_code)
         text_config = config.get("text_config", config)
-        eos = config.get("eos_token_id", [])
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        # Not config.json's eos_token_id alone: mlx-lm's set (tokenizer, generation_config).
+        eos_ids = stop_token_ids(path, config)
         self._eos_ids = eos_ids
         if self.settings.parallel_attention and cpu_attention.install(self._model):
             cpu_attention.enable_on_this_thread()
