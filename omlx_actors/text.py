@@ -1,7 +1,9 @@
-"""Pure text-side pieces of a session: stop strings and tool-call extraction.
+"""Pure text-side pieces of a session: stop strings, tool-call extraction, and counting a
+long prompt's tokens in pieces.
 
-No trio, no MLX: tested on plain strings. The session feeds them detokenized text in the
-pieces it arrives in, which may split a stop string or a tool-call marker anywhere.
+No trio, no MLX: tested on plain strings (the count with any `encode` function). The
+session feeds the matchers detokenized text in the pieces it arrives in, which may split a
+stop string or a tool-call marker anywhere.
 """
 
 from __future__ import annotations
