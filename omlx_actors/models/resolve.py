@@ -35,9 +35,11 @@ import attrs
 from omlx_actors.models.gguf import (
     MARKER_FILE,
     UnsupportedGguf,
+    check_supported,
     file_sha256,
     float32_variant,
     import_gguf,
+    read_gguf_header,
     read_marker,
 )
 
@@ -184,6 +186,7 @@ def import_cached(gguf: Path, root: Path, name: str | None = None,
                   progress: Progress = _stderr, sha256: str | None = None) -> Path:
     """The import of `gguf` in the cache, importing it once (keyed by its sha256).
     Raises `UnsupportedGguf` (one line) for a file we cannot import."""
+    check_supported(read_gguf_header(gguf), gguf.name)  # refuse before hashing a big file
     if sha256 is None:
         progress(f"hashing {gguf.name}")
         sha256 = file_sha256(gguf)
@@ -331,5 +334,6 @@ def resolve_for_serve(model: str | None, demo_model: str | None,
         return model
     try:
         return str(prepare_in_child("gguf" if path.is_file() else "dir", path, cache_dir))
-    except UnsupportedGguf as exc:
-        raise SystemExit(f"omlx-actors: cannot serve {path.name}: {exc}") from None
+    except UnsupportedGguf as exc:  # a configuration error: one line, status 2
+        print(f"omlx-actors: cannot serve {path.name}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
