@@ -23,6 +23,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import attrs
 import trio
@@ -178,6 +179,11 @@ def serve_main(config: RuntimeConfig, *, host: str, port: int, settings: HttpSet
     from omlx_actors.engine.executor import EngineLoadFailed
     from omlx_actors.errors import RequestError
 
+    try:
+        _check_local_model(config)
+    except ConfigError as exc:  # before the port is bound: this one line is all the output
+        print(f"omlx-actors: {exc}", file=sys.stderr)
+        return 2
     if config.gil_switch_interval_s is not None:
         # See RuntimeConfig.gil_switch_interval_s. Serving is this process's only job, so we
         # may set it (the engine process sets it for itself).
@@ -250,6 +256,21 @@ def serve_main(config: RuntimeConfig, *, host: str, port: int, settings: HttpSet
             return 1
         raise
     return 0
+
+
+def _check_local_model(config: RuntimeConfig) -> None:
+    """What can be known wrong before binding the port: a model path that does not exist,
+    weights that cannot fit the memory budget (`RuntimeConfig.check_model_fits`). A hub id
+    or the demo model is checked when it is resolved, after binding."""
+    from omlx_actors.config import ConfigError
+
+    if config.model is None:
+        return
+    local = Path(config.model).expanduser()
+    if local.is_dir():
+        config.check_model_fits(local)
+    elif not local.exists() and config.model.startswith(("/", "./", "../", "~")):
+        raise ConfigError(f"no such model directory: {config.model}")
 
 
 def _single_leaf(exc: BaseException) -> BaseException:

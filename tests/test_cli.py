@@ -45,7 +45,8 @@ def test_a_configuration_error_is_one_line_and_exit_status_2(case, tiny_llama, t
         "memory-budget": (["--memory-budget", "1K"],
                           "the weights of tiny-llama (547.35 KiB) do not fit the memory budget "
                           "(1.00 KiB)"),
-        "missing-model": (["--model", str(tmp_path / "nope")], "not found"),
+        "missing-model": (["--model", str(tmp_path / "nope")],
+                          f"no such model directory: {tmp_path / 'nope'}"),
         "bad-flag-value": (["--port", "abc"], "argument --port: invalid int value: 'abc'"),
         "invalid-setting": (["--max-batch-size", "0"], "max_batch_size must be > 0, got 0"),
         # In the engine process: its failure to load reaches the front as one line too.
@@ -58,6 +59,10 @@ def test_a_configuration_error_is_one_line_and_exit_status_2(case, tiny_llama, t
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
     assert reason in proc.stderr
     assert proc.stderr.startswith("omlx-actors")
+    if case == "unloadable-model":  # found out in the engine, after the port was bound
+        assert proc.stdout.startswith("omlx-actors: listening on ")
+    else:  # found out before anything started: that line is all there is
+        assert proc.stdout == ""
 
 
 def help_entries(text: str) -> dict[str, str]:
@@ -195,8 +200,9 @@ async def test_model_code_runs_only_with_trust_remote_code(tiny_llama, tmp_path)
 def test_trust_remote_code_flag_reaches_the_engine_process(tiny_llama, tmp_path):
     model = custom_code_model(tiny_llama, tmp_path / "custom")
     refused = cli("serve", "--model", str(model), "--port", "0", "--no-ssd-cache")
-    assert refused.returncode == 2 and "trust_remote_code" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "trust_remote_code" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-3000:]
 
 
 _ = trio  # the async tests run under pytest-trio
