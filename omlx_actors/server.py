@@ -11,8 +11,12 @@ Shutdown, in order: stop admitting (new /v1 requests answer 503, /health turns 5
 with `shutdown_mode="drain"` wait for in-flight requests to finish (bounded by
 `drain_timeout_s`), with "abort" - or when the drain times out, or a second signal arrives -
 abort them in the engine, so each stream ends with an error event in its route's format
-(bounded by `abort_grace_s`, after which the remaining connections are cut); then stop
-Hypercorn, then the runtime.
+(bounded by `abort_grace_s`, after which the remaining connections are cut); then tell
+Hypercorn to stop (its idle connections close) and stop the runtime.
+
+Startup errors the user can fix (a model that cannot be found or loaded, settings that do
+not fit it) end `serve_main` with one line on stderr and exit status 2; what can be checked
+before the port is bound (a local model path, its weights against --memory-budget) is.
 """
 
 from __future__ import annotations
