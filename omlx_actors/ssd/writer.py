@@ -13,12 +13,16 @@ So:
   full waits at most `SAVE_WAIT_S`, then the kernel drops it, counts it
   (`WriterStats.saves_dropped`) and logs it;
 - the *control inbox* (`CONTROL_INBOX_CAPACITY`, `Overflow.WAIT`): everything else.
-  Calls there are never dropped, and the writer serves it before writing the next block,
-  so a `Load` waits for at most the one file operation in progress.
+  Calls there are never dropped, and the writer serves it before writing the next batch,
+  so a `Load` waits for at most the one file operation (a batch of writes: at most
+  `PENDING_CAPACITY` blocks) in progress.
 
 Between file operations the writer moves saves from the save inbox into its *pending*
 queue (at most `PENDING_CAPACITY`; the rest wait in the inbox, still in order). Pending
-saves are written oldest first, one at a time, and a `Load` or `Contains` of a pending
+saves are written oldest first, all of them in one batch (`blockfile.write_blocks`: each
+temp file written, then each fsynced, renamed, and each directory fsynced once - a
+prefill's blocks arrive together, and one fsync per block and per directory entry was
+most of the time they took to reach the disk), and a `Load` or `Contains` of a pending
 block is answered from its data. A save still waiting in the inbox behind a full pending
 queue is not seen yet (a miss): the inbox cannot be looked into, and taking more would
 unbound the memory the queue holds.
@@ -49,7 +53,7 @@ Counters (reset when the writer restarts). Every save taken off the save inbox i
 `saves_enqueued`, and ends as exactly one of: persisted (after the rename and the
 directory fsync), duplicate (already on disk with the same scope), cancelled (by a
 cleanup, or by a shutdown without flush), skipped (no room within the budget), or a write
-error. So at every reply:
+error. A block of a batch counts as persisted only once its directory's fsync returned. So at every reply:
 
     saves_enqueued == saves_persisted + saves_duplicate + saves_cancelled
                       + saves_skipped + write_errors + pending
@@ -176,8 +180,9 @@ SAVE_INBOX_CAPACITY = 64
 # Well under human-perceptible latency, and about one or two block writes on a healthy
 # SSD: a transient burst gets through, a sustained backlog is dropped.
 SAVE_WAIT_S = 0.25
-# Saves taken off the inbox but not yet written (their data serves loads meanwhile). With
-# the inbox, at most PENDING_CAPACITY + SAVE_INBOX_CAPACITY blocks are held in memory.
+# Saves taken off the inbox but not yet written (their data serves loads meanwhile); also
+# the most blocks one write batch holds. With the inbox, at most PENDING_CAPACITY +
+# SAVE_INBOX_CAPACITY blocks are held in memory.
 PENDING_CAPACITY = 16
 # Control messages are answered between file operations; 256 covers a load and a cleanup
 # for every request of a full batch and its waiting queue. Full: senders wait (WAIT) -
@@ -453,7 +458,7 @@ class _Writer:
             if self.control.queued():
                 await self.dispatch(await self.control.receive())
             elif self.pending:
-                await self.write_oldest()
+                await self.write_batch()
             elif self.over_budget() and not self.drain_stalled:
                 await self.evict_pass()
             elif not await self.wait_for_mail():
@@ -578,89 +583,107 @@ class _Writer:
 
     # -- saves ------------------------------------------------------------------------
 
-    async def write_oldest(self) -> None:
-        """Settle the oldest pending save: duplicate, skipped, persisted or a write error."""
-        save = self.pending.oldest()
-        existing = self.index.get(save.hash)
-        if existing is not None and existing.scope == save.scope:
-            self.index.touch(save.hash)
-            self.counters.saves_duplicate += 1
-            self.pending.pop_oldest()
-            return
-        record = BlockRecord(
-            hash=save.hash,
-            parent=save.parent,
-            scope=save.scope,
-            tokens=save.tokens,
-            tensors=save.tensors,
-        )
-        size = blockfile.planned_size(self.identity, record)
-        replaced = existing.size if existing is not None else 0
-        self.drain_stalled = False
-        fits = await self.make_room(size - replaced, keep=save.hash)
-        if not fits and self.space.known:
-            # The free space may have grown since the last reading (another program
-            # freed some); one re-read per refused save, so a skip is never stale.
-            await self.refresh_disk_usage()
-            fits = self.index.bytes + size - replaced <= self.effective_budget()
-        if not fits:
-            self.counters.saves_skipped += 1
-            unlogged = self.skip_log.occurred(trio.current_time())
-            if unlogged is not None:
-                logger.warning(
-                    "%s: skipped block %s (%d bytes): no room within the budget (%d of %d "
-                    "bytes used); %d skipped so far, %d of them not logged",
-                    self.control.name,
-                    save.hash,
-                    size,
-                    self.index.bytes,
-                    self.effective_budget(),
-                    self.counters.saves_skipped,
-                    unlogged,
-                )
-            self.pending.pop_oldest()
-            return
-        try:
-            written = await trio.to_thread.run_sync(
-                blockfile.write_block, self.root, self.identity, record, self.next_write_io()
-            )
-        except OSError as error:
-            self.counters.write_errors += 1
-            unlogged = self.write_error_log.occurred(trio.current_time())
-            if unlogged is not None:
-                logger.error(
-                    "%s: writing block %s failed (%s); %d write errors so far, %d of them "
-                    "not logged",
-                    self.control.name,
-                    save.hash,
-                    errno.errorcode.get(error.errno or 0, error.errno),
-                    self.counters.write_errors,
-                    unlogged,
-                )
-            if existing is not None:
-                # A failure after the rename removed the replaced file too.
-                path = blockfile.block_path(self.root, save.hash)
-                if not await trio.to_thread.run_sync(path.exists):
-                    self.index.remove(save.hash)
-                    self.space.freed(existing.size)
-            await self.refresh_disk_usage()
-            self.pending.pop_oldest()
-            return
-        self.pending.pop_oldest()
-        self.index.put(
-            DiskBlock(
+    async def write_batch(self) -> None:
+        """Settle the pending saves, oldest first, up to the first hash seen twice:
+        duplicates and skips at once, the rest written as one batch (`blockfile.write_blocks`:
+        one worker-thread call, each directory fsynced once). Each is counted persisted only
+        once its directory's fsync returned, or counted a write error."""
+        batch: list[tuple[Save, BlockRecord, DiskBlock | None]] = []
+        hashes: set[BlockHash] = set()
+        incoming = 0  # bytes the batch adds to the directory
+        while self.pending and self.pending.oldest().hash not in hashes:
+            save = self.pending.pop_oldest()
+            existing = self.index.get(save.hash)
+            if existing is not None and existing.scope == save.scope:
+                self.index.touch(save.hash)
+                self.counters.saves_duplicate += 1
+                continue
+            record = BlockRecord(
                 hash=save.hash,
                 parent=save.parent,
                 scope=save.scope,
                 tokens=save.tokens,
-                size=written,
+                tensors=save.tensors,
             )
+            grows = blockfile.planned_size(self.identity, record) - (
+                existing.size if existing is not None else 0
+            )
+            self.drain_stalled = False
+            keep = frozenset(hashes | {save.hash})
+            fits = await self.make_room(incoming + grows, keep=keep)
+            if not fits and self.space.known:
+                # The free space may have grown since the last reading (another program
+                # freed some); one re-read per refused save, so a skip is never stale.
+                await self.refresh_disk_usage()
+                fits = self.index.bytes + incoming + grows <= self.effective_budget()
+            if not fits:
+                self.skipped(save, grows)
+                continue
+            incoming += grows
+            hashes.add(save.hash)
+            batch.append((save, record, existing))
+        if not batch:
+            return
+        jobs = [(record, self.next_write_io()) for _, record, _ in batch]
+        results = await trio.to_thread.run_sync(
+            blockfile.write_blocks, self.root, self.identity, jobs
         )
-        self.space.wrote(written - replaced)
-        self.counters.saves_persisted += 1
-        self.writes_since_usage += 1
-        if self.writes_since_usage >= DISK_USAGE_REFRESH_SAVES:
+        failed = False
+        for (save, _, existing), result in zip(batch, results, strict=True):
+            if isinstance(result, OSError):
+                failed = True
+                await self.write_failed(save, existing, result)
+                continue
+            self.index.put(
+                DiskBlock(
+                    hash=save.hash,
+                    parent=save.parent,
+                    scope=save.scope,
+                    tokens=save.tokens,
+                    size=result,
+                )
+            )
+            self.space.wrote(result - (existing.size if existing is not None else 0))
+            self.counters.saves_persisted += 1
+            self.writes_since_usage += 1
+        if failed or self.writes_since_usage >= DISK_USAGE_REFRESH_SAVES:
             await self.refresh_disk_usage()
+
+    def skipped(self, save: Save, size: int) -> None:
+        self.counters.saves_skipped += 1
+        unlogged = self.skip_log.occurred(trio.current_time())
+        if unlogged is not None:
+            logger.warning(
+                "%s: skipped block %s (%d bytes): no room within the budget (%d of %d "
+                "bytes used); %d skipped so far, %d of them not logged",
+                self.control.name,
+                save.hash,
+                size,
+                self.index.bytes,
+                self.effective_budget(),
+                self.counters.saves_skipped,
+                unlogged,
+            )
+
+    async def write_failed(self, save: Save, existing: DiskBlock | None, error: OSError) -> None:
+        self.counters.write_errors += 1
+        unlogged = self.write_error_log.occurred(trio.current_time())
+        if unlogged is not None:
+            logger.error(
+                "%s: writing block %s failed (%s); %d write errors so far, %d of them "
+                "not logged",
+                self.control.name,
+                save.hash,
+                errno.errorcode.get(error.errno or 0, error.errno),
+                self.counters.write_errors,
+                unlogged,
+            )
+        if existing is not None:
+            # A failure after the rename removed the replaced file too.
+            path = blockfile.block_path(self.root, save.hash)
+            if not await trio.to_thread.run_sync(path.exists):
+                self.index.remove(save.hash)
+                self.space.freed(existing.size)
 
     def next_write_io(self) -> DiskIO:
         """Count a block write; the disk it goes to (struck if an armed fault covers it)."""
@@ -672,12 +695,12 @@ class _Writer:
                 return _struck_disk(self.io, fault)
         return self.io
 
-    async def make_room(self, incoming: int, keep: BlockHash) -> bool:
-        """Evict (at most `MAX_UNLINKS_PER_SAVE` files) so `incoming` more bytes fit;
-        True if they do."""
+    async def make_room(self, incoming: int, keep: frozenset[BlockHash]) -> bool:
+        """Evict (at most `MAX_UNLINKS_PER_SAVE` files, none of `keep`) so `incoming` more
+        bytes fit; True if they do."""
         excess = self.index.bytes + incoming - self.effective_budget()
         if excess > 0:
-            victims = self.index.victims(excess, MAX_UNLINKS_PER_SAVE, frozenset((keep,)))
+            victims = self.index.victims(excess, MAX_UNLINKS_PER_SAVE, keep)
             await self.remove(victims, _Removal.EVICT)
         return self.index.bytes + incoming <= self.effective_budget()
 
@@ -689,7 +712,7 @@ class _Writer:
             await self.take_saves(target)
             if not self.pending:
                 break
-            await self.write_oldest()
+            await self.write_batch()
         self.drain_stalled = False
         while self.over_budget() and not self.drain_stalled:
             await self.evict_pass()

@@ -122,7 +122,7 @@ class Disk:
 
     `errors`: errnos the next write calls raise, one each. `gate`: when set up with
     `stall()`, every write call waits for it (on the writer's worker thread). `free`:
-    the free space reported (None: the real disk's). Counts write and disk-usage calls.
+    the free space reported (None: the real disk's). Counts fsync and disk-usage calls.
     """
 
     def __init__(self, free: int | None = ROOMY, total: int = ROOMY) -> None:
@@ -133,8 +133,9 @@ class Disk:
         self.gate: threading.Event | None = None
         self.write_started = threading.Event()
         self.usage_calls = 0
+        self.fsyncs = 0
         self._calls_this_file = 0
-        self.io = DiskIO(write=self._write, disk_usage=self._usage)
+        self.io = DiskIO(write=self._write, fsync=self._fsync, disk_usage=self._usage)
 
     def stall(self) -> threading.Event:
         self.gate = threading.Event()
@@ -150,6 +151,10 @@ class Disk:
             code = self.errors.popleft()
             raise OSError(code, os.strerror(code))
         return os.write(fd, data)
+
+    def _fsync(self, fd: int) -> None:
+        self.fsyncs += 1
+        os.fsync(fd)
 
     def _usage(self, path: str) -> DiskUsage:
         self.usage_calls += 1

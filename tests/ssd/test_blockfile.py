@@ -269,3 +269,74 @@ def test_remove_files_reports_each_error(tmp_path):
     assert results[:2] == [None, None]
     assert isinstance(results[2], OSError)
     assert not path.exists()
+
+
+def _in_two_directories(count: int) -> list[BlockRecord]:
+    """`count` records whose hashes fall in two subdirectories, alternating."""
+    return [
+        BlockRecord(hash=("aa" if i % 2 else "bb") + block_hash(i)[2:], parent=None,
+                    scope="", tokens=16, tensors=tensors(i))
+        for i in range(count)
+    ]
+
+
+def _counting_io() -> tuple[DiskIO, list[int]]:
+    fsyncs: list[int] = []
+
+    def fsync(fd: int) -> None:
+        fsyncs.append(fd)
+        os.fsync(fd)
+
+    return DiskIO(fsync=fsync), fsyncs
+
+
+def test_a_batch_fsyncs_each_file_once_and_each_directory_once(tmp_path):
+    """Issue #15 item 14: one at a time, 6 blocks in 2 new directories cost 6 file + 6
+    directory + 2 parent fsyncs; as a batch, 6 + 2 + 1."""
+    records = _in_two_directories(6)
+    io, fsyncs = _counting_io()
+    sizes = blockfile.write_blocks(tmp_path, IDENTITY, [(rec, io) for rec in records])
+    assert len(fsyncs) == 6 + 2 + 1
+    assert sizes == [planned_size(IDENTITY, rec) for rec in records]
+    for rec in records:
+        assert read_block(block_path(tmp_path, rec.hash), IDENTITY, rec.hash)[1] == rec
+    assert temp_files(tmp_path) == []
+
+
+def test_a_failed_write_in_a_batch_fails_only_its_block(tmp_path):
+    records = _in_two_directories(4)
+    healthy = DiskIO()
+
+    def enospc(fd, data):
+        raise OSError(errno.ENOSPC, "full")
+
+    ios = [healthy, DiskIO(write=enospc), healthy, healthy]
+    results = blockfile.write_blocks(tmp_path, IDENTITY, list(zip(records, ios, strict=True)))
+    assert isinstance(results[1], OSError) and results[1].errno == errno.ENOSPC
+    assert [r for i, r in enumerate(results) if i != 1] == [
+        planned_size(IDENTITY, rec) for i, rec in enumerate(records) if i != 1
+    ]
+    assert not block_path(tmp_path, records[1].hash).exists()
+    assert temp_files(tmp_path) == []
+
+
+def test_a_failed_directory_fsync_fails_every_block_renamed_into_it(tmp_path):
+    records = _in_two_directories(4)  # bb, aa, bb, aa
+    blockfile.write_blocks(tmp_path, IDENTITY, [(records[0], DiskIO()), (records[1], DiskIO())])
+    bb = os.stat(block_path(tmp_path, records[0].hash).parent)
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == (bb.st_dev, bb.st_ino):
+            raise OSError(errno.EIO, "dir fsync failed")
+        os.fsync(fd)
+
+    io = DiskIO(fsync=fsync)
+    fresh = [BlockRecord(hash=rec.hash[:-1] + "f", parent=None, scope="", tokens=16,
+                         tensors=rec.tensors) for rec in records]
+    results = blockfile.write_blocks(tmp_path, IDENTITY, [(rec, io) for rec in fresh])
+    assert [isinstance(r, OSError) for r in results] == [True, False, True, False]
+    assert not block_path(tmp_path, fresh[0].hash).exists()
+    assert not block_path(tmp_path, fresh[2].hash).exists()
+    assert block_path(tmp_path, fresh[1].hash).exists()
+    assert temp_files(tmp_path) == []

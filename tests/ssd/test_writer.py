@@ -101,6 +101,31 @@ async def test_a_saved_block_is_persisted_and_loads_back_from_disk(tmp_path):
         assert (stats.load_hits, stats.load_misses) == (1, 1)
 
 
+async def test_saves_queued_together_are_written_as_one_batch_with_fewer_fsyncs(tmp_path):
+    """Issue #15 item 14: a prefill's blocks arrive together. Written as one batch, each
+    directory is fsynced once per batch and the root once, not once per new subdirectory;
+    every block is persisted (and counted) by the time Flush answers."""
+    disk = Disk()
+    gate = disk.stall()
+    saves = [make_save(i, elements=64) for i in range(16)]
+    async with running_writer(tmp_path, disk=disk) as (w, _):
+        await w.save(saves[0])
+        await wait_all_tasks_blocked()  # its write waits at the gate
+        for save in saves[1:]:
+            await w.save(save)
+        gate.set()
+        stats = await flushed(w)
+        assert (stats.saves_persisted, stats.files) == (16, 16)
+        assert set(block_files(tmp_path)) == {save.hash for save in saves}
+    first = saves[0].hash[:2]
+    rest = {save.hash[:2] for save in saves[1:]}
+    # The first block alone: its file, its directory, the root (a new subdirectory); then
+    # the other 15 in one batch: 15 files, each of their directories once, the root once.
+    assert disk.fsyncs == 3 + 15 + len(rest) + (1 if rest - {first} else 0)
+    one_at_a_time = 16 + 16 + len(rest | {first})
+    assert disk.fsyncs < one_at_a_time
+
+
 async def test_load_of_a_pending_block_hits_from_its_data(tmp_path):
     disk = Disk()
     gate = disk.stall()

@@ -16,6 +16,7 @@ import trio
 from trio.testing import wait_all_tasks_blocked
 
 from omlx_actors.ssd.writer import (
+    PENDING_CAPACITY,
     CleanupAll,
     DiskFaultKind,
     Flush,
@@ -71,7 +72,8 @@ async def test_a_writer_killed_at_random_points_leaves_valid_blocks_or_misses(tm
     await process.stdout.aclose()
     temps_left = len(temp_files(tmp_path))
     if kill == "mid-write":
-        assert temps_left == 1
+        # The temp files of the batch in progress, the last one half written.
+        assert 1 <= temps_left <= PENDING_CAPACITY
     on_disk = block_files(tmp_path)
     assert on_disk, "the child persisted nothing before the kill"
 
