@@ -59,6 +59,7 @@ from omlx_actors.isolation.link import (
 )
 from omlx_actors.runtime import ActorError, Address, InboxFull
 from omlx_actors.session import GenerationRequest, Session, coerce_stop
+from omlx_actors.structured import StructuredOutput
 from omlx_actors.ssd.messages import CleanupAll as SsdCleanupAll
 from omlx_actors.ssd.messages import CleanupRequest as SsdCleanupRequest
 from omlx_actors.ssd.messages import DiskFaultKind, InjectDiskFault
@@ -188,12 +189,14 @@ class Runtime:
         ignore_eos: bool = False,
         request_id: str | None = None,
         cache_scope: str = "",
+        structured: StructuredOutput | None = None,
         **sampling_kwargs: Any,
     ) -> Session:
         """A session for a chat. Sampling settings come as `sampling=` or as keyword
         arguments of `SamplingParams` (temperature=, top_p=, seed=, logprobs=, ...).
         `cache_scope` files the request's new blocks on the SSD tier under that name, so
-        `cleanup_cache_scope` can remove them (e.g. an agent session's id)."""
+        `cleanup_cache_scope` can remove them (e.g. an agent session's id). `structured`
+        constrains the output (`omlx_actors.structured`: a JSON schema, a forced tool call)."""
         return Session(
             self,
             GenerationRequest(
@@ -205,6 +208,7 @@ class Runtime:
                 ignore_eos=ignore_eos,
                 request_id=request_id,
                 cache_scope=cache_scope,
+                structured=structured,
             ),
         )
 
@@ -218,6 +222,7 @@ class Runtime:
         ignore_eos: bool = False,
         request_id: str | None = None,
         cache_scope: str = "",
+        structured: StructuredOutput | None = None,
         **sampling_kwargs: Any,
     ) -> Session:
         """A session for a raw prompt (text, or token ids)."""
@@ -231,6 +236,7 @@ class Runtime:
                 ignore_eos=ignore_eos,
                 request_id=request_id,
                 cache_scope=cache_scope,
+                structured=structured,
             ),
         )
 
@@ -369,7 +375,8 @@ class Runtime:
 async def resolve_model(config: RuntimeConfig) -> tuple[Path, bool]:
     """The model directory to load, and whether it is the random-weight demo.
 
-    A GGUF file is imported once into the user cache (`omlx_actors.models.resolve`), and a
+    "smollm2-135m-instruct" is the real default model, fetched and imported once. A GGUF
+    file is imported once into the user cache (`omlx_actors.models.resolve`), and a
     quantized GGUF import is served as float32 on the CPU; another local directory is used
     as is; anything else goes through mlx-lm's hub resolution
     (which works offline for already-downloaded repos). None builds/uses the demo model -
@@ -393,6 +400,14 @@ async def resolve_model(config: RuntimeConfig) -> tuple[Path, bool]:
     local = Path(config.model).expanduser()
     from omlx_actors.models import resolve as model_resolve
 
+    if config.model == model_resolve.DEFAULT_MODEL.name and not local.exists():
+        # The real default model by its served name: fetched and imported once.
+        proc = await trio.run_process(model_resolve.prepare_args("default"), check=False,
+                                      capture_stdout=True)
+        try:
+            return model_resolve.parse_child(proc.returncode, proc.stdout.decode()), False
+        except model_resolve.ModelUnavailable as exc:
+            raise ModelNotFound(f"model {config.model!r}: {exc}") from None
     if model_resolve.needs_child(local):
         # A GGUF file (imported once into the cache) or a quantized import (float32 on the
         # CPU): MLX work, so in a child process; its progress goes to our stderr.

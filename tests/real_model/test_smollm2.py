@@ -37,7 +37,10 @@ def _user(text: str) -> list[dict]:
 
 
 async def test_greedy_answers_to_factual_questions_contain_the_right_word(smollm2):
-    async with open_runtime(smollm2) as rt:
+    # By its served name, as `bench-servers --model smollm2-135m-instruct` or a scenario
+    # names it: the same cached float32 import.
+    async with open_runtime("smollm2-135m-instruct") as rt:
+        assert rt.model_path == smollm2
         answers: dict[str, str] = {}
 
         async def ask(question: str) -> None:
