@@ -22,6 +22,7 @@ an actor whose mailbox is its event channel from the dispatcher. Its contract:
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 import uuid
@@ -49,6 +50,7 @@ from omlx_actors.errors import (
     InvalidRequest,
 )
 from omlx_actors.text import ParsedToolCall, StopStringMatcher, ToolCallScanner, tokens_at_least
+from omlx_actors.structured import OutputKind, StructuredOutput, parse_tool_call
 
 if TYPE_CHECKING:
     from omlx_actors.api import Runtime
@@ -149,6 +151,8 @@ class GenerationRequest:
     ignore_eos: bool = False
     request_id: str | None = None
     cache_scope: str = ""
+    # Constrain the output to a grammar (response_format, a forced tool call); None: free.
+    structured: StructuredOutput | None = None
 
 
 def validate_sampling(p: SamplingParams) -> None:
@@ -215,6 +219,11 @@ class Session:
             raise InvalidRequest(
                 f"stop strings may have at most {MAX_STOP_STRING_CHARS} characters", param="stop"
             )
+        if req.structured is not None and req.stop:
+            # A stop string could cut the JSON short and pass it off as finished.
+            raise InvalidRequest("stop strings cannot be combined with structured output", param="stop")
+        if req.structured is not None and req.ignore_eos:
+            raise InvalidRequest("ignore_eos cannot be combined with structured output", param="ignore_eos")
         self.prompt_tokens = await self._tokenize()
         if not self.prompt_tokens:
             raise InvalidRequest("the prompt is empty", param="prompt")
@@ -260,6 +269,7 @@ class Session:
                     sampling=req.sampling,
                     stop_token_ids=tuple(stop_ids),
                     cache_scope=req.cache_scope,
+                    grammar=req.structured.grammar if req.structured is not None else "",
                 )
             )
         except BaseException:
@@ -273,7 +283,9 @@ class Session:
         self._stops = StopStringMatcher(tuple(req.stop))
         self._logprobs = req.sampling.logprobs
         self._scanner: ToolCallScanner | None = None
-        if req.tools and getattr(tok, "has_tool_calling", False):
+        self._structured = req.structured
+        self._structured_text: list[str] = []
+        if req.tools and req.structured is None and getattr(tok, "has_tool_calling", False):
             self._scanner = ToolCallScanner(
                 start=tok.tool_call_start, end=tok.tool_call_end, parse=tok.tool_parser,
                 tools=list(req.tools),
@@ -464,6 +476,10 @@ class Session:
                 return
 
     def _emit_text(self, piece: str, tokens: tuple[TokenChoice, ...]) -> None:
+        if self._structured is not None:
+            self._structured_text.append(piece)
+            if self._structured.kind is OutputKind.TOOL_CALL:
+                return  # a forced call's text is its arguments, delivered as a ToolCall
         if self._scanner is not None:
             piece, calls = self._scanner.feed(piece)
             for call in calls:
@@ -500,6 +516,8 @@ class Session:
                 self._pending.append(TextDelta(text=text))
         if self._finished:
             return
+        if self._structured is not None and reason is FinishReason.STOP:
+            reason, error_type, error = self._complete_structured()
         self._finished = True
         finish_reason = reason.value
         if self._tool_calls and reason in (FinishReason.STOP, FinishReason.LENGTH):
@@ -531,6 +549,24 @@ class Session:
             self._engine_done = True
             self._rt.abort_nowait(self.request_id)
         self._release()
+
+    def _complete_structured(self) -> tuple[FinishReason, str | None, str | None]:
+        """A constrained request the engine ended with a stop token: its grammar accepted
+        the text, so it parses. Checked again here anyway (fail closed: a text that does
+        not parse ends as an error, never as `stop`); a forced call becomes a ToolCall."""
+        text = "".join(self._structured_text)
+        try:
+            if self._structured.kind is OutputKind.TOOL_CALL:
+                name, arguments = parse_tool_call(self._structured, text)
+                call = ParsedToolCall(index=0, name=name, arguments=arguments)
+                self._tool_calls.append(call)
+                self._pending.append(ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", index=0,
+                                              name=name, arguments=arguments))
+            else:
+                json.loads(text)
+        except (ValueError, KeyError, TypeError) as exc:
+            return FinishReason.ERROR, "GrammarViolation", f"structured output does not parse: {exc}"
+        return FinishReason.STOP, None, None
 
     # -- closing -----------------------------------------------------------------------------
 

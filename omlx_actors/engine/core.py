@@ -27,6 +27,7 @@ from omlx_actors.cache.blocks import cache_namespace, default_block_size
 from omlx_actors.cache.index import Eviction, StoredBlock
 from omlx_actors.engine import cpu_attention
 from omlx_actors.engine.block_store import BlockStore, cache_layout
+from omlx_actors.engine.grammar import GrammarProcessor, GrammarTokenizers
 from omlx_actors.engine.lifetime import ClearSchedule, RetiredRefs
 from omlx_actors.engine.messages import (
     EngineInfo,
@@ -229,6 +230,8 @@ class _Live:
     cached_tokens: int = 0
     # Block indexes whose end boundary the prefill stops at (hybrid models), in order.
     boundaries: list[int] = attrs.field(factory=list)
+    # Its matcher (also in its row's logits processors, where mlx-lm moves it with the row).
+    grammar: GrammarProcessor | None = None
 
 
 def _plain_config(config: dict) -> tuple[tuple[str, str], ...]:
@@ -369,6 +372,8 @@ class EngineCore:
             self._store = BlockStore(layout, block_size, namespace)
             if not self._store.enabled:
                 self._store = None  # a cache type we cannot slice or snapshot
+        self._grammars = GrammarTokenizers(
+            str(path), int(text_config.get("vocab_size", 0)), tuple(eos_ids))
         return EngineInfo(
             model_path=str(path),
             model_type=str(config.get("model_type", "unknown")),
@@ -519,6 +524,12 @@ class EngineCore:
                 frequency_penalty=p.frequency_penalty,
             )
         tokens = submit.prompt_tokens
+        grammar = None
+        if submit.grammar:
+            # Last, after penalties and biases: nothing may lift a token the grammar forbids.
+            replay = tokens[len(tokens) - submit.grammar_replay:] if submit.grammar_replay else ()
+            grammar = self._grammars.processor(submit.grammar, tuple(replay))
+            processors = [*processors, grammar]
         cache, cached = None, 0
         if self._store is not None and submit.cached_blocks:
             cache, cached = self._store.build_cache(submit.cached_blocks)
@@ -544,6 +555,7 @@ class EngineCore:
             command=command,
             cached_tokens=cached,
             boundaries=boundaries,
+            grammar=grammar,
         )
         self._slot_of_uid[uid] = command.slot
         return command.slot, time.monotonic() - command.received_at
@@ -633,6 +645,14 @@ class EngineCore:
             if slot is None:
                 continue
             live = self._live[slot]
+            if live.grammar is not None and live.grammar.error is not None:
+                # Fail closed: the token its matcher refused is withheld, the request ends
+                # as an error, never as output that breaks its schema.
+                if r.finish_reason is None:
+                    self._gen.remove([r.uid])
+                finished.append(self._finish(live, FinishReason.ERROR, "GrammarViolation",
+                                             f"output left its grammar: {live.grammar.error}"))
+                continue
             live.completion_tokens += 1
             tokens.append((slot, self._token_choice(live, r.token, r.logprobs)))
             if r.finish_reason is not None:

@@ -83,6 +83,12 @@ class Submit:
     # The SSD tier files this request's new blocks under this scope ("" = shared), so
     # a cleanup of the scope removes them.
     cache_scope: str = ""
+    # Constrained decoding: an llguidance grammar string ("" = none), built and validated on
+    # the front (`omlx_actors.structured`); the engine keeps one matcher per request. The
+    # last `grammar_replay` prompt tokens are output already generated under it (a
+    # continuation's delivered tokens): the fresh matcher consumes them first.
+    grammar: str = ""
+    grammar_replay: int = 0
 
 
 @attrs.frozen(kw_only=True)

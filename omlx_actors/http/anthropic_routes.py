@@ -9,7 +9,10 @@ usage) and `message_stop`; `ping` also serves as keep-alive. A failure after the
 began ends it with an `error` event.
 
 An absent `temperature` means greedy decoding; `tool_choice` "any" or "tool" needs `tools`
-(holding the named tool) and is then accepted but not enforced, "none" hides the tools. Non-standard field: `ignore_eos`.
+(holding the named tool) and then constrains the output to a call whose input matches the
+tool's `input_schema`; "none" hides the tools. `output_format` {"type": "json_schema",
+"schema"} constrains the text to the schema (`omlx_actors.structured`); a schema llguidance
+cannot compile is a 400. Non-standard field: `ignore_eos`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import attrs
 
 from omlx_actors.engine.messages import SamplingParams
+from omlx_actors.errors import InvalidRequest
 from omlx_actors.http.app import (
     ServerState,
     check_model,
@@ -43,6 +47,7 @@ from omlx_actors.http.schemas import (
 )
 from omlx_actors.http.sse import StreamBroken, sse_event, sse_template
 from omlx_actors.session import Done, Progress, Session, TextDelta, ToolCall, Usage
+from omlx_actors.structured import StructuredOutput, response_format_output, tool_call_output
 
 MESSAGES_ROUTE = "/v1/messages"
 PING_FRAME = sse_event("ping", {"type": "ping"})
@@ -57,6 +62,7 @@ def register(app, state: ServerState) -> None:
         body = await read_body(MessagesRequest)
         check_model(state, body.model)
         _check_tool_choice(body)
+        structured = _structured_output(body)
         tools = None
         if body.tools and not (body.tool_choice and body.tool_choice.type == "none"):
             tools = [
@@ -89,6 +95,7 @@ def register(app, state: ServerState) -> None:
             sampling=sampling,
             ignore_eos=body.ignore_eos,
             request_id=request_id,
+            structured=structured,
         )
         await start_session(state, session, MESSAGES_ROUTE)
         resolve = stop_resolver(session, stops, state.runtime.tokenizer, state.runtime.info.eos_token_ids,
@@ -105,6 +112,36 @@ def register(app, state: ServerState) -> None:
 
 # ---------------------------------------------------------------------------------------
 # Request mapping
+
+
+def _structured_output(body: MessagesRequest) -> StructuredOutput | None:
+    """What the output is constrained to: the tool's `input_schema` when `tool_choice` is
+    "tool" or "any", or `output_format` {"type": "json_schema", "schema"}. Fail closed:
+    what cannot be honoured is a 400, never ignored."""
+    choice = body.tool_choice
+    tools_on = bool(body.tools) and not (choice and choice.type == "none")
+    forced = tools_on and choice is not None and choice.type in ("any", "tool")
+    fmt = body.output_format
+    if fmt is not None and tools_on:
+        raise invalid("output_format cannot be combined with tools unless tool_choice is "
+                      "'none'", param="output_format")
+    if tools_on and not forced and any(t.strict for t in body.tools):
+        raise invalid("strict tools are enforced only when the call is forced: set tool_choice "
+                      "to 'any' or 'tool'", param="tools")
+    try:
+        if forced:
+            tools = [{"name": t.name, "parameters": t.input_schema} for t in body.tools]
+            return tool_call_output(tools, choice.name if choice.type == "tool" else None,
+                                    param="tools")
+        if fmt is not None:
+            if fmt.get("type") != "json_schema":
+                raise InvalidRequest(f"unsupported output_format type {fmt.get('type')!r} "
+                                     "(json_schema)", param="output_format.type")
+            return response_format_output({"type": "json_schema", "json_schema": {
+                "name": "output", "schema": fmt.get("schema")}})
+    except InvalidRequest as exc:
+        raise invalid(exc.message, param=exc.param) from None
+    return None
 
 
 def _check_tool_choice(body: MessagesRequest) -> None:

@@ -8,9 +8,10 @@ chunk, then `data: [DONE]`.
 
 Behaviour worth knowing: an absent `temperature` means greedy decoding (as mlx-lm's
 server); `n` and `best_of` must be 1; `tool_choice` "required" or a named function needs
-`tools` (holding that function) and is then accepted but not enforced (no constrained
-decoding), "none" hides the tools; JSON
-`response_format`s are refused. Non-standard fields: `ignore_eos`, `top_k`, `min_p`,
+`tools` (holding that function) and then constrains the output to a call of it whose
+arguments match its `parameters` (`omlx_actors.structured`); "none" hides the tools; JSON
+`response_format`s (json_object, json_schema) constrain the text to their schema, and a
+schema llguidance cannot compile is a 400 naming what it lacks. Non-standard fields: `ignore_eos`, `top_k`, `min_p`,
 `repetition_penalty`.
 """
 
@@ -24,6 +25,7 @@ from typing import Any
 import attrs
 
 from omlx_actors.engine.messages import SamplingParams, TokenChoice
+from omlx_actors.errors import InvalidRequest
 from omlx_actors.http.app import (
     ServerState,
     check_model,
@@ -48,6 +50,7 @@ from omlx_actors.http.schemas import (
 )
 from omlx_actors.http.sse import KEEPALIVE_COMMENT, StreamBroken, sse_data, sse_template
 from omlx_actors.session import Done, Progress, TextDelta, ToolCall, Usage
+from omlx_actors.structured import StructuredOutput, response_format_output, tool_call_output
 
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -63,12 +66,8 @@ def register(app, state: ServerState) -> None:
         _check_common(body)
         if body.top_logprobs and not body.logprobs:
             raise invalid("top_logprobs requires logprobs: true", param="top_logprobs")
-        if body.response_format is not None and body.response_format.type != "text":
-            raise invalid(
-                f"response_format {body.response_format.type!r} is not supported by this server",
-                param="response_format", code="unsupported_parameter",
-            )
         _check_tool_choice(body)
+        structured = _structured_output(body)
         tools = None
         if body.tools and body.tool_choice != "none":
             tools = [
@@ -100,6 +99,7 @@ def register(app, state: ServerState) -> None:
             sampling=sampling,
             ignore_eos=body.ignore_eos,
             request_id=request_id,
+            structured=structured,
         )
         return await _respond(state, session, body, CHAT_ROUTE, ChatStream, chat_completion,
                               request_id=request_id, logprobs=want_logprobs)
@@ -156,6 +156,37 @@ async def _respond(state: ServerState, session, body, route: str, stream_cls, bu
         build(events, id=request_id, model=state.model_id, logprobs=logprobs,
               token_text=state.token_text)
     )
+
+
+def _structured_output(body: ChatCompletionRequest) -> StructuredOutput | None:
+    """What the output is constrained to: `response_format` json_object / json_schema, or
+    the tool's `parameters` when a call is forced (`tool_choice` "required" or a named
+    function). Fail closed: what cannot be honoured is a 400, never ignored."""
+    choice = body.tool_choice
+    forced = bool(body.tools) and (choice == "required" or isinstance(choice, NamedToolChoice))
+    tools_on = bool(body.tools) and choice != "none"
+    fmt = body.response_format
+    wants_format = fmt is not None and fmt.type != "text"
+    if wants_format and tools_on:
+        raise invalid("response_format cannot be combined with tools unless tool_choice is "
+                      "'none'", param="response_format", code="unsupported_parameter")
+    if tools_on and not forced and any(t.function.strict for t in body.tools):
+        # Enforcing a schema inside a call the model may or may not make needs a grammar
+        # over free text too; until then a strict tool is only honoured when forced.
+        raise invalid("strict tools are enforced only when the call is forced: set tool_choice "
+                      "to 'required' or name the function", param="tools",
+                      code="unsupported_parameter")
+    try:
+        if forced:
+            tools = [{"name": t.function.name, "parameters": t.function.parameters}
+                     for t in body.tools]
+            name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+            return tool_call_output(tools, name, param="tools")
+        if wants_format:
+            return response_format_output({"type": fmt.type, "json_schema": fmt.json_schema})
+    except InvalidRequest as exc:
+        raise invalid(exc.message, param=exc.param, code="unsupported_parameter") from None
+    return None
 
 
 def _check_tool_choice(body: ChatCompletionRequest) -> None:

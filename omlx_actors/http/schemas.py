@@ -274,6 +274,7 @@ class ATool(Struct):
     input_schema: dict[str, Any]
     description: str | None = None
     type: Literal["custom"] | None = None
+    strict: bool | None = None
 
 
 class AToolChoice(Struct):
@@ -296,3 +297,5 @@ class MessagesRequest(Struct, kw_only=True):
     stream: bool = False
     metadata: dict[str, Any] | None = None
     ignore_eos: bool = False  # non-standard, for exact token counts in tests
+    # Structured outputs: {"type": "json_schema", "schema": {...}} (constrained decoding).
+    output_format: dict[str, Any] | None = None

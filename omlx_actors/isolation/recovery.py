@@ -209,6 +209,9 @@ class Recovery:
             prompt_tokens=original.prompt_tokens + tuple(delivered),
             max_tokens=remaining,
             cached_blocks=(),  # the lookup is redone against the new engine's cache
+            # The delivered tokens were generated under the grammar: a fresh matcher
+            # replays them to resume in step with what the client already has.
+            grammar_replay=original.grammar_replay + len(delivered) if original.grammar else 0,
         )
 
     # -- internals --------------------------------------------------------------------------
