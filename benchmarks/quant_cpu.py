@@ -48,14 +48,16 @@ def main() -> None:
 
     from mlx_lm.utils import load_model
 
+    models = []
     for path in args.models:
         model, config = load_model(Path(path))
-        kind = "quantized" if "quantization" in config else "dense"
-        for b in (int(x) for x in args.batch.split(",")):
-            decode_rate(model, b, 4)  # warm-up
+        models.append((path, "quantized" if "quantization" in config else "dense", model))
+    # Interleaved per batch size, so both see the same machine load.
+    for b in (int(x) for x in args.batch.split(",")):
+        for path, kind, model in models:
+            decode_rate(model, b, 2)  # warm-up
             rate = decode_rate(model, b, args.tokens)
             print(f"{path} ({kind}) batch {b:3d}: {rate:7.1f} tok/s", flush=True)
-
 
 if __name__ == "__main__":
     main()

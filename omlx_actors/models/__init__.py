@@ -1,4 +1,6 @@
-"""Model helpers: offline random-weight demo models (`omlx_actors.models.demo`).
+"""Model helpers: offline random-weight demo models (`omlx_actors.models.demo`), GGUF
+import (`omlx_actors.models.gguf`) and which weights to serve (`omlx_actors.models.resolve`:
+the default real model, GGUF files, float32 on the CPU).
 
 Names are re-exported lazily, so importing this package stays cheap and
 `python -m omlx_actors.models.demo` runs without a double-import warning.

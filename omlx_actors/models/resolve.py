@@ -32,6 +32,7 @@ from pathlib import Path
 
 import attrs
 
+from omlx_actors.models.demo import _file_lock
 from omlx_actors.models.gguf import (
     MARKER_FILE,
     UnsupportedGguf,
@@ -193,7 +194,11 @@ def import_cached(gguf: Path, root: Path, name: str | None = None,
     dest = _import_dir(root, sha256, name or gguf.stem)
     if read_marker(dest) is not None:
         return dest
-    return import_gguf(gguf, dest, sha256=sha256, progress=progress, overwrite=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(dest.parent / f".{dest.name}.lock"):  # concurrent servers or test runs
+        if read_marker(dest) is None:
+            import_gguf(gguf, dest, sha256=sha256, progress=progress, overwrite=True)
+    return dest
 
 
 def for_device(model_dir: Path, root: Path, device: str, progress: Progress = _stderr) -> Path:
@@ -214,7 +219,10 @@ def for_device(model_dir: Path, root: Path, device: str, progress: Progress = _s
         return model_dir
     dest = _float32_dir(root, marker["sha256"], model_dir.name)
     if read_marker(dest) is None:
-        float32_variant(model_dir, dest, progress=progress)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(dest.parent / f".{dest.name}.lock"):
+            if read_marker(dest) is None:
+                float32_variant(model_dir, dest, progress=progress)
     progress(f"{model_dir.name}: CPU backend, serving the weights dequantized to float32 "
              f"({need / 2**20:.0f} MB; MLX's CPU quantized matmul is several times slower)")
     return dest
