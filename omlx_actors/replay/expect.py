@@ -62,6 +62,8 @@ class Observed:
     new_request: RequestRecord | None
     compare_tokens: bool  # token ids (in process) or text (over HTTP)
     ssd_check: SsdCheck | None = None
+    # Workload name -> the JSON schema (JSON text) its answers are constrained to.
+    schemas: Mapping[str, str] = attrs.field(factory=dict)
 
 
 def evaluate(expect: Expectations, scope: str, obs: Observed) -> list[Verdict]:
@@ -148,6 +150,9 @@ def evaluate(expect: Expectations, scope: str, obs: Observed) -> list[Verdict]:
             "the writer's counters balanced",
             "not checked" if check is None else check.detail)
 
+    if expect.schema_valid:
+        v.append(_schema_valid(scope, records, obs.schemas))
+
     if expect.error_message_contains is not None:
         needle = expect.error_message_contains
         failed = [r for r in records if r.outcome == FAILED]
@@ -158,6 +163,35 @@ def evaluate(expect: Expectations, scope: str, obs: Observed) -> list[Verdict]:
             "no request failed" if not failed else
             f"{len(unclear)} do not: " + "; ".join(f"{r.key}: {r.error!r}" for r in unclear[:_SHOW]))
     return v
+
+
+def _schema_valid(scope: str, records: Sequence[RequestRecord], schemas: Mapping[str, str]) -> Verdict:
+    """Fail closed, checked by an independent validator: a constrained answer that ends
+    `stop` parses and validates; one cut by max_tokens ends `length`; nothing else."""
+    import json
+
+    import jsonschema  # the `test` extra
+
+    expected = "every completed constrained answer to validate (finish stop) or end length"
+    checked = [r for r in records if r.outcome == COMPLETED and schemas.get(r.workload)]
+    bad: list[str] = []
+    finished = 0
+    for r in checked:
+        if r.finish_reason == "length":
+            continue
+        try:
+            if r.finish_reason != "stop":
+                raise ValueError(f"finish_reason {r.finish_reason!r}")
+            jsonschema.validate(json.loads(r.text or ""), json.loads(schemas[r.workload]))
+            finished += 1
+        except (ValueError, jsonschema.ValidationError) as exc:
+            bad.append(f"{r.key}: {_clip(str(exc))} in {_clip(r.text)!r}")
+    if not checked:
+        return Verdict(name="schema_valid", scope=scope, ok=False, expected=expected,
+                       actual="no constrained request completed")
+    return Verdict(name="schema_valid", scope=scope, ok=not bad, expected=expected,
+                   actual=f"{finished} valid, {len(checked) - finished} length" if not bad else
+                   f"{len(bad)} invalid: " + "; ".join(bad[:_SHOW]))
 
 
 def count_outcome(records: Sequence[RequestRecord], name: str) -> int:

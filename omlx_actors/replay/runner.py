@@ -281,6 +281,8 @@ def verdicts(scenario: Scenario, result: ReplayResult, *, compare_tokens: bool) 
         leak_checks=result.leak_checks, budget_bytes=result.budget_bytes,
         peak_bytes=result.peak_bytes, new_request=result.new_request,
         compare_tokens=compare_tokens, ssd_check=result.ssd_check,
+        schemas={w.name: w.params.response_schema for w in scenario.workloads
+                 if w.params.response_schema},
     )
     out = evaluate(scenario.expect, "run", obs)
     for phase in scenario.phases:

@@ -74,6 +74,9 @@ class RequestParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # A JSON schema (as JSON text) the answer is constrained to: response_format json_schema
+    # over HTTP, `structured=` in process. "" = free text.
+    response_schema: str = ""
 
     @property
     def reproducible(self) -> bool:
@@ -143,6 +146,9 @@ class Expectations:
     new_request_succeeds: bool = False
     error_message_contains: str | None = None
     ssd_no_orphans: bool = False
+    # Every completed request with a response_schema ends `stop` with JSON that validates
+    # against it (the `jsonschema` package, the `test` extra), or ends `length`.
+    schema_valid: bool = False
 
     @property
     def needs_reference(self) -> bool:
@@ -406,6 +412,7 @@ def _request_params(t: Table, base: dict[str, Any]) -> dict[str, Any]:
         "top_p": lambda: t.float("top_p", minimum=0.0, maximum=1.0),
         "seed": lambda: t.int("seed", minimum=0),
         "stop": lambda: t.strs("stop", None),
+        "response_schema": lambda: _json_object_text(t, "response_schema"),
     }
     for key in REQUEST_KEYS:
         if t.has(key):
@@ -415,6 +422,24 @@ def _request_params(t: Table, base: dict[str, Any]) -> dict[str, Any]:
         else:
             t.known.append(key)
     return out
+
+
+def _json_object_text(t: Table, key: str) -> str | None:
+    """A JSON object given as JSON text, kept as text (RequestParams is hashable)."""
+    import json
+
+    text = t.str(key, None)
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        t.bad(key, f"not JSON: {exc}")
+        return None
+    if not isinstance(value, dict):
+        t.bad(key, "must be a JSON object (a JSON schema)")
+        return None
+    return text
 
 
 def _workload(t: Table, name: str, defaults: dict[str, Any]) -> Workload | None:
@@ -524,6 +549,7 @@ def _expectations(t: Table, *, phase: bool = False) -> Expectations:
         new_request_succeeds=t.bool("new_request_succeeds", False),
         error_message_contains=t.str("error_message_contains", None),
         ssd_no_orphans=t.bool("ssd_no_orphans", False),
+        schema_valid=t.bool("schema_valid", False),
     )
     t.finish()
     return e

@@ -30,6 +30,7 @@ from omlx_actors.replay.records import (
     RequestRecord,
 )
 from omlx_actors.replay.trace import CancelAt, RequestBody
+from omlx_actors.structured import response_format_output
 
 Clock = Callable[[], float]
 
@@ -50,6 +51,12 @@ def _finish_code(finish_reason: str, error_type: str | None) -> str:
     if error_type in ("EngineStopped", "EngineStopping"):
         return "engine_unavailable"
     return "generation_failed"
+
+
+def _response_format(schema_text: str) -> dict[str, Any]:
+    """The OpenAI `response_format` of a workload's `response_schema`."""
+    return {"type": "json_schema",
+            "json_schema": {"name": "scenario", "schema": json.loads(schema_text), "strict": True}}
 
 
 class InProcessTarget:
@@ -73,6 +80,8 @@ class InProcessTarget:
         p = body.params
         kwargs = dict(max_tokens=p.max_tokens, stop=list(p.stop) or None, ignore_eos=p.ignore_eos,
                       temperature=p.temperature, top_p=p.top_p, seed=p.seed)
+        if p.response_schema:
+            kwargs["structured"] = response_format_output(_response_format(p.response_schema))
         if body.margins:
             kwargs.update(logprobs=True, top_logprobs=2)
             rec.token_margins = []
@@ -243,6 +252,8 @@ class HttpTarget:
             payload["stop"] = list(p.stop)
         if p.ignore_eos:
             payload["ignore_eos"] = True  # non-standard; vLLM and this server accept it
+        if p.response_schema:
+            payload["response_format"] = _response_format(p.response_schema)
         if body.margins:
             if body.mode == "chat":
                 payload.update(logprobs=True, top_logprobs=2)
