@@ -756,7 +756,10 @@ class EngineCore:
             ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
             values = logprobs[ids]
             pairs = sorted(zip(ids.tolist(), values.tolist()), key=lambda t: -t[1])
-            top = tuple(TokenLogprob(token=int(i), logprob=float(v)) for i, v in pairs)
+            # A grammar masks tokens to -inf: they were never candidates, so they are not
+            # alternatives (and -inf has no JSON form).
+            top = tuple(TokenLogprob(token=int(i), logprob=float(v)) for i, v in pairs
+                        if v != float("-inf"))
         return TokenChoice(token=int(token), logprob=float(logprobs[token].item()), top=top)
 
     def _maybe_inject_fault(self, kind: FaultKind) -> None:

@@ -172,3 +172,19 @@ async def test_anthropic_unsupported_output_format_is_a_400(server):
         with pytest.raises(anthropic.BadRequestError):
             await client.messages.create(model=MODEL, max_tokens=8, messages=ASK,
                                          extra_body={"output_format": {"type": "xml"}})
+
+
+async def test_logprobs_of_a_constrained_answer_list_only_tokens_the_grammar_allowed(server):
+    schema = {"type": "object", "properties": {"a": {"enum": ["x"]}}, "required": ["a"]}
+    async with openai_client(server) as client:
+        reply = await client.chat.completions.create(
+            model=MODEL, messages=ASK, max_tokens=16, logprobs=True, top_logprobs=5,
+            response_format=_fmt(schema))
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and json.loads(choice.message.content) == {"a": "x"}
+    items = choice.logprobs.content
+    # Masked tokens are no alternatives: the first step allows `{"` alone (compact JSON).
+    assert [(t.token, t.logprob) for t in items[0].top_logprobs] == [('{"', 0.0)]
+    for item in items:
+        assert 1 <= len(item.top_logprobs) < 5
+        assert all(isinstance(t.logprob, float) and t.logprob <= 0.0 for t in item.top_logprobs)
