@@ -127,3 +127,54 @@ async def test_forced_tool_calls_through_both_sdks_match_the_tool_schema(smollm2
                 assert message.stop_reason == "tool_use"
                 (use,) = [b for b in message.content if b.type == "tool_use"]
                 jsonschema.validate(use.input, WEATHER if use.name == "get_weather" else ORDER)
+
+
+async def test_an_engine_kill_mid_constrained_stream_resumes_and_validates(smollm2):
+    """SIGKILL the engine process while 4 constrained greedy streams are mid-way: each resumes
+    (its fresh matcher replays what was delivered), validates, and equals the run without
+    the kill."""
+    import os
+    import signal
+
+    from omlx_actors.api import open_runtime
+    from omlx_actors.structured import response_format_output
+
+    names = ["order", "tags", "person", "weather"]
+
+    async def run(rt, kill: bool) -> list[tuple[str, object]]:
+        results: dict[int, tuple[str, object]] = {}
+        delivered = [0] * len(names)
+
+        async def one(i: int, name: str) -> None:
+            structured = response_format_output(
+                {"type": "json_schema", "json_schema": {"name": name, "schema": ALL[name]}})
+            session = rt.chat(_user(PROMPTS[name]), max_tokens=128, structured=structured)
+            text = []
+            async with session:
+                async for event in session:
+                    if hasattr(event, "text"):
+                        text.append(event.text)
+                        delivered[i] += 1
+                    elif hasattr(event, "finish_reason"):
+                        results[i] = ("".join(text), event)
+
+        async with trio.open_nursery() as nursery:
+            for i, name in enumerate(names):
+                nursery.start_soon(one, i, name)
+            if kill:
+                with trio.fail_after(120):
+                    while min(delivered) < 3:
+                        await trio.sleep(0.005)
+                os.kill(rt.engine_pid, signal.SIGKILL)
+        return [results[i] for i in range(len(names))]
+
+    async with open_runtime(str(smollm2)) as rt:
+        reference = await run(rt, kill=False)
+    async with open_runtime(str(smollm2), isolation="process") as rt:
+        resumed = await run(rt, kill=True)
+        status = rt.engine_status()
+    assert status.restarts == 1 and status.resumed_requests >= 1
+    for name, (text, done), (expected, _) in zip(names, resumed, reference):
+        assert done.finish_reason == "stop", (name, done.finish_reason, done.error)
+        jsonschema.validate(json.loads(text), ALL[name])
+        assert text == expected
