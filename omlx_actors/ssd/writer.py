@@ -85,7 +85,6 @@ import enum
 import errno
 import functools
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -109,6 +108,7 @@ from omlx_actors.runtime import (
 from . import blockfile
 from .blockfile import BlockRecord, DiskIO
 from .disk_index import DiskBlock, DiskIndex, DiskSpace, effective_budget, free_space_reserve
+from .faults import DiskFaults
 from .lograte import RepeatedLog
 from .messages import (
     ALL_MESSAGE_TYPES,
@@ -320,35 +320,6 @@ class _Removal(enum.Enum):
 _REAL_DISK = DiskIO()
 
 
-@attrs.frozen
-class _ArmedFault:
-    """An injected disk fault: it strikes block writes number `first`..`last` (the
-    writer's `block_writes` count, 1-based), each as `kind` says."""
-
-    kind: DiskFaultKind
-    first: int
-    last: int
-    stall_s: float
-
-
-def _struck_disk(disk: DiskIO, fault: _ArmedFault) -> DiskIO:
-    """`disk` for one struck block write: its first write call hangs for `fault.stall_s`
-    and then goes on (STALL), or fails with ENOSPC (FULL). Runs on the writer's worker
-    thread."""
-    struck = False
-
-    def write(fd: int, buffer: memoryview) -> int:
-        nonlocal struck
-        if not struck:
-            struck = True
-            if fault.kind is DiskFaultKind.FULL:
-                raise OSError(errno.ENOSPC, "No space left on device (injected)")
-            time.sleep(fault.stall_s)  # a hung disk: the write returns after the stall
-        return disk.write(fd, buffer)
-
-    return DiskIO(write=write, fsync=disk.fsync, disk_usage=disk.disk_usage)
-
-
 class _Stop(Exception):
     """Raised inside the writer to leave its loop after a `Shutdown` was answered."""
 
@@ -361,10 +332,7 @@ class _Writer:
         self.saves = saves
         self.config = config
         self.io = io
-        # Block writes started so far (the count injected faults strike by), and the
-        # faults armed, in arrival order.
-        self.block_writes = 0
-        self.armed: list[_ArmedFault] = []
+        self.faults = DiskFaults()  # injected ones, striking block writes by count
         self.root = Path(config.directory)
         self.identity = config.identity
         self.budget = config.budget_bytes
@@ -561,13 +529,12 @@ class _Writer:
                 return self.stats()
             case StatsQuery():
                 return self.stats()
-            case InjectDiskFault(kind=kind, writes=writes, after_writes=after, stall_s=stall):
-                first = self.block_writes + after + 1
-                self.armed.append(_ArmedFault(kind, first, first + writes - 1, stall))
+            case InjectDiskFault() as fault:
+                armed = self.faults.arm(fault)
                 logger.warning(
                     "%s: injected disk fault: %s of block writes %d..%d%s",
-                    self.control.name, kind.value, first, first + writes - 1,
-                    f" ({stall:g} s each)" if kind is DiskFaultKind.STALL else "",
+                    self.control.name, armed.kind.value, armed.first, armed.last,
+                    f" ({armed.stall_s:g} s each)" if armed.kind is DiskFaultKind.STALL else "",
                 )
                 return self.stats()
             case Shutdown(flush=flush, cleanup=cleanup):
@@ -624,7 +591,7 @@ class _Writer:
             batch.append((save, record, existing))
         if not batch:
             return
-        jobs = [(record, self.next_write_io()) for _, record, _ in batch]
+        jobs = [(record, self.faults.next_write(self.io)) for _, record, _ in batch]
         results = await trio.to_thread.run_sync(
             blockfile.write_blocks, self.root, self.identity, jobs
         )
@@ -684,16 +651,6 @@ class _Writer:
             if not await trio.to_thread.run_sync(path.exists):
                 self.index.remove(save.hash)
                 self.space.freed(existing.size)
-
-    def next_write_io(self) -> DiskIO:
-        """Count a block write; the disk it goes to (struck if an armed fault covers it)."""
-        self.block_writes += 1
-        n = self.block_writes
-        self.armed = [fault for fault in self.armed if fault.last >= n]
-        for fault in self.armed:
-            if fault.first <= n:
-                return _struck_disk(self.io, fault)
-        return self.io
 
     async def make_room(self, incoming: int, keep: frozenset[BlockHash]) -> bool:
         """Evict (at most `MAX_UNLINKS_PER_SAVE` files, none of `keep`) so `incoming` more
