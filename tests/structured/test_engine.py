@@ -103,3 +103,60 @@ def test_a_continuation_replays_its_delivered_tokens_into_the_grammar():
     assert first.prompt_tokens == (1, 2, 3, 7, 8)
     assert first.grammar_replay == 2
     assert first.grammar == original.grammar
+
+
+async def test_a_prefix_cache_hit_leaves_the_constrained_answer_unchanged(tiny_llama):
+    long_prompt = "a shared system prompt that spans several blocks " * 20
+    async with open_runtime(tiny_llama) as rt:
+        first = await _collect(rt, long_prompt, max_tokens=96, structured=_json_schema(PERSON))
+        second = await _collect(rt, long_prompt, max_tokens=96, structured=_json_schema(PERSON))
+    assert first[2].usage.cached_tokens == 0
+    assert second[2].usage.cached_tokens >= 128
+    assert second[0] == first[0]
+    _check(first[0], first[2], PERSON)
+
+
+def _processor(model_dir, schema):
+    import json as _json
+
+    from omlx_actors.engine.grammar import GrammarTokenizers
+
+    config = _json.loads((model_dir / "config.json").read_text())
+    tokenizers = GrammarTokenizers(str(model_dir), config["vocab_size"], (1, 3))
+    return tokenizers, tokenizers.processor(compile_schema(schema, param="p"), ())
+
+
+def test_a_token_the_grammar_refuses_puts_the_processor_in_error_and_the_mask_is_exact(tiny_llama):
+    import mlx.core as mx
+
+    tokenizers, proc = _processor(tiny_llama, PERSON)
+    tok = tokenizers.tokenizer()
+    logits = mx.zeros((1, tok.vocab_size))
+    masked = proc(mx.array([5]), logits)  # first call: context[-1] is the prompt's last token
+    allowed = [i for i, v in enumerate(masked[0].tolist()) if v == 0.0]
+    assert [tok.decode_str([i]) for i in allowed] == ['{"']  # compact JSON: `{"` alone
+    (brace_quote,) = allowed
+    proc(mx.array([5, brace_quote]), logits)
+    assert proc.error is None
+    (bad,) = tok.tokenize_str("}")
+    proc(mx.array([5, brace_quote, bad]), logits)  # `{"}` breaks the grammar
+    assert proc.error is not None
+
+
+def test_a_stop_token_before_the_json_is_complete_is_an_error(tiny_llama):
+    import mlx.core as mx
+
+    tokenizers, proc = _processor(tiny_llama, PERSON)
+    logits = mx.zeros((1, tokenizers.tokenizer().vocab_size))
+    proc(mx.array([5]), logits)
+    proc(mx.array([5, 3]), logits)  # <|im_end|> at once
+    assert proc.error == "stop token 3 before the grammar was complete"
+
+
+def test_replayed_tokens_that_break_the_grammar_are_refused_at_admission(tiny_llama):
+    from omlx_actors.engine.grammar import GrammarRejected
+
+    tokenizers, _ = _processor(tiny_llama, PERSON)
+    bad = tuple(tokenizers.tokenizer().tokenize_str("[1, 2]"))
+    with pytest.raises(GrammarRejected, match="delivered tokens do not fit the grammar"):
+        tokenizers.processor(compile_schema(PERSON, param="p"), bad)
