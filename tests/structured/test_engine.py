@@ -160,3 +160,38 @@ def test_replayed_tokens_that_break_the_grammar_are_refused_at_admission(tiny_ll
     bad = tuple(tokenizers.tokenizer().tokenize_str("[1, 2]"))
     with pytest.raises(GrammarRejected, match="delivered tokens do not fit the grammar"):
         tokenizers.processor(compile_schema(PERSON, param="p"), bad)
+
+
+async def test_matchers_stay_with_their_rows_as_the_batch_grows_and_shrinks(tiny_llama):
+    """mlx-vlm #1574's trap: grammar state out of step when rows join and leave. Constrained
+    greedy requests arrive staggered while others are cancelled mid-way; each answer equals
+    the one it gives alone (greedy, so any matcher mix-up would show)."""
+    names = list(ALL) + list(ALL)[:3]
+
+    async with open_runtime(tiny_llama) as rt:
+        alone = [await _collect(rt, f"item {i}", max_tokens=120, structured=_json_schema(ALL[n]))
+                 for i, n in enumerate(names)]
+        results: dict[int, tuple] = {}
+
+        async def staggered(i: int, name: str) -> None:
+            await trio.sleep(0.03 * i)  # rows join while others decode
+            results[i] = await _collect(rt, f"item {i}", max_tokens=120, structured=_json_schema(ALL[name]))
+
+        async def cancelled(i: int) -> None:
+            session = rt.chat([{"role": "user", "content": f"gone {i}"}], max_tokens=120,
+                              structured=_json_schema(ORDER))
+            async with session:
+                seen = 0
+                async for _ in session:
+                    seen += 1
+                    if seen == 3 + 2 * i:
+                        break  # the row leaves the batch mid-stream
+
+        async with trio.open_nursery() as nursery:
+            for i, name in enumerate(names):
+                nursery.start_soon(staggered, i, name)
+            for i in range(4):
+                nursery.start_soon(cancelled, i)
+    for i, name in enumerate(names):
+        assert results[i][0] == alone[i][0], (i, name)
+        _check(results[i][0], results[i][2], ALL[name])
