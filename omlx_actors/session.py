@@ -177,6 +177,21 @@ def validate_sampling(p: SamplingParams) -> None:
         raise InvalidRequest("seed must be in [0, 2**64)", param="seed")
 
 
+
+@functools.lru_cache(maxsize=8)
+def unprinted_special_ids(tokenizer) -> frozenset[int]:
+    """The tokenizer's special (control) tokens that never reach the text: `<|im_start|>`,
+    `<|endoftext|>` and the like, which a model may emit but no client should see as words.
+    Tool-call and thinking markers stay text: the tool scanner and clients look for them.
+    Computed once per tokenizer (the wrapper lives as long as its runtime)."""
+    ids = getattr(tokenizer, "all_special_ids", None) or ()
+    markers = {getattr(tokenizer, name, None) for name in
+               ("tool_call_start", "tool_call_end", "think_start", "think_end")} - {None}
+    if not markers:
+        return frozenset(ids)
+    names = tokenizer.convert_ids_to_tokens(list(ids))
+    return frozenset(i for i, name in zip(ids, names) if name not in markers)
+
 class Session:
     """One request's life on the front side. Build with `Runtime.chat` / `Runtime.complete`."""
 
@@ -280,6 +295,7 @@ class Session:
         tok = rt.tokenizer
         self._detokenizer = tok.detokenizer
         self._stop_ids = frozenset(stop_ids)
+        self._unprinted_ids = unprinted_special_ids(tok)
         self._stops = StopStringMatcher(tuple(req.stop))
         self._logprobs = req.sampling.logprobs
         self._scanner: ToolCallScanner | None = None
@@ -470,6 +486,9 @@ class Session:
             self.completion_token_ids.append(token)
             if token in self._stop_ids:
                 continue  # the stop token ends the request; it is not text
+            if token in self._unprinted_ids:
+                self._emit_text("", (choice,))  # a control token: no text, its logprob kept
+                continue
             detokenizer.add_token(token)
             self._emit_text(detokenizer.last_segment, (choice,))
             if self._finished:

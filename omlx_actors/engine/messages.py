@@ -12,7 +12,8 @@ Events (executor → front dispatcher): Admitted, PrefillProgress, TokenDelta, F
 from __future__ import annotations
 
 import enum
-from typing import Union
+from collections.abc import Mapping
+from typing import Any, Union
 
 import attrs
 
@@ -22,12 +23,18 @@ from omlx_actors.ssd.blockfile import TensorData
 # Request parameters
 
 
+def _bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
+    items = value.items() if isinstance(value, Mapping) else value
+    return tuple((int(token), float(bias)) for token, bias in items)
+
+
 @attrs.frozen(kw_only=True)
 class SamplingParams:
     """How to pick each next token. The defaults are greedy decoding.
 
     `seed` makes a sampled request reproducible on its own, independent of its batch mates.
-    `logit_bias` is a tuple of (token id, bias) pairs so the value stays hashable.
+    `logit_bias` is a tuple of (token id, bias) pairs so the value stays hashable; a
+    mapping (as the in-process API's callers write it) is converted to one.
     """
 
     temperature: float = 0.0
@@ -38,7 +45,7 @@ class SamplingParams:
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: tuple[tuple[int, float], ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = attrs.field(default=(), converter=_bias_pairs)
     logprobs: bool = False
     top_logprobs: int = 0
 

@@ -202,3 +202,17 @@ async def test_the_tokenizer_round_trips_text_and_special_tokens_are_single_ids(
         assert added["special"] is True
         assert tok.encode(added["content"], add_special_tokens=False) == [added["id"]]
     assert tok.encode("<|im_end|>", add_special_tokens=False) == [IM_END]
+
+
+async def test_a_control_token_the_model_emits_is_never_text(smollm2):
+    # logit_bias makes the model emit <|im_start|> (id 1, a special token that is not a
+    # stop id) at every step: the answer has those tokens, with their logprobs, but no text.
+    async with open_runtime(smollm2) as rt:
+        im_start = rt.tokenizer.convert_tokens_to_ids("<|im_start|>")
+        assert im_start not in rt.info.eos_token_ids
+        session = rt.chat(_user(QUESTION), max_tokens=4, temperature=0.0,
+                          logit_bias={im_start: 100.0}, logprobs=True)
+        text, _, done = await session.collect()
+    assert session.completion_token_ids == [im_start] * 4
+    assert text == ""
+    assert done.finish_reason == "length"
