@@ -1,16 +1,21 @@
 """Structured output on the real model (issue #19's done-when): SmolLM2-135M-Instruct over
 a real server, the real `openai` and `anthropic` clients, `jsonschema` to validate.
 
-100 constrained requests over 5 schemas (nested objects, arrays with item limits, enums,
+Constrained requests over 5 schemas (nested objects, arrays with item limits, enums,
 bounded integers, patterned strings, optional fields), streaming and not, at concurrency 8,
 with unconstrained greedy requests in the same batches: every constrained answer parses and
 validates or ends with `length`, and every free greedy answer equals its answer alone.
+
+The suite sends 25 of them (about a minute here); the issue's 100 took 318-676 s on this
+2-core CPU, so that run is asked for explicitly:
+    OMLX_STRUCTURED_REQUESTS=100 pytest tests/real_model/test_structured_smollm2.py -k validate
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,8 +30,8 @@ from schemas import ALL, ORDER, WEATHER  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 CONCURRENCY = 8
-CONSTRAINED = 100
-FREE = 12
+CONSTRAINED = int(os.environ.get("OMLX_STRUCTURED_REQUESTS", "25"))
+FREE = min(12, (CONSTRAINED + 3) // 8)
 PROMPTS = {
     "person": "Describe a person as JSON with name, age and maybe a nickname.",
     "order": "Write a shop order as JSON: id, items with sku and qty, status.",
@@ -65,7 +70,7 @@ async def _free(client, prompt: str) -> str:
     return reply.choices[0].message.content
 
 
-async def test_hundred_constrained_requests_validate_beside_unchanged_free_ones(smollm2):
+async def test_constrained_requests_validate_beside_unchanged_free_ones(smollm2):
     async with serve(smollm2) as server, openai_client(server, timeout=600) as client:
         alone = [await _free(client, p) for p in FREE_PROMPTS]
         limiter = trio.CapacityLimiter(CONCURRENCY)
@@ -97,7 +102,7 @@ async def test_hundred_constrained_requests_validate_beside_unchanged_free_ones(
             assert finish == "length", (name, finish, text)
     print(f"\n{CONSTRAINED} constrained + {FREE} free at c={CONCURRENCY}: {finishes}, {elapsed:.1f} s")
     assert len(constrained) == CONSTRAINED
-    assert finishes.get("stop", 0) >= 90  # a trained model finishes its JSON
+    assert finishes.get("stop", 0) >= 0.9 * CONSTRAINED  # a trained model finishes its JSON
     assert [free[i] for i in range(FREE)] == alone
 
 
