@@ -53,6 +53,20 @@ _ARCHITECTURES = {
 }
 
 
+def publish_directory(tmp: Path, dest: Path, overwrite: bool) -> None:
+    """Move a fully built directory `tmp` to `dest` by renames, so a reader sees either the
+    old directory or the whole new one; an existing `dest` is replaced only if `overwrite`
+    (else `FileExistsError`: another builder won the race)."""
+    if dest.exists() or dest.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{dest} appeared while it was being built")
+        trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+        os.replace(dest, trash / "old")
+        os.replace(tmp, dest)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
 def _freeze(value: Any) -> Any:
     """JSON-ish value -> hashable (lists to tuples, dicts to sorted pair tuples)."""
     if isinstance(value, Mapping):
@@ -361,15 +375,7 @@ def build_demo_model(
     try:
         os.chmod(tmp, 0o755)
         _build_into(tmp, spec)
-        if dest.exists() or dest.is_symlink():
-            if not overwrite:
-                raise FileExistsError(f"{dest} appeared while building")
-            trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-            os.replace(dest, trash / "old")
-            os.replace(tmp, dest)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        publish_directory(tmp, dest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -43,6 +43,8 @@ from typing import Any, BinaryIO
 
 import attrs
 
+from omlx_actors.models.demo import publish_directory
+
 # Bump when the importer's output changes for the same file (invalidates cached imports).
 IMPORTER_VERSION = 1
 MARKER_FILE = "omlx_gguf.json"
@@ -374,7 +376,7 @@ def import_gguf(src: Path | str, dest: Path | str, *, sha256: str | None = None,
             "sha256": sha256, "architecture": arch, "name": md.get("general.name"),
             "license": md.get("general.license"), "dtype": "gguf",
         })
-        _replace(tmp, dest, overwrite)
+        publish_directory(tmp, dest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -422,23 +424,11 @@ def float32_variant(src: Path | str, dest: Path | str, *,
                 shutil.copy2(src / name, tmp / name)
         marker = json.loads((src / MARKER_FILE).read_text(encoding="utf-8"))
         _write_json(tmp / MARKER_FILE, {**marker, "dtype": "float32"})
-        _replace(tmp, dest, overwrite=True)
+        publish_directory(tmp, dest, overwrite=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
-
-
-def _replace(tmp: Path, dest: Path, overwrite: bool) -> None:
-    if dest.exists():
-        if not overwrite:
-            raise FileExistsError(f"{dest} appeared while importing")
-        trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-        os.replace(dest, trash / "old")
-        os.replace(tmp, dest)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
 
 
 def read_marker(path: Path | str) -> dict[str, Any] | None:

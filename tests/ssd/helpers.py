@@ -8,6 +8,7 @@ import errno
 import hashlib
 import os
 import shutil
+import subprocess
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
@@ -200,3 +201,23 @@ async def running_writer(
             disk.gate.set()
         with contextlib.suppress(ActorUnavailable):
             await address.call(Shutdown(flush=False))
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(tmp_path: Path, size: str):
+    """A real tmpfs of `size` (mount's syntax: "1m") for a test, unmounted after it; the
+    test is skipped where mounting is not permitted (not root, or no mount in a sandbox)."""
+    import pytest
+
+    mount_point = tmp_path / f"tmpfs-{size}"
+    mount_point.mkdir()
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)

@@ -5,8 +5,6 @@ repeats is logged once per interval with a count, not once per save."""
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 
 import pytest
 import trio
@@ -21,7 +19,7 @@ from omlx_actors.ssd.writer import (
     InjectDiskFault,
 )
 
-from .helpers import KILL_TEST_ELEMENTS, Disk, balanced, block_files, make_save, running_writer
+from .helpers import mounted_tmpfs, KILL_TEST_ELEMENTS, Disk, balanced, block_files, make_save, running_writer
 
 MB = 1 << 20
 DEFAULT_RESERVE = {"min_free_bytes": MIN_FREE_BYTES, "min_free_fraction": MIN_FREE_FRACTION}
@@ -114,22 +112,9 @@ def test_a_repeated_log_logs_the_first_then_one_per_interval_with_the_count():
 
 @pytest.fixture
 def tmpfs_2mb(tmp_path):
-    """A real 2 MB tmpfs, mounted for the test; skipped where mounting is not permitted."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    """A real 2 MB tmpfs, mounted for the test."""
+    with mounted_tmpfs(tmp_path, "2m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 async def test_a_real_2_mb_tmpfs_holds_blocks_with_the_default_reserve(tmpfs_2mb):

@@ -4,7 +4,6 @@ scenarios inject at its disk boundary (`InjectDiskFault`: a hung disk, a full on
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from omlx_actors.ssd.writer import (
 )
 
 from .helpers import (
+    mounted_tmpfs,
     KILL_TEST_ELEMENTS,
     Disk,
     balanced,
@@ -97,22 +97,9 @@ async def test_a_writer_killed_at_random_points_leaves_valid_blocks_or_misses(tm
 
 @pytest.fixture
 def tiny_filesystem(tmp_path):
-    """A 1 MiB tmpfs mounted for the test; skipped where mounting is not permitted."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    """A 1 MiB tmpfs mounted for the test."""
+    with mounted_tmpfs(tmp_path, "1m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 async def test_a_really_full_disk_fails_the_write_cleanly_and_shrinks_the_budget(
