@@ -50,7 +50,7 @@ from omlx_actors.errors import (
     InvalidRequest,
 )
 from omlx_actors.text import ParsedToolCall, StopStringMatcher, ToolCallScanner, tokens_at_least
-from omlx_actors.structured import OutputKind, StructuredOutput, parse_tool_call
+from omlx_actors.structured import OutputKind, StructuredOutput, parse_tool_call, with_tool_markers
 
 if TYPE_CHECKING:
     from omlx_actors.api import Runtime
@@ -272,6 +272,8 @@ class Session:
             max_tokens = room
         self.max_tokens = max_tokens
         stop_ids = () if req.ignore_eos else rt.info.eos_token_ids
+        if req.structured is not None and req.structured.kind is OutputKind.TEXT_OR_TOOL_CALLS:
+            self._request = req = attrs.evolve(req, structured=self._tool_markers_grammar(req.structured))
         self._events = rt.dispatcher.register(self.request_id, self._channel_capacity())
         self._t_submit = time.monotonic()
         try:
@@ -301,11 +303,26 @@ class Session:
         self._scanner: ToolCallScanner | None = None
         self._structured = req.structured
         self._structured_text: list[str] = []
-        if req.tools and req.structured is None and getattr(tok, "has_tool_calling", False):
+        free_text = req.structured is None or req.structured.kind is OutputKind.TEXT_OR_TOOL_CALLS
+        if req.tools and free_text and getattr(tok, "has_tool_calling", False):
             self._scanner = ToolCallScanner(
                 start=tok.tool_call_start, end=tok.tool_call_end, parse=tok.tool_parser,
                 tools=list(req.tools),
             )
+
+    def _tool_markers_grammar(self, output: StructuredOutput) -> StructuredOutput:
+        """Strict tools under tool_choice auto: the grammar around the tokenizer's tool-call
+        markers (`structured.with_tool_markers`). A tokenizer without markers has no call
+        to constrain: refused, never served unconstrained."""
+        tok = self._rt.tokenizer
+        if not getattr(tok, "has_tool_calling", False):
+            raise InvalidRequest("strict tools need a model whose tokenizer has tool-call markers "
+                                 "(this one has none, so a call could not be constrained)",
+                                 param="tools")
+        start, end = tok.tool_call_start, tok.tool_call_end
+        return with_tool_markers(output, start=start, end=end,
+                                 start_ids=list(tok.encode(start, add_special_tokens=False)),
+                                 end_ids=list(tok.encode(end, add_special_tokens=False)))
 
     def _channel_capacity(self) -> int:
         # One event per step at most for tokens, one per prefill chunk, plus Admitted and
@@ -499,6 +516,7 @@ class Session:
             self._structured_text.append(piece)
             if self._structured.kind is OutputKind.TOOL_CALL:
                 return  # a forced call's text is its arguments, delivered as a ToolCall
+            # TEXT_OR_TOOL_CALLS: text and calls flow through the scanner as unconstrained
         if self._scanner is not None:
             piece, calls = self._scanner.feed(piece)
             for call in calls:
@@ -574,6 +592,8 @@ class Session:
         the text, so it parses. Checked again here anyway (fail closed: a text that does
         not parse ends as an error, never as `stop`); a forced call becomes a ToolCall."""
         text = "".join(self._structured_text)
+        if self._structured.kind is OutputKind.TEXT_OR_TOOL_CALLS:
+            return FinishReason.STOP, None, None  # free text; the scanner parsed each call
         try:
             if self._structured.kind is OutputKind.TOOL_CALL:
                 name, arguments = parse_tool_call(self._structured, text)

@@ -10,7 +10,8 @@ began ends it with an `error` event.
 
 An absent `temperature` means greedy decoding; `tool_choice` "any" or "tool" needs `tools`
 (holding the named tool) and then constrains the output to a call whose input matches the
-tool's `input_schema`; "none" hides the tools. `output_format` {"type": "json_schema",
+tool's `input_schema`; a `strict` tool under "auto" lets the model answer in text or call,
+its calls matching the tools; "none" hides the tools. `output_format` {"type": "json_schema",
 "schema"} constrains the text to the schema (`omlx_actors.structured`); a schema llguidance
 cannot compile is a 400. Non-standard field: `ignore_eos`.
 """
@@ -47,7 +48,12 @@ from omlx_actors.http.schemas import (
 )
 from omlx_actors.http.sse import StreamBroken, sse_event, sse_template
 from omlx_actors.session import Done, Progress, Session, TextDelta, ToolCall, Usage
-from omlx_actors.structured import StructuredOutput, response_format_output, tool_call_output
+from omlx_actors.structured import (
+    StructuredOutput,
+    response_format_output,
+    strict_tools_output,
+    tool_call_output,
+)
 
 MESSAGES_ROUTE = "/v1/messages"
 PING_FRAME = sse_event("ping", {"type": "ping"})
@@ -116,7 +122,8 @@ def register(app, state: ServerState) -> None:
 
 def _structured_output(body: MessagesRequest) -> StructuredOutput | None:
     """What the output is constrained to: the tool's `input_schema` when `tool_choice` is
-    "tool" or "any", or `output_format` {"type": "json_schema", "schema"}. Fail closed:
+    "tool" or "any", free text whose tool calls match the tools when a tool is `strict`
+    under tool_choice "auto" (`strict_tools_output`), or `output_format` {"type": "json_schema", "schema"}. Fail closed:
     what cannot be honoured is a 400, never ignored."""
     choice = body.tool_choice
     tools_on = bool(body.tools) and not (choice and choice.type == "none")
@@ -125,10 +132,12 @@ def _structured_output(body: MessagesRequest) -> StructuredOutput | None:
     if fmt is not None and tools_on:
         raise invalid("output_format cannot be combined with tools unless tool_choice is "
                       "'none'", param="output_format")
-    if tools_on and not forced and any(t.strict for t in body.tools):
-        raise invalid("strict tools are enforced only when the call is forced: set tool_choice "
-                      "to 'any' or 'tool'", param="tools")
     try:
+        if tools_on and not forced and any(t.strict for t in body.tools):
+            # tool_choice auto: free text, or a call whose JSON the grammar checks.
+            return strict_tools_output(
+                [{"name": t.name, "parameters": t.input_schema, "strict": bool(t.strict)}
+                 for t in body.tools], param="tools")
         if forced:
             tools = [{"name": t.name, "parameters": t.input_schema} for t in body.tools]
             return tool_call_output(tools, choice.name if choice.type == "tool" else None,

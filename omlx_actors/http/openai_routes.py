@@ -9,7 +9,8 @@ chunk, then `data: [DONE]`.
 Behaviour worth knowing: an absent `temperature` means greedy decoding (as mlx-lm's
 server); `n` and `best_of` must be 1; `tool_choice` "required" or a named function needs
 `tools` (holding that function) and then constrains the output to a call of it whose
-arguments match its `parameters` (`omlx_actors.structured`); "none" hides the tools; JSON
+arguments match its `parameters` (`omlx_actors.structured`); a `strict` tool under "auto"
+lets the model answer in text or call, its calls matching the tools; "none" hides the tools; JSON
 `response_format`s (json_object, json_schema) constrain the text to their schema, and a
 schema llguidance cannot compile is a 400 naming what it lacks. Non-standard fields: `ignore_eos`, `top_k`, `min_p`,
 `repetition_penalty`.
@@ -50,7 +51,12 @@ from omlx_actors.http.schemas import (
 )
 from omlx_actors.http.sse import KEEPALIVE_COMMENT, StreamBroken, sse_data, sse_template
 from omlx_actors.session import Done, Progress, TextDelta, ToolCall, Usage
-from omlx_actors.structured import StructuredOutput, response_format_output, tool_call_output
+from omlx_actors.structured import (
+    StructuredOutput,
+    response_format_output,
+    strict_tools_output,
+    tool_call_output,
+)
 
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -161,7 +167,8 @@ async def _respond(state: ServerState, session, body, route: str, stream_cls, bu
 def _structured_output(body: ChatCompletionRequest) -> StructuredOutput | None:
     """What the output is constrained to: `response_format` json_object / json_schema, or
     the tool's `parameters` when a call is forced (`tool_choice` "required" or a named
-    function). Fail closed: what cannot be honoured is a 400, never ignored."""
+    function), or - a `strict` tool under tool_choice "auto" - free text whose tool calls
+    match the tools (`strict_tools_output`). Fail closed: what cannot be honoured is a 400, never ignored."""
     choice = body.tool_choice
     forced = bool(body.tools) and (choice == "required" or isinstance(choice, NamedToolChoice))
     tools_on = bool(body.tools) and choice != "none"
@@ -170,13 +177,12 @@ def _structured_output(body: ChatCompletionRequest) -> StructuredOutput | None:
     if wants_format and tools_on:
         raise invalid("response_format cannot be combined with tools unless tool_choice is "
                       "'none'", param="response_format", code="unsupported_parameter")
-    if tools_on and not forced and any(t.function.strict for t in body.tools):
-        # Enforcing a schema inside a call the model may or may not make needs a grammar
-        # over free text too; until then a strict tool is only honoured when forced.
-        raise invalid("strict tools are enforced only when the call is forced: set tool_choice "
-                      "to 'required' or name the function", param="tools",
-                      code="unsupported_parameter")
     try:
+        if tools_on and not forced and any(t.function.strict for t in body.tools):
+            # tool_choice auto: free text, or a call whose JSON the grammar checks.
+            return strict_tools_output(
+                [{"name": t.function.name, "parameters": t.function.parameters,
+                  "strict": bool(t.function.strict)} for t in body.tools], param="tools")
         if forced:
             tools = [{"name": t.function.name, "parameters": t.function.parameters}
                      for t in body.tools]
