@@ -47,12 +47,6 @@ async def run_all(rt, batch: list[list[int]], max_tokens: int = MAX_TOKENS):
     return [results[i] for i in range(len(batch))]
 
 
-async def wait_for_step(rt, step: int) -> None:
-    with trio.fail_after(60):
-        while (await rt.ping(timeout=5)).steps < step:
-            await trio.sleep(0.002)
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_llama):
     """Greedy outputs of the fault-free run, in this process (isolation="thread")."""
@@ -65,17 +59,31 @@ def reference(tiny_llama):
 
 
 async def run_all_signalled(rt, step: int, signum: int):
-    """`run_all` of the usual streams, sending `signum` to the engine process at `step`."""
-    outcome = []
+    """`run_all` of the usual streams, sending `signum` to the engine process the moment the
+    first stream receives its `step`th token: an event, not a poll. (A polled step count,
+    one ping round trip each, was seen on a loaded machine only after every stream had
+    finished, so nothing was resumed.) The streams decode in one batch, so all are mid-way."""
+    results: dict[int, tuple[list[int], object]] = {}
+    signalled = False
+
+    async def one(index: int, prompt: list[int]) -> None:
+        nonlocal signalled
+        done = None
+        session = rt.complete(prompt, max_tokens=MAX_TOKENS, ignore_eos=True)
+        async with session:
+            async for event in session:
+                if isinstance(event, Done):
+                    done = event
+                elif not signalled and len(session.completion_token_ids) >= step:
+                    signalled = True
+                    os.kill(rt.engine_pid, signum)
+        results[index] = (list(session.completion_token_ids), done)
+
     async with trio.open_nursery() as nursery:
-
-        async def streams():
-            outcome.append(await run_all(rt, prompts(STREAMS)))
-
-        nursery.start_soon(streams)
-        await wait_for_step(rt, step)
-        os.kill(rt.engine_pid, signum)
-    return outcome[0]
+        for index, prompt in enumerate(prompts(STREAMS)):
+            nursery.start_soon(one, index, prompt)
+    assert signalled
+    return [results[i] for i in range(STREAMS)]
 
 
 async def wait_for_restarts(rt, count: int) -> None:
