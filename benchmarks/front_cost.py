@@ -36,7 +36,7 @@ import attrs
 import trio
 import trio.testing
 
-from omlx_actors.api import Dispatcher
+from omlx_actors.front.runtime import Dispatcher
 from omlx_actors.config import RuntimeConfig
 from omlx_actors.engine.messages import (
     Admitted,
@@ -49,7 +49,7 @@ from omlx_actors.engine.messages import (
 from omlx_actors.http.anthropic_routes import MessageStream
 from omlx_actors.http.openai_routes import ChatStream, CompletionStream
 from omlx_actors.http.sse import sse_body
-from omlx_actors.session import GenerationRequest, Session
+from omlx_actors.front.session import GenerationRequest, Session
 
 ROUTES = ("chat", "completions", "anthropic")
 KEEPALIVE_S = 3600.0  # no keep-alive may fire inside the timed region

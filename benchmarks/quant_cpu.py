@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import omlx_actors.backend  # noqa: F401 - OpenBLAS before MLX
+import omlx_actors.mlx_loader  # noqa: F401 - OpenBLAS before MLX
 
 
 def decode_rate(model, batch: int, tokens: int, prompt_tokens: int = 64) -> float:

@@ -17,9 +17,9 @@ import time
 
 import trio
 
-import omlx_actors.backend  # noqa: F401 - OpenBLAS before MLX
+import omlx_actors.mlx_loader  # noqa: F401 - OpenBLAS before MLX
 from omlx_actors import open_runtime
-from omlx_actors.structured import response_format_output
+from omlx_actors.front.structured import response_format_output
 
 # Needs far more than 64 tokens: 40+ patterned words.
 LONG = {

@@ -170,7 +170,7 @@ def run_bench(config: RuntimeConfig, levels: list[int], prompt_tokens: int, max_
               repeat: int = 3, progress=print) -> list[tuple[LevelResult, LevelResult]]:
     """Both sides at each level, alternating (a), (b) `repeat` times after one warm-up of
     each; the run of each side with the median tokens/s is kept (this machine is noisy)."""
-    from omlx_actors.api import open_runtime, resolve_model
+    from omlx_actors.front.runtime import open_runtime, resolve_model
 
     path, is_demo = trio.run(resolve_model, config)
     progress(f"model: {path}{' (random-weight demo)' if is_demo else ''}")
@@ -253,7 +253,7 @@ def _restart_bench(args: argparse.Namespace, config: RuntimeConfig) -> int:
     """The same long prompt before and after a restart, its prefix served from the SSD tier."""
     import shutil
 
-    from omlx_actors.api import open_runtime
+    from omlx_actors.front.runtime import open_runtime
 
     shutil.rmtree(args.ssd_dir, ignore_errors=True)
     config = attrs.evolve(config, ssd_cache_dir=args.ssd_dir)
@@ -279,8 +279,8 @@ def _restart_bench(args: argparse.Namespace, config: RuntimeConfig) -> int:
 
 def cache_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
     """Second turn of a conversation with a long history vs its cold first turn."""
-    from omlx_actors.api import open_runtime
-    from omlx_actors.session import Done
+    from omlx_actors.front.runtime import open_runtime
+    from omlx_actors.front.session import Done
 
     async def main() -> dict[str, Any]:
         async with open_runtime(config=config) as rt:
@@ -492,14 +492,14 @@ def full_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
 
     import httpx
 
-    from omlx_actors.api import open_runtime, resolve_model
+    from omlx_actors.front.runtime import open_runtime, resolve_model
 
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     path, is_demo = trio.run(resolve_model, config)
     print(f"model: {path}{' (random-weight demo)' if is_demo else ''}")
     batch = max([*levels, config.max_batch_size])
     config = attrs.evolve(config, model=str(path), max_batch_size=batch)
-    from omlx_actors.backend import OPENBLAS_CANDIDATES
+    from omlx_actors.mlx_loader import OPENBLAS_CANDIDATES
 
     preload = next((p for p in OPENBLAS_CANDIDATES if os.path.exists(p)), None)
     sides = set(args.sides.split(","))

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 def banner(rt, host: str, port: int) -> str:
-    from omlx_actors.backend import blas_status
+    from omlx_actors.mlx_loader import blas_status
 
     kind = "RANDOM-WEIGHT DEMO model (not a real language model)" if rt.is_demo else "model"
     return (
@@ -67,7 +67,7 @@ class RunningServer:
     port: int
     state: object  # omlx_actors.http.app.ServerState
     _stop_serving: trio.Event
-    runtime: object = None  # omlx_actors.api.Runtime, once ready
+    runtime: object = None  # omlx_actors.front.runtime.Runtime, once ready
     _shutdown_done: trio.Event = attrs.field(factory=trio.Event)
     _shutdown_started: bool = False
     _drain_scope: trio.CancelScope | None = None
@@ -143,7 +143,7 @@ async def open_server(
     drain or abort, stop serving), then the runtime stops."""
     import hypercorn.trio
 
-    from omlx_actors.api import open_runtime
+    from omlx_actors.front.runtime import open_runtime
     from omlx_actors.http import create_app
 
     config = config or RuntimeConfig()
@@ -181,7 +181,7 @@ def serve_main(config: RuntimeConfig, *, host: str, port: int, settings: HttpSet
     not fit it) is one line on stderr and exit status 2; the port taken, one line and 1."""
     from omlx_actors.config import ConfigError
     from omlx_actors.engine.executor import EngineLoadFailed
-    from omlx_actors.errors import RequestError
+    from omlx_actors.refusals import RequestError
 
     try:
         _check_local_model(config)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import omlx_actors.backend  # noqa: F401 - OpenBLAS before anything imports MLX
+import omlx_actors.mlx_loader  # noqa: F401 - OpenBLAS before anything imports MLX
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from omlx_actors import open_runtime
-from omlx_actors.errors import ContextLengthExceeded
+from omlx_actors.refusals import ContextLengthExceeded
 
 CLI = [sys.executable, "-m", "omlx_actors.cli"]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")

@@ -7,8 +7,8 @@ import time
 import pytest
 import trio
 
-from omlx_actors.api import open_runtime
-from omlx_actors.errors import QueueFull, RequestError, RequestTooLarge
+from omlx_actors.front.runtime import open_runtime
+from omlx_actors.refusals import QueueFull, RequestError, RequestTooLarge
 
 MiB = 1024 * 1024
 

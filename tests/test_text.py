@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mlx_lm.tool_parsers import json_tools
 
-from omlx_actors.text import StopStringMatcher, ToolCallScanner
+from omlx_actors.front.text import StopStringMatcher, ToolCallScanner
 
 
 def _feed_all(matcher, pieces):

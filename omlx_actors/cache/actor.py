@@ -31,7 +31,7 @@ from typing import Union
 import attrs
 import trio
 
-from omlx_actors.runtime import (
+from omlx_actors.kernel import (
     ActorUnavailable,
     Address,
     Inbox,

@@ -36,7 +36,7 @@ from omlx_actors.engine.messages import (
     Submit,
 )
 from omlx_actors.memory import enforcer
-from omlx_actors.runtime import (
+from omlx_actors.kernel import (
     ActorError,
     Address,
     Overflow,

@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from omlx_actors.backend import load_mlx
+from omlx_actors.mlx_loader import load_mlx
 from omlx_actors.cache.blocks import block_hashes
 from omlx_actors.cache.index import StoredBlock
 from omlx_actors.engine.mlx_thread import assert_on_mlx_thread

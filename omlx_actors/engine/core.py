@@ -22,7 +22,7 @@ from typing import Any, Union
 
 import attrs
 
-from omlx_actors.backend import load_mlx, stop_token_ids
+from omlx_actors.mlx_loader import load_mlx, stop_token_ids
 from omlx_actors.cache.blocks import cache_namespace, default_block_size
 from omlx_actors.cache.index import Eviction, StoredBlock
 from omlx_actors.engine import cpu_attention

@@ -27,7 +27,7 @@ import sys
 import threading
 from typing import Any
 
-from omlx_actors.backend import load_mlx
+from omlx_actors.mlx_loader import load_mlx
 
 mx = load_mlx()
 

@@ -83,7 +83,7 @@ from omlx_actors.memory.admission import (
     Refused,
 )
 from omlx_actors.memory.estimator import ModelMemoryFacts
-from omlx_actors.runtime import ActorError, Address, Inbox, unknown_message
+from omlx_actors.kernel import ActorError, Address, Inbox, unknown_message
 from omlx_actors.ssd.messages import Save
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 that request's own mlx-lm logits processor.
 
 A `Submit` carries its grammar as plain data (an llguidance grammar string, built and
-validated on the front by `omlx_actors.structured`); the core turns it into a
+validated on the front by `omlx_actors.front.structured`); the core turns it into a
 `GrammarProcessor` at admission. mlx-lm's `BatchGenerator` keeps each row's processors in
 the row's own slot and filters them with the row (`GenerationBatch.filter`/`extend`), so a
 matcher moves with its request whenever the batch grows or shrinks: there is no batch-wide
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from omlx_actors.backend import load_mlx
+from omlx_actors.mlx_loader import load_mlx
 
 mx = load_mlx()
 

@@ -40,7 +40,7 @@ from omlx_actors.memory.estimator import (
     estimate_request_bytes,
     padded_batch_kv_bytes,
 )
-from omlx_actors.runtime import Address
+from omlx_actors.kernel import Address
 
 if TYPE_CHECKING:
     from omlx_actors.engine.executor import ExecutorState

@@ -2,7 +2,7 @@
 
 Everything here is plain data (ints, floats, strings, tuples, enums, nested frozen attrs
 classes) so the engine can move into its own process without its callers changing: no
-callbacks, no channels, no MLX arrays. `omlx_actors.runtime.wire` round-trips every type
+callbacks, no channels, no MLX arrays. `omlx_actors.kernel.wire` round-trips every type
 below (see tests/engine/test_messages.py).
 
 Commands (front → executor inbox):  Submit, Abort, Ping, EngineStatsQuery, InjectFault
@@ -91,7 +91,7 @@ class Submit:
     # a cleanup of the scope removes them.
     cache_scope: str = ""
     # Constrained decoding: an llguidance grammar string ("" = none), built and validated on
-    # the front (`omlx_actors.structured`); the engine keeps one matcher per request. The
+    # the front (`omlx_actors.front.structured`); the engine keeps one matcher per request. The
     # last `grammar_replay` prompt tokens are output already generated under it (a
     # continuation's delivered tokens): the fresh matcher consumes them first.
     grammar: str = ""

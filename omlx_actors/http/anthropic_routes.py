@@ -12,7 +12,7 @@ An absent `temperature` means greedy decoding; `tool_choice` "any" or "tool" nee
 (holding the named tool) and then constrains the output to a call whose input matches the
 tool's `input_schema`; a `strict` tool under "auto" lets the model answer in text or call,
 its calls matching the tools; "none" hides the tools. `output_format` {"type": "json_schema",
-"schema"} constrains the text to the schema (`omlx_actors.structured`); a schema llguidance
+"schema"} constrains the text to the schema (`omlx_actors.front.structured`); a schema llguidance
 cannot compile is a 400. Non-standard field: `ignore_eos`.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 
 from omlx_actors.engine.messages import SamplingParams
-from omlx_actors.errors import InvalidRequest
+from omlx_actors.refusals import InvalidRequest
 from omlx_actors.http.app import (
     ServerState,
     check_model,
@@ -37,7 +37,7 @@ from omlx_actors.http.app import (
     start_session,
     stream_response,
 )
-from omlx_actors.http.errors import ApiError, WireError, invalid
+from omlx_actors.http.wire_errors import ApiError, WireError, invalid
 from omlx_actors.http.schemas import (
     ARedactedThinkingBlock,
     AThinkingBlock,
@@ -47,8 +47,8 @@ from omlx_actors.http.schemas import (
     MessagesRequest,
 )
 from omlx_actors.http.sse import StreamBroken, sse_event, sse_template
-from omlx_actors.session import Done, Progress, Session, TextDelta, ToolCall, Usage
-from omlx_actors.structured import (
+from omlx_actors.front.session import Done, Progress, Session, TextDelta, ToolCall, Usage
+from omlx_actors.front.structured import (
     StructuredOutput,
     response_format_output,
     strict_tools_output,

@@ -27,8 +27,8 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from omlx_actors.errors import ModelNotFound
-from omlx_actors.http.errors import (
+from omlx_actors.refusals import ModelNotFound
+from omlx_actors.http.wire_errors import (
     BODY_TOO_LARGE,
     ApiError,
     WireError,
@@ -40,7 +40,7 @@ from omlx_actors.http.metrics import CONTENT_TYPE, HttpMetrics
 from omlx_actors.http.schemas import decode_body
 from omlx_actors.http.settings import HttpSettings
 from omlx_actors.http.sse import StreamEncoder, sse_body
-from omlx_actors.session import Done, Session
+from omlx_actors.front.session import Done, Session
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class ServerState:
 
     settings: HttpSettings
     metrics: HttpMetrics
-    runtime: Any = None  # omlx_actors.api.Runtime, once ready
+    runtime: Any = None  # omlx_actors.front.runtime.Runtime, once ready
     model_id: str = ""
     aliases: frozenset[str] = frozenset()
     created: int = attrs.field(factory=lambda: int(time.time()))

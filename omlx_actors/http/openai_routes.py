@@ -9,7 +9,7 @@ chunk, then `data: [DONE]`.
 Behaviour worth knowing: an absent `temperature` means greedy decoding (as mlx-lm's
 server); `n` and `best_of` must be 1; `tool_choice` "required" or a named function needs
 `tools` (holding that function) and then constrains the output to a call of it whose
-arguments match its `parameters` (`omlx_actors.structured`); a `strict` tool under "auto"
+arguments match its `parameters` (`omlx_actors.front.structured`); a `strict` tool under "auto"
 lets the model answer in text or call, its calls matching the tools; "none" hides the tools; JSON
 `response_format`s (json_object, json_schema) constrain the text to their schema, and a
 schema llguidance cannot compile is a 400 naming what it lacks. Non-standard fields: `ignore_eos`, `top_k`, `min_p`,
@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 
 from omlx_actors.engine.messages import SamplingParams, TokenChoice
-from omlx_actors.errors import InvalidRequest
+from omlx_actors.refusals import InvalidRequest
 from omlx_actors.http.app import (
     ServerState,
     check_model,
@@ -37,7 +37,7 @@ from omlx_actors.http.app import (
     start_session,
     stream_response,
 )
-from omlx_actors.http.errors import ApiError, WireError, invalid
+from omlx_actors.http.wire_errors import ApiError, WireError, invalid
 from omlx_actors.http.schemas import (
     ChatCompletionRequest,
     ChatMessage,
@@ -50,8 +50,8 @@ from omlx_actors.http.schemas import (
     TextPart,
 )
 from omlx_actors.http.sse import KEEPALIVE_COMMENT, StreamBroken, sse_data, sse_template
-from omlx_actors.session import Done, Progress, TextDelta, ToolCall, Usage
-from omlx_actors.structured import (
+from omlx_actors.front.session import Done, Progress, TextDelta, ToolCall, Usage
+from omlx_actors.front.structured import (
     StructuredOutput,
     response_format_output,
     strict_tools_output,

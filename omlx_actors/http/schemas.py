@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta, Struct
 
-from omlx_actors.http.errors import invalid
+from omlx_actors.http.wire_errors import invalid
 
 T = TypeVar("T")
 

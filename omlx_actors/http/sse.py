@@ -25,7 +25,7 @@ import attrs
 import msgspec
 import trio
 
-from omlx_actors.session import Done, Progress, Session
+from omlx_actors.front.session import Done, Progress, Session
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from omlx_actors.cache import actor as cache_actor
 from omlx_actors.engine import messages as engine_messages
 from omlx_actors.isolation import messages as host_messages
 from omlx_actors.memory.enforcer import MemorySnapshot
-from omlx_actors.runtime import wire
+from omlx_actors.kernel import wire
 from omlx_actors.ssd import messages as ssd_messages
 
 # A frame's length prefix. The largest frame is an SSD block load (tens of MB); the limit

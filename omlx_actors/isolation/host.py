@@ -45,7 +45,7 @@ from omlx_actors.isolation.messages import (
     HostStopped,
     LookupAndSubmit,
 )
-from omlx_actors.runtime import ActorError, ShutdownMode, wire
+from omlx_actors.kernel import ActorError, ShutdownMode, wire
 
 log = logging.getLogger(__name__)
 

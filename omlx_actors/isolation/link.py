@@ -80,7 +80,7 @@ from omlx_actors.isolation.messages import (
     LookupAndSubmit,
 )
 from omlx_actors.isolation.recovery import Recovery, cooldown_s
-from omlx_actors.runtime import ActorError, ActorUnavailable, CallTimeout, wire
+from omlx_actors.kernel import ActorError, ActorUnavailable, CallTimeout, wire
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from typing import Union
 import attrs
 import trio
 
-from omlx_actors.runtime import Address, Inbox, unknown_message
+from omlx_actors.kernel import Address, Inbox, unknown_message
 
 from .estimator import format_bytes
 

@@ -249,7 +249,7 @@ def get_spec(spec_or_name: DemoModelSpec | str) -> DemoModelSpec:
 
 
 def _mx():
-    from omlx_actors.backend import load_mlx
+    from omlx_actors.mlx_loader import load_mlx
 
     return load_mlx()
 

@@ -335,7 +335,7 @@ def import_gguf(src: Path | str, dest: Path | str, *, sha256: str | None = None,
         raise FileExistsError(f"{dest} exists")
     sha256 = sha256 or file_sha256(src)
     say(f"importing {src.name} (sha256 {sha256[:12]}) into {dest}")
-    from omlx_actors.backend import load_mlx
+    from omlx_actors.mlx_loader import load_mlx
 
     mx = load_mlx()
     weights, md = mx.load(str(src), return_metadata=True)
@@ -391,7 +391,7 @@ def float32_variant(src: Path | str, dest: Path | str, *,
     The tokenizer files are copied. Atomic like `import_gguf`."""
     say = progress or (lambda _msg: None)
     src, dest = Path(src), Path(dest)
-    from omlx_actors.backend import load_mlx
+    from omlx_actors.mlx_loader import load_mlx
 
     mx = load_mlx()
     config = json.loads((src / "config.json").read_text(encoding="utf-8"))

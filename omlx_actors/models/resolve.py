@@ -260,7 +260,7 @@ def _child_main(argv: list[str]) -> int:
         else:
             path = Path(args.path)
         if not args.as_stored:
-            from omlx_actors.backend import device_name
+            from omlx_actors.mlx_loader import device_name
 
             path = for_device(path, root, device_name())
     except ModelUnavailable as exc:

@@ -40,7 +40,7 @@ def add_replay_arguments(p: argparse.ArgumentParser) -> None:
 def replay_main(args: argparse.Namespace) -> int:
     import trio
 
-    from omlx_actors.errors import RequestError
+    from omlx_actors.refusals import RequestError
     from omlx_actors.replay.report import render_text, write_report
     from omlx_actors.replay.runner import UnsupportedScenario, replay
     from omlx_actors.replay.schema import ScenarioError, load_scenario

@@ -151,7 +151,7 @@ class _Progress:
 async def runtime_config(scenario: Scenario, model: str | None = None) -> RuntimeConfig:
     """The scenario's model (or `model`) and [server] settings as one RuntimeConfig. A demo
     model name is built once into the user cache if needed (in a child process)."""
-    from omlx_actors.api import resolve_model
+    from omlx_actors.front.runtime import resolve_model
     from omlx_actors.models import DEMO_SPECS
 
     name = model or scenario.model
@@ -178,7 +178,7 @@ async def _fresh_target(kind: str, config: RuntimeConfig, timeout_s: float) -> A
             finally:
                 await target.aclose()
     else:
-        from omlx_actors.api import open_runtime
+        from omlx_actors.front.runtime import open_runtime
 
         async with open_runtime(config=config) as rt:
             yield InProcessTarget(rt)

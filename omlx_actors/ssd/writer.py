@@ -94,7 +94,7 @@ import attrs
 import trio
 
 from omlx_actors.cache.blocks import BlockHash
-from omlx_actors.runtime import (
+from omlx_actors.kernel import (
     ActorError,
     ActorUnavailable,
     Address,

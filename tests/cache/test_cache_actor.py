@@ -21,7 +21,7 @@ from omlx_actors.cache.actor import (
     Stored,
 )
 from omlx_actors.cache.index import Eviction, StoredBlock
-from omlx_actors.runtime import (
+from omlx_actors.kernel import (
     Overflow,
     UnknownMessage,
     assert_plain_data,

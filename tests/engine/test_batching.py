@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from omlx_actors.api import open_runtime
+from omlx_actors.front.runtime import open_runtime
 from omlx_actors.engine.messages import FinishReason
 from omlx_actors.engine.mlx_thread import worker_count
 
@@ -124,7 +124,7 @@ async def test_abort_before_prefill_finishes_is_confirmed_and_frees_the_slot(tin
 
 
 async def test_duplicate_running_request_id_is_refused(tiny_llama):
-    from omlx_actors.errors import DuplicateRequestId
+    from omlx_actors.refusals import DuplicateRequestId
 
     async with open_runtime(tiny_llama) as rt:
         first = rt.complete(PROMPTS[0], max_tokens=200, ignore_eos=True, request_id="same")

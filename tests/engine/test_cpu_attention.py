@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from omlx_actors.api import open_runtime
-from omlx_actors.backend import load_mlx
+from omlx_actors.front.runtime import open_runtime
+from omlx_actors.mlx_loader import load_mlx
 from omlx_actors.engine import cpu_attention
 
 mx = load_mlx()

@@ -5,7 +5,7 @@ from typing import Union
 import pytest
 
 from omlx_actors.engine import messages as m
-from omlx_actors.runtime import assert_plain_data, decode, encode
+from omlx_actors.kernel import assert_plain_data, decode, encode
 from omlx_actors.ssd.blockfile import TensorData
 
 EXAMPLES = [

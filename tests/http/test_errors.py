@@ -260,7 +260,7 @@ def _route_body(route: str, **fields) -> dict:
 
 
 async def test_stop_strings_past_the_caps_are_400_in_each_routes_shape(server):
-    from omlx_actors.session import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+    from omlx_actors.front.session import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 
     too_long = ["ab" * MAX_STOP_STRING_CHARS]
     too_many = [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from http_support import MODEL, chat_body, http_client
 
-from omlx_actors.session import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+from omlx_actors.front.session import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 
 EXAMPLES = 100
 
@@ -229,7 +229,7 @@ KINDS = ("deep", "stops", "utf8", "types", "numbers", "mutate", "valid", "tool_c
 
 _SERVER_SCRIPT = """
 import sys
-import omlx_actors.backend  # OpenBLAS before MLX
+import omlx_actors.mlx_loader  # OpenBLAS before MLX
 import trio
 from omlx_actors.config import RuntimeConfig
 from omlx_actors.server import open_server

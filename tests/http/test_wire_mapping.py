@@ -14,7 +14,7 @@ import pytest
 from omlx_actors.http.anthropic_routes import MessageStream, message_body
 from omlx_actors.http.openai_routes import ChatStream, CompletionStream, chat_completion
 from omlx_actors.http.sse import sse_data, sse_event
-from omlx_actors.session import Done, Progress, TextDelta, Timings, ToolCall, Usage
+from omlx_actors.front.session import Done, Progress, TextDelta, Timings, ToolCall, Usage
 
 TIMINGS = Timings(queued_s=0.0, ttft_s=0.01, total_s=0.1, mean_itl_s=0.001)
 CALL = ToolCall(id="call_abc123", index=0, name="get_weather", arguments='{"city": "Oslo"}')

@@ -17,7 +17,7 @@ from omlx_actors.isolation.frames import (
     decode_message,
     encode_message,
 )
-from omlx_actors.runtime import CallTimeout, wire
+from omlx_actors.kernel import CallTimeout, wire
 
 
 def stream_pair():

@@ -10,7 +10,7 @@ import trio
 from omlx_actors.config import RuntimeConfig
 from omlx_actors.engine.messages import Submit, TokenChoice, TokenDelta
 from omlx_actors.isolation.link import EngineLink
-from omlx_actors.runtime import wire
+from omlx_actors.kernel import wire
 
 
 async def test_a_batch_of_events_is_recorded_and_forwarded_whole_even_if_cancelled():

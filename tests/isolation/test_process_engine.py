@@ -15,10 +15,10 @@ import signal
 import pytest
 import trio
 
-from omlx_actors.api import open_runtime
-from omlx_actors.errors import EngineUnavailable
+from omlx_actors.front.runtime import open_runtime
+from omlx_actors.refusals import EngineUnavailable
 from omlx_actors.isolation.recovery import CRASH_LOOP_ERROR_TYPE, POISON_DEATHS
-from omlx_actors.session import Done
+from omlx_actors.front.session import Done
 
 STREAMS = 16
 MAX_TOKENS = 160

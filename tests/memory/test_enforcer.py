@@ -34,7 +34,7 @@ from omlx_actors.memory.estimator import (
     RequestEstimate,
     Wait,
 )
-from omlx_actors.runtime import (
+from omlx_actors.kernel import (
     ActorCrashed,
     assert_plain_data,
     decode,

@@ -22,7 +22,7 @@ from omlx_actors.memory.enforcer import (
     mlx_limits_for,
     snapshot_from,
 )
-from omlx_actors.runtime import Overflow, open_inbox
+from omlx_actors.kernel import Overflow, open_inbox
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

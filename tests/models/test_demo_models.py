@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import omlx_actors.backend  # noqa: F401  (OpenBLAS before any mlx import)
+import omlx_actors.mlx_loader  # noqa: F401  (OpenBLAS before any mlx import)
 from omlx_actors.models import demo, demo_tokenizer
 from omlx_actors.models import (
     DEMO_SPECS,

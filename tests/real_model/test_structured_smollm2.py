@@ -141,8 +141,8 @@ async def test_an_engine_kill_mid_constrained_stream_resumes_and_validates(smoll
     import os
     import signal
 
-    from omlx_actors.api import open_runtime
-    from omlx_actors.structured import response_format_output
+    from omlx_actors.front.runtime import open_runtime
+    from omlx_actors.front.structured import response_format_output
 
     names = ["order", "tags", "person", "weather"]
 

@@ -18,7 +18,7 @@ import numpy as np
 import trio
 
 from omlx_actors.cache.blocks import cache_namespace
-from omlx_actors.runtime import ActorUnavailable
+from omlx_actors.kernel import ActorUnavailable
 from omlx_actors.ssd import writer
 from omlx_actors.ssd.blockfile import (
     BLOCK_SUFFIX,

@@ -12,9 +12,9 @@ from schemas import ALL, ORDER, PERSON
 
 from omlx_actors import open_runtime
 from omlx_actors.engine.messages import Submit
-from omlx_actors.errors import InvalidRequest
+from omlx_actors.refusals import InvalidRequest
 from omlx_actors.isolation.recovery import Recovery
-from omlx_actors.structured import compile_schema, response_format_output
+from omlx_actors.front.structured import compile_schema, response_format_output
 
 pytestmark = pytest.mark.timeout(240)
 

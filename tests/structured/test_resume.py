@@ -14,7 +14,7 @@ import trio
 from schemas import TAGS
 
 from omlx_actors import open_runtime
-from omlx_actors.structured import response_format_output
+from omlx_actors.front.structured import response_format_output
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -15,8 +15,8 @@ from http_support import MODEL, anthropic_client, openai_client
 from schemas import ORDER, WEATHER
 
 from omlx_actors import open_runtime
-from omlx_actors.errors import InvalidRequest
-from omlx_actors.structured import OutputKind, strict_tools_output, with_tool_markers
+from omlx_actors.refusals import InvalidRequest
+from omlx_actors.front.structured import OutputKind, strict_tools_output, with_tool_markers
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from omlx_actors.errors import InvalidRequest
+from omlx_actors.refusals import InvalidRequest
 
 # JSON is generated compactly (no free whitespace between tokens): a small model given the
 # choice can emit whitespace until max_tokens, and the compact form is what clients parse.

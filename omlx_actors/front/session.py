@@ -43,17 +43,17 @@ from omlx_actors.engine.messages import (
     TokenChoice,
     TokenDelta,
 )
-from omlx_actors.errors import (
+from omlx_actors.refusals import (
     ContextLengthExceeded,
     DuplicateRequestId,
     EngineUnavailable,
     InvalidRequest,
 )
-from omlx_actors.text import ParsedToolCall, StopStringMatcher, ToolCallScanner, tokens_at_least
-from omlx_actors.structured import OutputKind, StructuredOutput, parse_tool_call, with_tool_markers
+from omlx_actors.front.text import ParsedToolCall, StopStringMatcher, ToolCallScanner, tokens_at_least
+from omlx_actors.front.structured import OutputKind, StructuredOutput, parse_tool_call, with_tool_markers
 
 if TYPE_CHECKING:
-    from omlx_actors.api import Runtime
+    from omlx_actors.front.runtime import Runtime
 
 # Prompts longer than this many characters are tokenized on a worker thread so a 100k-token
 # prompt does not stall the event loop (tokenizers release the GIL).

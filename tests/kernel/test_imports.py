@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_importing_the_runtime_does_not_import_mlx():
     probe = (
-        "import sys, omlx_actors.runtime; "
+        "import sys, omlx_actors.kernel; "
         "print(sorted(m for m in sys.modules if m == 'mlx' or m.startswith('mlx.')))"
     )
     result = subprocess.run(

@@ -16,7 +16,7 @@ import msgspec
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from omlx_actors.errors import QueueFull, RequestError
+from omlx_actors.refusals import QueueFull, RequestError
 
 log = logging.getLogger(__name__)
 

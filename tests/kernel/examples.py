@@ -11,7 +11,7 @@ import enum
 import attrs
 import trio
 
-from omlx_actors.runtime import Inbox, serve, unknown_message
+from omlx_actors.kernel import Inbox, serve, unknown_message
 
 # Room for the few requests a test queues behind one that is being held; a full inbox
 # would make a test wait on backpressure it does not mean to test.

@@ -44,7 +44,7 @@ from omlx_actors.engine.messages import (
     SamplingParams,
     Submit,
 )
-from omlx_actors.errors import (
+from omlx_actors.refusals import (
     DuplicateRequestId,
     EngineUnavailable,
     ModelNotFound,
@@ -57,9 +57,9 @@ from omlx_actors.isolation.link import (
     RemoteAddress,
     open_engine_link,
 )
-from omlx_actors.runtime import ActorError, Address, InboxFull
-from omlx_actors.session import GenerationRequest, Session, coerce_stop
-from omlx_actors.structured import StructuredOutput
+from omlx_actors.kernel import ActorError, Address, InboxFull
+from omlx_actors.front.session import GenerationRequest, Session, coerce_stop
+from omlx_actors.front.structured import StructuredOutput
 from omlx_actors.ssd.messages import CleanupAll as SsdCleanupAll
 from omlx_actors.ssd.messages import CleanupRequest as SsdCleanupRequest
 from omlx_actors.ssd.messages import DiskFaultKind, InjectDiskFault
@@ -196,7 +196,7 @@ class Runtime:
         arguments of `SamplingParams` (temperature=, top_p=, seed=, logprobs=, ...).
         `cache_scope` files the request's new blocks on the SSD tier under that name, so
         `cleanup_cache_scope` can remove them (e.g. an agent session's id). `structured`
-        constrains the output (`omlx_actors.structured`: a JSON schema, a forced tool call)."""
+        constrains the output (`omlx_actors.front.structured`: a JSON schema, a forced tool call)."""
         return Session(
             self,
             GenerationRequest(

@@ -38,7 +38,7 @@ def _preload_openblas() -> str:
     if not sys.platform.startswith("linux"):
         return "not needed (not Linux)"
     if "mlx.core" in sys.modules:
-        return "skipped: mlx.core was imported before omlx_actors.backend"
+        return "skipped: mlx.core was imported before omlx_actors.mlx_loader"
     choice = os.environ.get("OMLX_OPENBLAS", "")
     if choice.lower() == "off":
         return "disabled by OMLX_OPENBLAS=off"
@@ -81,7 +81,7 @@ def device_name() -> str:
     return "gpu" if mx.default_device() == mx.gpu else "cpu"
 
 
-# Importing this module is enough to fix the BLAS: `import omlx_actors.backend` first.
+# Importing this module is enough to fix the BLAS: `import omlx_actors.mlx_loader` first.
 load_mlx()
 
 

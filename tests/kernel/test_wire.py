@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omlx_actors.runtime import (
+from omlx_actors.kernel import (
     TAG_KEY,
     ActorCrashed,
     ActorError,

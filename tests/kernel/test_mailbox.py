@@ -9,7 +9,7 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from omlx_actors.runtime import (
+from omlx_actors.kernel import (
     ActorUnavailable,
     CallTimeout,
     InboxFull,
