@@ -24,6 +24,7 @@ import attrs
 import trio
 
 from omlx_actors.config import RuntimeConfig
+from omlx_actors.units import percentile
 
 
 @attrs.frozen
@@ -45,7 +46,7 @@ class LevelResult:
 
     @property
     def ttft_p99(self) -> float:
-        return _percentile(self.ttft_s, 0.99)
+        return percentile(self.ttft_s, 99)
 
     @property
     def stagger(self) -> float:
@@ -57,11 +58,6 @@ class LevelResult:
             "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
             "ttft_p50_s": self.ttft_p50, "ttft_p99_s": self.ttft_p99, "stagger_s": self.stagger,
         }
-
-
-def _percentile(values, q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def make_prompts(n: int, length: int, vocab: int, offset: int = 0) -> list[list[int]]:

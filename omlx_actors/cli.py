@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from omlx_actors.units import parse_bytes
 from omlx_actors.config import LOG_LEVELS, RuntimeConfig
 
 
@@ -65,15 +66,11 @@ def _default_ssd_dir() -> Path:
 
 
 def _size(text: str) -> int:
-    """Bytes from `123`, `512M`, `12G` (binary units)."""
-    units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    """Bytes from `123`, `512M`, `12G` (binary units), for argparse."""
     try:
-        if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 512M or 12G)") from None
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:

@@ -23,9 +23,9 @@ from omlx_actors.replay.records import (
     LeakCheck,
     RequestRecord,
     SsdCheck,
-    percentile,
 )
 from omlx_actors.replay.schema import Expectations
+from omlx_actors.units import percentile
 
 _SHOW = 3  # examples named in a failure message
 

@@ -7,13 +7,13 @@ and the plots. Times are seconds from the start of the replay. Pure: no trio, no
 from __future__ import annotations
 
 import hashlib
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
 
 from omlx_actors.replay.trace import CancelAt
+from omlx_actors.units import percentile
 
 # Outcomes, in the order tables list them.
 COMPLETED = "completed"  # finished normally (stop, length, tool_calls): status 200
@@ -185,19 +185,6 @@ class FaultRecord:
 
 def _round(x: float | None, digits: int = 6) -> float | None:
     return None if x is None else round(x, digits)
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in [0, 100]); None for no values."""
-    if not values:
-        return None
-    xs = sorted(values)
-    if len(xs) == 1:
-        return xs[0]
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 @attrs.frozen(kw_only=True)

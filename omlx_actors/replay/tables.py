@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-_SIZE_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+from omlx_actors.units import parse_bytes
 
 
 @attrs.frozen(kw_only=True)
@@ -52,11 +52,10 @@ def parse_size(value: Any) -> ByteSize:
     if m:
         plus = True
         text = (m.group(1) or "0").strip()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", text, re.I)
-    if not m:
-        raise ValueError(f"a size like 1048576, \"512M\", \"1.5G\" or \"weights + 6M\", got {value!r}")
-    number = float(m.group(1)) * _SIZE_UNITS.get(m.group(2).upper(), 1)
-    return ByteSize(plus_weights=plus, bytes=int(number))
+    try:
+        return ByteSize(plus_weights=plus, bytes=parse_bytes(text))
+    except ValueError:
+        raise ValueError(f"a size like 1048576, \"512M\", \"1.5G\" or \"weights + 6M\", got {value!r}") from None
 
 
 REQUIRED = object()  # a getter default: the key must be present
