@@ -3,7 +3,7 @@
 Sessions `call` it with `Lookup` before submitting a request: the longest usable cached
 prefix is held (pinned) for that request until the executor casts `Release` when the
 request is finished. The executor casts `Stored` when the engine has stored new block
-tensors. Whenever the index evicts - over budget after `Stored`, `Release`, `SetBudget`
+tensors. Whenever the index evicts - over budget after `Stored`, `Release`, `SetCacheBudget`
 or a repeated `Lookup` - it casts `DropBlocks` to the `drop_to` address it was started
 with (the executor's), so the engine frees exactly those generations of tensors.
 
@@ -55,7 +55,7 @@ __all__ = [
     "Lookup",
     "LookupResult",
     "Release",
-    "SetBudget",
+    "SetCacheBudget",
     "Stored",
     "cache_stats",
     "open_cache_inbox",
@@ -110,7 +110,7 @@ class Stored:
 
 
 @attrs.frozen(kw_only=True)
-class SetBudget:
+class SetCacheBudget:
     """Change the byte budget and evict down to it: unpinned blocks first, then pinned ones
     (their requests keep a shorter prefix); the cache never holds more than its budget."""
 
@@ -122,7 +122,7 @@ class CacheStatsQuery:
     """Ask for a `CacheStats` snapshot."""
 
 
-CacheCommand = Union[Lookup, Release, Stored, SetBudget, CacheStatsQuery]
+CacheCommand = Union[Lookup, Release, Stored, SetCacheBudget, CacheStatsQuery]
 
 # ---------------------------------------------------------------------------------------
 # Replies and outgoing messages
@@ -163,7 +163,7 @@ ALL_MESSAGE_TYPES = (
     Lookup,
     Release,
     Stored,
-    SetBudget,
+    SetCacheBudget,
     CacheStatsQuery,
     LookupResult,
     CacheStats,
@@ -261,7 +261,7 @@ async def run(
                 outbox.post(index.release(request_id))
             case Stored(blocks=blocks):
                 outbox.post(index.insert_all(blocks))
-            case SetBudget(budget_bytes=budget):
+            case SetCacheBudget(budget_bytes=budget):
                 outbox.post(index.set_budget(budget))
             case CacheStatsQuery():
                 return cache_stats(index)

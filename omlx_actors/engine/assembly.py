@@ -47,9 +47,9 @@ from omlx_actors.kernel import (
 )
 from omlx_actors.ssd import writer as ssd_writer
 from omlx_actors.ssd.blockfile import BlockIdentity
-from omlx_actors.ssd.messages import Contains as SsdContains
-from omlx_actors.ssd.messages import Load as SsdLoad
-from omlx_actors.ssd.messages import Shutdown as SsdShutdown
+from omlx_actors.ssd.messages import SsdContains
+from omlx_actors.ssd.messages import SsdLoad
+from omlx_actors.ssd.messages import SsdShutdown
 from omlx_actors.ssd.messages import WriterConfig
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from omlx_actors.cache.actor import Release, SetBudget
+from omlx_actors.cache.actor import Release, SetCacheBudget
 from omlx_actors.engine.core import CoreSetLimits, CoreSetPrefillStep
 from omlx_actors.engine.messages import EngineInfo, Finished, FinishReason, Submit
 from omlx_actors.memory.admission import (
@@ -224,7 +224,7 @@ async def settle(state: ExecutorState, commands: queue.SimpleQueue, events,
             if state.cache_target is None or target < state.cache_target:
                 state.cache_target = target
                 state.cache_shrunk = True
-                await cache_index.cast(SetBudget(budget_bytes=target))
+                await cache_index.cast(SetCacheBudget(budget_bytes=target))
             return  # the engine's next report of its block store's bytes decides again
         if action is HeadAction.WAIT:
             return
@@ -324,7 +324,7 @@ async def watch_memory(state: ExecutorState, info: EngineInfo, memory: MemoryWir
             quarter = memory.prefix_cache_bytes // 4
             if state.cache_target is not None:
                 quarter = min(quarter, state.cache_target)  # never undo a cut for the queue
-            await cache_index.cast(SetBudget(budget_bytes=quarter))
+            await cache_index.cast(SetCacheBudget(budget_bytes=quarter))
         if pressure:
             step = max(memory.prefill_step_floor, state.prefill_step_size // 2)
             if step != state.prefill_step_size:
@@ -337,7 +337,7 @@ async def watch_memory(state: ExecutorState, info: EngineInfo, memory: MemoryWir
             state.cache_shrunk = False
             state.cache_target = None
             if cache_index is not None:
-                await cache_index.cast(SetBudget(budget_bytes=memory.prefix_cache_bytes))
+                await cache_index.cast(SetCacheBudget(budget_bytes=memory.prefix_cache_bytes))
         degraded = state.under_pressure = pressure
         limits = memory.limits_for(snapshot.budget_bytes, info.weights_bytes)
         admit_now(state, state.ledger.update(

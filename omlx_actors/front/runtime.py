@@ -60,11 +60,11 @@ from omlx_actors.isolation.link import (
 from omlx_actors.kernel import ActorError, Address, InboxFull
 from omlx_actors.front.session import GenerationRequest, Session, coerce_stop
 from omlx_actors.front.structured import StructuredOutput
-from omlx_actors.ssd.messages import CleanupAll as SsdCleanupAll
-from omlx_actors.ssd.messages import CleanupRequest as SsdCleanupRequest
+from omlx_actors.ssd.messages import SsdCleanupAll
+from omlx_actors.ssd.messages import SsdCleanupRequest
 from omlx_actors.ssd.messages import DiskFaultKind, InjectDiskFault
-from omlx_actors.ssd.messages import Flush as SsdFlush
-from omlx_actors.ssd.messages import StatsQuery as SsdStatsQuery
+from omlx_actors.ssd.messages import SsdFlush
+from omlx_actors.ssd.messages import SsdStatsQuery
 
 log = logging.getLogger(__name__)
 

@@ -22,19 +22,19 @@ __all__ = [
     "ALL_MESSAGE_TYPES",
     "MIN_FREE_BYTES",
     "MIN_FREE_FRACTION",
-    "CleanupAll",
+    "SsdCleanupAll",
     "CleanupDone",
-    "CleanupRequest",
-    "Contains",
+    "SsdCleanupRequest",
+    "SsdContains",
     "ContainsResult",
-    "Flush",
-    "Load",
+    "SsdFlush",
+    "SsdLoad",
     "LoadReason",
     "LoadResult",
     "Save",
-    "SetBudget",
-    "Shutdown",
-    "StatsQuery",
+    "SsdSetBudget",
+    "SsdShutdown",
+    "SsdStatsQuery",
     "WriterConfig",
     "WriterControl",
     "WriterStats",
@@ -89,7 +89,7 @@ class WriterConfig:
 @attrs.frozen(kw_only=True)
 class Save:
     """Persist block `hash` (cast, to the save inbox). `scope` is the owner a later
-    `CleanupRequest` names ("" for blocks no cleanup should touch); `tokens` is how many
+    `SsdCleanupRequest` names ("" for blocks no cleanup should touch); `tokens` is how many
     tokens the block covers; `parent` the previous block of its chain."""
 
     hash: BlockHash = attrs.field(validator=_block_hash)
@@ -108,14 +108,14 @@ class Save:
 
 
 @attrs.frozen(kw_only=True)
-class Load:
+class SsdLoad:
     """Read block `hash` back; replied with `LoadResult`. A hit refreshes its recency."""
 
     hash: BlockHash = attrs.field(validator=_block_hash)
 
 
 @attrs.frozen(kw_only=True)
-class Contains:
+class SsdContains:
     """Which of `hashes` are on disk or pending; replied with `ContainsResult`. Neither
     reads the files (a block found corrupt when loaded is still a miss then) nor
     refreshes recency."""
@@ -124,7 +124,7 @@ class Contains:
 
 
 @attrs.frozen(kw_only=True)
-class CleanupRequest:
+class SsdCleanupRequest:
     """Delete every block of `scope` saved before this call, pending ones included;
     replied with `CleanupDone` once none exists on disk."""
 
@@ -132,19 +132,19 @@ class CleanupRequest:
 
 
 @attrs.frozen(kw_only=True)
-class CleanupAll:
+class SsdCleanupAll:
     """Delete every block of this writer's identity (foreign files stay); replied with
     `CleanupDone` once the directory holds none."""
 
 
 @attrs.frozen(kw_only=True)
-class Flush:
+class SsdFlush:
     """Write every save sent before this call and evict down to the budget; replied with
     `WriterStats` once done."""
 
 
 @attrs.frozen(kw_only=True)
-class SetBudget:
+class SsdSetBudget:
     """Change the byte budget. Replied with `WriterStats` after one eviction pass of at
     most `MAX_UNLINKS_PER_SAVE` files; the rest drains while idle."""
 
@@ -186,12 +186,12 @@ class InjectDiskFault:
 
 
 @attrs.frozen(kw_only=True)
-class StatsQuery:
+class SsdStatsQuery:
     """Ask for a `WriterStats` snapshot."""
 
 
 @attrs.frozen(kw_only=True)
-class Shutdown:
+class SsdShutdown:
     """Stop the writer; replied with `WriterStats` once done, then the inboxes close.
 
     `flush`: write every save sent before this call first (else pending saves are
@@ -202,7 +202,7 @@ class Shutdown:
 
 
 WriterControl = Union[
-    Load, Contains, CleanupRequest, CleanupAll, Flush, SetBudget, StatsQuery, Shutdown,
+    SsdLoad, SsdContains, SsdCleanupRequest, SsdCleanupAll, SsdFlush, SsdSetBudget, SsdStatsQuery, SsdShutdown,
     InjectDiskFault,
 ]
 
@@ -246,7 +246,7 @@ class ContainsResult:
 
 @attrs.frozen(kw_only=True)
 class CleanupDone:
-    """The acknowledgement of a cleanup. `scope` None: `CleanupAll`.
+    """The acknowledgement of a cleanup. `scope` None: `SsdCleanupAll`.
 
     `removed`: files deleted; `cancelled`: pending saves discarded before being written
     (saves of the scope still in the save inbox are discarded as they arrive, counted in
@@ -290,14 +290,14 @@ class WriterStats:
 ALL_MESSAGE_TYPES = (
     Save,
     TensorData,
-    Load,
-    Contains,
-    CleanupRequest,
-    CleanupAll,
-    Flush,
-    SetBudget,
-    StatsQuery,
-    Shutdown,
+    SsdLoad,
+    SsdContains,
+    SsdCleanupRequest,
+    SsdCleanupAll,
+    SsdFlush,
+    SsdSetBudget,
+    SsdStatsQuery,
+    SsdShutdown,
     InjectDiskFault,
     LoadResult,
     ContainsResult,

@@ -1,8 +1,8 @@
 """The SSD tier's writer: the one owner of a directory of block files.
 
-It persists blocks the engine hands over (`Save`), serves them back (`Load`), says which
-it has (`Contains`), deletes them by owner (`CleanupRequest`, `CleanupAll`), keeps the
-directory within a byte budget by LRU eviction, and stops cleanly (`Shutdown`). It never
+It persists blocks the engine hands over (`Save`), serves them back (`SsdLoad`), says which
+it has (`SsdContains`), deletes them by owner (`SsdCleanupRequest`, `SsdCleanupAll`), keeps the
+directory within a byte budget by LRU eviction, and stops cleanly (`SsdShutdown`). It never
 imports MLX: tensors arrive and leave as `TensorData` (plain bytes + dtype + shape).
 
 Two inboxes. Saves are bulk, lossy by design and must never hold up inference; control
@@ -14,7 +14,7 @@ So:
   (`WriterStats.saves_dropped`) and logs it;
 - the *control inbox* (`CONTROL_INBOX_CAPACITY`, `Overflow.WAIT`): everything else.
   Calls there are never dropped, and the writer serves it before writing the next batch,
-  so a `Load` waits for at most the one file operation (a batch of writes: at most
+  so a `SsdLoad` waits for at most the one file operation (a batch of writes: at most
   `PENDING_CAPACITY` blocks) in progress.
 
 Between file operations the writer moves saves from the save inbox into its *pending*
@@ -22,12 +22,12 @@ queue (at most `PENDING_CAPACITY`; the rest wait in the inbox, still in order). 
 saves are written oldest first, all of them in one batch (`blockfile.write_blocks`: each
 temp file written, then each fsynced, renamed, and each directory fsynced once - a
 prefill's blocks arrive together, and one fsync per block and per directory entry was
-most of the time they took to reach the disk), and a `Load` or `Contains` of a pending
+most of the time they took to reach the disk), and a `SsdLoad` or `SsdContains` of a pending
 block is answered from its data. A save still waiting in the inbox behind a full pending
 queue is not seen yet (a miss): the inbox cannot be looked into, and taking more would
 unbound the memory the queue holds.
 
-Ordering without locks. A `CleanupRequest(scope)` returns only once nothing of `scope`
+Ordering without locks. A `SsdCleanupRequest(scope)` returns only once nothing of `scope`
 that was saved before the call exists on disk, and later saves of that scope are written
 normally. The writer is a single task that runs each file operation to completion
 (`trio.to_thread.run_sync`, never abandoned), so when it takes a cleanup no write is in
@@ -72,7 +72,7 @@ writer at a time. A crash loses what only memory held - pending saves and cleanu
 barriers - so after a supervisor restart a save of a cleaned-up scope that was still
 queued may be written; a caller that needs the guarantee across a crash cleans up again.
 
-Shutdown. `Shutdown(flush, cleanup)` is answered once done; then both inboxes close and
+Shutdown. `SsdShutdown(flush, cleanup)` is answered once done; then both inboxes close and
 everything still queued fails with `ActorUnavailable` (queued saves count as dropped). If
 the supervisor drains it instead (the control inbox closes), the writer flushes, then
 returns. Cancelled (abort), it stops after the file operation in progress; pending saves
@@ -114,21 +114,21 @@ from .messages import (
     ALL_MESSAGE_TYPES,
     MIN_FREE_BYTES,
     MIN_FREE_FRACTION,
-    CleanupAll,
+    SsdCleanupAll,
     CleanupDone,
-    CleanupRequest,
-    Contains,
+    SsdCleanupRequest,
+    SsdContains,
     ContainsResult,
     DiskFaultKind,
-    Flush,
+    SsdFlush,
     InjectDiskFault,
-    Load,
+    SsdLoad,
     LoadReason,
     LoadResult,
     Save,
-    SetBudget,
-    Shutdown,
-    StatsQuery,
+    SsdSetBudget,
+    SsdShutdown,
+    SsdStatsQuery,
     WriterConfig,
     WriterControl,
     WriterStats,
@@ -146,21 +146,21 @@ __all__ = [
     "REPEAT_LOG_INTERVAL_S",
     "SAVE_INBOX_CAPACITY",
     "SAVE_WAIT_S",
-    "CleanupAll",
+    "SsdCleanupAll",
     "CleanupDone",
-    "CleanupRequest",
-    "Contains",
+    "SsdCleanupRequest",
+    "SsdContains",
     "ContainsResult",
     "DiskFaultKind",
-    "Flush",
+    "SsdFlush",
     "InjectDiskFault",
-    "Load",
+    "SsdLoad",
     "LoadReason",
     "LoadResult",
     "Save",
-    "SetBudget",
-    "Shutdown",
-    "StatsQuery",
+    "SsdSetBudget",
+    "SsdShutdown",
+    "SsdStatsQuery",
     "WriterAddress",
     "WriterConfig",
     "WriterControl",
@@ -188,7 +188,7 @@ PENDING_CAPACITY = 16
 # for every request of a full batch and its waiting queue. Full: senders wait (WAIT) -
 # a cleanup or a load is never dropped.
 CONTROL_INBOX_CAPACITY = 256
-# Unlinks per save (and per idle eviction pass): a sudden budget drop (SetBudget, or
+# Unlinks per save (and per idle eviction pass): a sudden budget drop (SsdSetBudget, or
 # the disk filling up) drains over several saves instead of stalling one on a syscall
 # storm (seed 004).
 MAX_UNLINKS_PER_SAVE = 32
@@ -321,7 +321,7 @@ _REAL_DISK = DiskIO()
 
 
 class _Stop(Exception):
-    """Raised inside the writer to leave its loop after a `Shutdown` was answered."""
+    """Raised inside the writer to leave its loop after a `SsdShutdown` was answered."""
 
 
 class _Writer:
@@ -344,7 +344,7 @@ class _Writer:
         self.received = 0
         # scope -> `received` count below which saves of that scope are cancelled on
         # arrival (they were queued before a cleanup of that scope); `_all_barrier` the
-        # same for every scope (CleanupAll).
+        # same for every scope (SsdCleanupAll).
         self.barriers: dict[str, int] = {}
         self.all_barrier = 0
         self.writes_since_usage = 0
@@ -416,7 +416,7 @@ class _Writer:
     # -- the loop ---------------------------------------------------------------------
 
     async def serve(self) -> None:
-        """Serve until a `Shutdown` is answered or the control inbox is closed and drained.
+        """Serve until a `SsdShutdown` is answered or the control inbox is closed and drained.
 
         Between file operations: take saves into pending, answer control messages, then
         write the oldest pending save, or evict while over budget, or wait for mail.
@@ -509,25 +509,25 @@ class _Writer:
 
     async def handle(self, message: object) -> object:
         match message:
-            case Load(hash=block_hash):
+            case SsdLoad(hash=block_hash):
                 return await self.load(block_hash)
-            case Contains(hashes=hashes):
+            case SsdContains(hashes=hashes):
                 present = tuple(h for h in hashes if h in self.pending or h in self.index)
                 return ContainsResult(present=present)
-            case CleanupRequest(scope=scope):
+            case SsdCleanupRequest(scope=scope):
                 return await self.cleanup(scope)
-            case CleanupAll():
+            case SsdCleanupAll():
                 return await self.cleanup(None)
-            case Flush():
+            case SsdFlush():
                 await self.flush()
                 return self.stats()
-            case SetBudget(budget_bytes=budget):
+            case SsdSetBudget(budget_bytes=budget):
                 self.budget = budget
                 self.drain_stalled = False
                 if self.over_budget():
                     await self.evict_pass()
                 return self.stats()
-            case StatsQuery():
+            case SsdStatsQuery():
                 return self.stats()
             case InjectDiskFault() as fault:
                 armed = self.faults.arm(fault)
@@ -537,7 +537,7 @@ class _Writer:
                     f" ({armed.stall_s:g} s each)" if armed.kind is DiskFaultKind.STALL else "",
                 )
                 return self.stats()
-            case Shutdown(flush=flush, cleanup=cleanup):
+            case SsdShutdown(flush=flush, cleanup=cleanup):
                 if cleanup:
                     await self.cleanup(None)
                 elif flush:
@@ -870,7 +870,7 @@ async def run(
     """Serve the block directory `config.directory` until shut down.
 
     Scans the directory first (see the module docstring), then reports ready with the
-    resulting `WriterStats`. Returns after answering a `Shutdown`, or after flushing once
+    resulting `WriterStats`. Returns after answering a `SsdShutdown`, or after flushing once
     the control inbox is closed and drained. On return or cancellation both inboxes are
     closed and their waiting callers answered with `ActorUnavailable`; on a crash (an
     unexpected exception) they are left open for the supervisor's next incarnation.

@@ -17,7 +17,7 @@ from omlx_actors.cache.actor import (
     Lookup,
     LookupResult,
     Release,
-    SetBudget,
+    SetCacheBudget,
     Stored,
 )
 from omlx_actors.cache.index import Eviction, StoredBlock
@@ -119,7 +119,7 @@ async def test_set_budget_evicts_unpinned_blocks_first_and_pinned_ones_past_them
         address, inbox, engine_inbox = await start_index(nursery, budget=100)
         await address.cast(Stored(blocks=chain("a", "b") + chain("p", "q")))
         await address.call(Lookup(request_id="r", hashes=("a", "b")))
-        await address.cast(SetBudget(budget_bytes=10))
+        await address.cast(SetCacheBudget(budget_bytes=10))
         assert (await engine_inbox.receive()).message.evictions == (
             Eviction(hash="q", generation=2, nbytes=10),
             Eviction(hash="p", generation=1, nbytes=10),
@@ -230,7 +230,7 @@ EXAMPLES = [
         StoredBlock(hash="a", parent=None, nbytes=10, generation=1),
         StoredBlock(hash="b", parent="a", nbytes=2**40, generation=2, usable=False),
     )),
-    SetBudget(budget_bytes=2 * 1024**3),
+    SetCacheBudget(budget_bytes=2 * 1024**3),
     CacheStatsQuery(),
     LookupResult(request_id="r1", matched=("a",)),
     CacheStats(blocks=1, used_bytes=2, budget_bytes=3, referenced_bytes=4, hits=5, misses=6,
@@ -255,6 +255,6 @@ def test_cache_message_round_trips_through_the_wire(message):
 
 def test_invalid_messages_cannot_be_built():
     with pytest.raises(ValueError):
-        SetBudget(budget_bytes=-1)
+        SetCacheBudget(budget_bytes=-1)
     with pytest.raises(ValueError, match="block a cannot be its own parent"):
         StoredBlock(hash="a", parent="a", nbytes=1, generation=1)

@@ -77,10 +77,10 @@ async def test_sending_after_close_is_connection_lost_not_a_hang():
 
 
 def test_an_unknown_message_is_refused_by_name():
-    from omlx_actors.cache.actor import SetBudget  # an engine-internal message: never crosses
+    from omlx_actors.cache.actor import SetCacheBudget  # an engine-internal message: never crosses
 
-    with pytest.raises(ValueError, match="SetBudget"):
-        decode_message(wire.encode(SetBudget(budget_bytes=1)))
+    with pytest.raises(ValueError, match="SetCacheBudget"):
+        decode_message(wire.encode(SetCacheBudget(budget_bytes=1)))
     done = Finished(request_id="r", reason=FinishReason.ERROR, prompt_tokens=1,
                     completion_tokens=0, error="x", error_type="E")
     assert decode_message(encode_message(done)) == done

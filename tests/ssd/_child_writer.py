@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omlx_actors.ssd import writer  # noqa: E402
 from omlx_actors.ssd.blockfile import DiskIO  # noqa: E402
-from omlx_actors.ssd.writer import CleanupRequest, StatsQuery  # noqa: E402
+from omlx_actors.ssd.writer import SsdCleanupRequest, SsdStatsQuery  # noqa: E402
 from ssd.helpers import KILL_TEST_ELEMENTS, Disk, config, make_save  # noqa: E402
 
 SAVES = 5000
@@ -51,9 +51,9 @@ async def main(root: Path, budget: int, stall_at: int) -> None:
         for i in range(SAVES):
             await address.save(make_save(i, f"s{i % 3}", elements=KILL_TEST_ELEMENTS))
             if i % 8 == 7:
-                await address.call(StatsQuery())  # keep pace with the writer
+                await address.call(SsdStatsQuery())  # keep pace with the writer
             if i % 50 == 49:
-                await address.call(CleanupRequest(scope="s0"))
+                await address.call(SsdCleanupRequest(scope="s0"))
         print("done", flush=True)
         nursery.cancel_scope.cancel()
 

@@ -30,7 +30,7 @@ from omlx_actors.ssd.blockfile import (
     TensorData,
     planned_size,
 )
-from omlx_actors.ssd.writer import Save, Shutdown, WriterAddress, WriterConfig
+from omlx_actors.ssd.writer import Save, SsdShutdown, WriterAddress, WriterConfig
 
 LAYOUT = ("KVCache", "ArraysCache")
 BLOCK_SIZE = 16
@@ -200,7 +200,7 @@ async def running_writer(
         if disk.gate is not None:
             disk.gate.set()
         with contextlib.suppress(ActorUnavailable):
-            await address.call(Shutdown(flush=False))
+            await address.call(SsdShutdown(flush=False))
 
 
 @contextlib.contextmanager

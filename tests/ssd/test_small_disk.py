@@ -15,7 +15,7 @@ from omlx_actors.ssd.writer import (
     MIN_FREE_BYTES,
     MIN_FREE_FRACTION,
     DiskFaultKind,
-    Flush,
+    SsdFlush,
     InjectDiskFault,
 )
 
@@ -38,7 +38,7 @@ async def test_a_2_mb_disk_gets_three_quarters_of_it_and_the_writer_says_so(tmp_
         assert ready.effective_budget_bytes == 3 * MB // 2
         for i in range(4):
             await w.save(make_save(i, elements=4096))  # ~32 kB each
-        stats = await w.call(Flush())
+        stats = await w.call(SsdFlush())
         assert (stats.saves_persisted, stats.saves_skipped, stats.files) == (4, 0, 4)
     [line] = budget_lines(caplog)
     assert line.levelno == logging.WARNING  # the disk cut the configured budget
@@ -76,11 +76,11 @@ async def test_repeated_skips_are_logged_once_per_interval_with_a_count(
     async with running_writer(tmp_path, disk=disk, **DEFAULT_RESERVE) as (w, _):
         for i in range(40):
             await w.save(make_save(i, elements=64))
-        stats = await w.call(Flush())
+        stats = await w.call(SsdFlush())
         assert stats.saves_skipped == 40 and balanced(stats)
         await trio.sleep(1.1)
         await w.save(make_save(40, elements=64))
-        stats = await w.call(Flush())
+        stats = await w.call(SsdFlush())
     skips = [r.getMessage() for r in caplog.records if "skipped block" in r.getMessage()]
     # The first, then one per interval (40 tiny skips take well under a second, so
     # usually just one more, after the sleep), each counting those not logged before it.
@@ -97,7 +97,7 @@ async def test_repeated_write_errors_are_logged_once_per_interval(tmp_path, capl
         await w.call(InjectDiskFault(kind=DiskFaultKind.FULL, writes=30))
         for i in range(30):
             await w.save(make_save(i, elements=64))
-        stats = await w.call(Flush())
+        stats = await w.call(SsdFlush())
     assert stats.write_errors == 30
     errors = [r.getMessage() for r in caplog.records if "failed (ENOSPC)" in r.getMessage()]
     assert len(errors) == 1 and errors[0].endswith("1 write errors so far, 0 of them not logged")
@@ -124,6 +124,6 @@ async def test_a_real_2_mb_tmpfs_holds_blocks_with_the_default_reserve(tmpfs_2mb
         assert MB < ready.effective_budget_bytes <= 3 * MB // 2
         for save in saves:
             await w.save(save)
-        stats = await w.call(Flush())
+        stats = await w.call(SsdFlush())
         assert (stats.saves_persisted, stats.saves_skipped, stats.write_errors) == (8, 0, 0)
         assert len(block_files(tmpfs_2mb)) == 8 and balanced(stats)

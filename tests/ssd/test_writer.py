@@ -29,21 +29,21 @@ from omlx_actors.ssd.writer import (
     PENDING_CAPACITY,
     SAVE_INBOX_CAPACITY,
     SAVE_WAIT_S,
-    CleanupAll,
+    SsdCleanupAll,
     CleanupDone,
-    CleanupRequest,
-    Contains,
+    SsdCleanupRequest,
+    SsdContains,
     ContainsResult,
     DiskFaultKind,
-    Flush,
+    SsdFlush,
     InjectDiskFault,
-    Load,
+    SsdLoad,
     LoadReason,
     LoadResult,
     Save,
-    SetBudget,
-    Shutdown,
-    StatsQuery,
+    SsdSetBudget,
+    SsdShutdown,
+    SsdStatsQuery,
     WriterConfig,
     WriterStats,
 )
@@ -70,7 +70,7 @@ def same_tensors(result: LoadResult, save: Save) -> bool:
 
 
 async def flushed(address) -> WriterStats:
-    stats = await address.call(Flush())
+    stats = await address.call(SsdFlush())
     assert balanced(stats)
     return stats
 
@@ -87,17 +87,17 @@ async def test_a_saved_block_is_persisted_and_loads_back_from_disk(tmp_path):
         assert (stats.saves_enqueued, stats.saves_persisted, stats.files) == (1, 1, 1)
         assert stats.bytes_on_disk == file_size(save) == block_files(tmp_path)[save.hash]
 
-        result = await w.call(Load(hash=save.hash))
+        result = await w.call(SsdLoad(hash=save.hash))
         assert result.reason is LoadReason.DISK
         assert same_tensors(result, save)
         assert (result.parent, result.scope, result.tokens) == (block_hash(0), "req-1", 16)
         for got in result.tensors:
             want = next(t for t in save.tensors if t.name == got.name)
             np.testing.assert_array_equal(got.to_array(), want.to_array())
-        assert await w.call(Load(hash=block_hash(2))) == LoadResult(
+        assert await w.call(SsdLoad(hash=block_hash(2))) == LoadResult(
             hash=block_hash(2), reason=LoadReason.MISSING
         )
-        stats = await w.call(StatsQuery())
+        stats = await w.call(SsdStatsQuery())
         assert (stats.load_hits, stats.load_misses) == (1, 1)
 
 
@@ -137,14 +137,14 @@ async def test_load_of_a_pending_block_hits_from_its_data(tmp_path):
             results = []
 
             async def load():
-                results.append(await w.call(Load(hash=block_hash(1))))
+                results.append(await w.call(SsdLoad(hash=block_hash(1))))
 
             nursery.start_soon(load)
             await wait_all_tasks_blocked()
             gate.set()
         assert results[0].reason is LoadReason.PENDING
         assert same_tensors(results[0], make_save(1))
-        assert (await w.call(Contains(hashes=(block_hash(1), block_hash(5))))) == ContainsResult(
+        assert (await w.call(SsdContains(hashes=(block_hash(1), block_hash(5))))) == ContainsResult(
             present=(block_hash(1),)
         )
         stats = await flushed(w)
@@ -163,8 +163,8 @@ async def test_a_duplicate_save_is_not_rewritten_but_a_new_scope_is(tmp_path):
         await w.save(make_save(1, "b"))
         stats = await flushed(w)
         assert (stats.saves_persisted, stats.files) == (2, 1)
-        assert (await w.call(Load(hash=block_hash(1)))).scope == "b"
-        assert await w.call(CleanupRequest(scope="a")) == CleanupDone(
+        assert (await w.call(SsdLoad(hash=block_hash(1)))).scope == "b"
+        assert await w.call(SsdCleanupRequest(scope="a")) == CleanupDone(
             scope="a", removed=0, cancelled=0
         )
         assert block_files(tmp_path).keys() == {block_hash(1)}
@@ -179,18 +179,18 @@ async def test_a_corrupt_file_is_a_miss_and_is_removed(tmp_path):
         raw[-3] ^= 0xFF
         path.write_bytes(bytes(raw))
 
-        result = await w.call(Load(hash=block_hash(1)))
+        result = await w.call(SsdLoad(hash=block_hash(1)))
 
         assert (result.reason, result.tensors) == (LoadReason.CORRUPT, None)
         assert not path.exists()
-        stats = await w.call(StatsQuery())
+        stats = await w.call(SsdStatsQuery())
         assert (stats.corrupt_discarded, stats.load_misses, stats.files, stats.bytes_on_disk) == (
             1,
             1,
             0,
             0,
         )
-        assert (await w.call(Load(hash=block_hash(1)))).reason is LoadReason.MISSING
+        assert (await w.call(SsdLoad(hash=block_hash(1)))).reason is LoadReason.MISSING
 
 
 async def test_a_foreign_namespace_file_is_skipped_and_kept(tmp_path):
@@ -200,15 +200,15 @@ async def test_a_foreign_namespace_file_is_skipped_and_kept(tmp_path):
     foreign = block_path(tmp_path, block_hash(1))
     async with running_writer(tmp_path) as (w, ready):
         assert (ready.foreign_skipped, ready.files) == (1, 0)
-        assert await w.call(Contains(hashes=(block_hash(1),))) == ContainsResult(present=())
-        assert (await w.call(Load(hash=block_hash(1)))).reason is LoadReason.MISSING
-        assert await w.call(CleanupAll()) == CleanupDone(scope=None, removed=0, cancelled=0)
+        assert await w.call(SsdContains(hashes=(block_hash(1),))) == ContainsResult(present=())
+        assert (await w.call(SsdLoad(hash=block_hash(1)))).reason is LoadReason.MISSING
+        assert await w.call(SsdCleanupAll()) == CleanupDone(scope=None, removed=0, cancelled=0)
         assert foreign.exists()
-        await w.call(Shutdown(cleanup=True))
+        await w.call(SsdShutdown(cleanup=True))
     assert foreign.exists()
     async with running_writer(tmp_path, identity=OTHER_IDENTITY) as (other, ready):
         assert ready.files == 1
-        assert (await other.call(Load(hash=block_hash(1)))).reason is LoadReason.DISK
+        assert (await other.call(SsdLoad(hash=block_hash(1)))).reason is LoadReason.DISK
 
 
 # -- cleanup ordering ------------------------------------------------------------------
@@ -223,7 +223,7 @@ async def test_cleanup_waits_for_inflight_write(tmp_path):
         acks = []
 
         async def cleanup():
-            acks.append(await w.call(CleanupRequest(scope="req-1")))
+            acks.append(await w.call(SsdCleanupRequest(scope="req-1")))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cleanup)
@@ -234,7 +234,7 @@ async def test_cleanup_waits_for_inflight_write(tmp_path):
 
         assert acks == [CleanupDone(scope="req-1", removed=1, cancelled=0)]
         assert block_files(tmp_path) == {} and temp_files(tmp_path) == []
-        stats = await w.call(StatsQuery())
+        stats = await w.call(SsdStatsQuery())
         assert (stats.saves_persisted, stats.cleanup_removed, stats.files) == (1, 1, 0)
 
         # The scope is not poisoned: a later save under it is written.
@@ -254,7 +254,7 @@ async def test_cleanup_cancels_saves_of_its_scope_still_queued(tmp_path):
         acks = []
 
         async def cleanup():
-            acks.append(await w.call(CleanupRequest(scope="req-1")))
+            acks.append(await w.call(SsdCleanupRequest(scope="req-1")))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cleanup)
@@ -277,7 +277,7 @@ async def test_cleanup_all_deletes_everything_saved_before_it(tmp_path):
         await flushed(w)
         for i in range(5, 8):
             await w.save(make_save(i, "late"))
-        done = await w.call(CleanupAll())
+        done = await w.call(SsdCleanupAll())
         assert done.scope is None and done.removed + done.cancelled >= 5
         stats = await flushed(w)
         assert (stats.files, stats.bytes_on_disk, stats.pending) == (0, 0, 0)
@@ -317,9 +317,9 @@ async def test_saves_beyond_a_full_inbox_are_dropped_after_save_wait(
             replies.append(await w.call(message))
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(ask, Load(hash=block_hash(2)))
+            nursery.start_soon(ask, SsdLoad(hash=block_hash(2)))
             await wait_all_tasks_blocked()
-            nursery.start_soon(ask, CleanupRequest(scope="a"))
+            nursery.start_soon(ask, SsdCleanupRequest(scope="a"))
             await wait_all_tasks_blocked()
             gate.set()
         assert replies[0].reason is LoadReason.PENDING
@@ -358,7 +358,7 @@ async def test_a_write_error_is_counted_the_temp_removed_and_serving_goes_on(
         await w.save(make_save(2))
         stats = await flushed(w)
         assert (stats.write_errors, stats.saves_persisted) == (1, 1)
-        assert (await w.call(Load(hash=block_hash(2)))).reason is LoadReason.DISK
+        assert (await w.call(SsdLoad(hash=block_hash(2)))).reason is LoadReason.DISK
 
 
 async def test_a_failed_rewrite_keeps_the_old_block(tmp_path):
@@ -370,7 +370,7 @@ async def test_a_failed_rewrite_keeps_the_old_block(tmp_path):
         await w.save(make_save(1, "b"))
         stats = await flushed(w)
         assert (stats.write_errors, stats.files) == (1, 1)
-        result = await w.call(Load(hash=block_hash(1)))
+        result = await w.call(SsdLoad(hash=block_hash(1)))
         assert (result.reason, result.scope) == (LoadReason.DISK, "a")
 
 
@@ -383,11 +383,11 @@ async def test_eviction_is_lru_and_loads_refresh_recency(tmp_path):
         for i in (1, 2, 3):
             await w.save(make_save(i, elements=64))
         await flushed(w)
-        assert (await w.call(Load(hash=block_hash(1)))).hit
+        assert (await w.call(SsdLoad(hash=block_hash(1)))).hit
         await w.save(make_save(4, elements=64))
         stats = await flushed(w)
         assert (stats.evictions, stats.files, stats.bytes_on_disk) == (1, 3, 3 * size)
-        present = await w.call(Contains(hashes=tuple(block_hash(i) for i in range(1, 5))))
+        present = await w.call(SsdContains(hashes=tuple(block_hash(i) for i in range(1, 5))))
         assert present.present == (block_hash(1), block_hash(3), block_hash(4))
         assert block_files(tmp_path).keys() == set(present.present)
 
@@ -406,7 +406,7 @@ async def test_a_budget_drop_unlinks_at_most_a_batch_per_pass_then_drains(tmp_pa
         for i in range(count):
             await w.save(make_save(i))
         await flushed(w)
-        stats = await w.call(SetBudget(budget_bytes=0))
+        stats = await w.call(SsdSetBudget(budget_bytes=0))
         assert (stats.evictions, stats.files) == (MAX_UNLINKS_PER_SAVE, 8)
         stats = await flushed(w)
         assert (stats.evictions, stats.files, stats.bytes_on_disk) == (count, 0, 0)
@@ -463,7 +463,7 @@ async def test_restart_rebuilds_the_index_with_lru_order_from_mtimes(tmp_path):
     async with running_writer(tmp_path) as (w, _):
         for i in range(1, 5):
             await w.save(make_save(i, "s", elements=64))
-        await w.call(Shutdown(flush=True))
+        await w.call(SsdShutdown(flush=True))
     for i, mtime in zip(range(1, 5), (400, 100, 300, 200), strict=True):
         os.utime(block_path(tmp_path, block_hash(i)), (mtime, mtime))
     leftover = block_path(tmp_path, block_hash(1)).parent / f".{block_hash(1)}.deadbeef.tmp"
@@ -479,7 +479,7 @@ async def test_restart_rebuilds_the_index_with_lru_order_from_mtimes(tmp_path):
         assert stats.evictions == 2
         assert block_files(tmp_path).keys() == {block_hash(1), block_hash(3)}
         assert temp_files(tmp_path) == [] and not torn.exists()
-        assert (await w.call(CleanupRequest(scope="s"))).removed == 2
+        assert (await w.call(SsdCleanupRequest(scope="s"))).removed == 2
 
 
 async def test_a_load_touches_its_file_so_recency_survives_a_restart(tmp_path):
@@ -490,7 +490,7 @@ async def test_a_load_touches_its_file_so_recency_survives_a_restart(tmp_path):
         await flushed(w)
         for i, mtime in zip((1, 2, 3), (100, 200, 300), strict=True):
             os.utime(block_path(tmp_path, block_hash(i)), (mtime, mtime))
-        assert (await w.call(Load(hash=block_hash(1)))).hit
+        assert (await w.call(SsdLoad(hash=block_hash(1)))).hit
     assert block_path(tmp_path, block_hash(1)).stat().st_mtime > 300
     async with running_writer(tmp_path, budget=2 * size) as (w, _):
         stats = await flushed(w)
@@ -505,10 +505,10 @@ async def test_shutdown_flush_writes_everything_sent_before_it(tmp_path):
     async with running_writer(tmp_path) as (w, _):
         for i in range(30):
             await w.save(make_save(i))
-        stats = await w.call(Shutdown(flush=True))
+        stats = await w.call(SsdShutdown(flush=True))
         assert (stats.saves_persisted, stats.pending, stats.saves_queued) == (30, 0, 0)
         with pytest.raises(ActorUnavailable):
-            await w.call(StatsQuery())
+            await w.call(SsdStatsQuery())
         with pytest.raises(ActorUnavailable):
             await w.save(make_save(99))
     assert len(block_files(tmp_path)) == 30
@@ -526,7 +526,7 @@ async def test_shutdown_without_flush_cancels_pending_saves(tmp_path):
             replies = []
 
             async def shutdown():
-                replies.append(await w.call(Shutdown(flush=False)))
+                replies.append(await w.call(SsdShutdown(flush=False)))
 
             nursery.start_soon(shutdown)
             await wait_all_tasks_blocked()
@@ -544,7 +544,7 @@ async def test_shutdown_cleanup_deletes_everything(tmp_path):
             await w.save(make_save(i, "r"))
         await flushed(w)
         await w.save(make_save(5))
-        stats = await w.call(Shutdown(cleanup=True))
+        stats = await w.call(SsdShutdown(cleanup=True))
         assert (stats.files, stats.bytes_on_disk) == (0, 0)
     assert block_files(tmp_path) == {}
 
@@ -579,14 +579,14 @@ async def test_cancelling_the_writer_waits_for_the_write_in_progress(tmp_path):
     assert block_files(tmp_path).keys() == {block_hash(0)}
     assert temp_files(tmp_path) == []
     with pytest.raises(ActorUnavailable):
-        await address.call(StatsQuery())
+        await address.call(SsdStatsQuery())
 
 
 async def test_an_unknown_message_is_refused_and_serving_goes_on(tmp_path):
     async with running_writer(tmp_path) as (w, _):
         with pytest.raises(UnknownMessage):
             await w.control.call(make_save(1))  # a Save belongs on the save inbox
-        assert balanced(await w.call(StatsQuery()))
+        assert balanced(await w.call(SsdStatsQuery()))
 
 
 # -- messages --------------------------------------------------------------------------
@@ -594,13 +594,13 @@ async def test_an_unknown_message_is_refused_and_serving_goes_on(tmp_path):
 
 def test_messages_validate_hashes_and_names():
     with pytest.raises(ValueError, match="block hash"):
-        Load(hash="../../etc")
+        SsdLoad(hash="../../etc")
     with pytest.raises(ValueError, match="block hash"):
-        Contains(hashes=(block_hash(1), "nope"))
+        SsdContains(hashes=(block_hash(1), "nope"))
     with pytest.raises(ValueError, match="unique"):
         Save(hash=block_hash(1), tokens=1, tensors=make_save(1).tensors * 2)
     with pytest.raises(ValueError):
-        SetBudget(budget_bytes=-1)
+        SsdSetBudget(budget_bytes=-1)
 
 
 def test_a_disk_fault_says_what_it_lacks():
@@ -615,14 +615,14 @@ def test_a_disk_fault_says_what_it_lacks():
 AnyWriterMessage = Union[
     Save,
     InjectDiskFault,
-    Load,
-    Contains,
-    CleanupRequest,
-    CleanupAll,
-    Flush,
-    SetBudget,
-    StatsQuery,
-    Shutdown,
+    SsdLoad,
+    SsdContains,
+    SsdCleanupRequest,
+    SsdCleanupAll,
+    SsdFlush,
+    SsdSetBudget,
+    SsdStatsQuery,
+    SsdShutdown,
     LoadResult,
     ContainsResult,
     CleanupDone,
@@ -639,15 +639,15 @@ STATS = WriterStats(**{f.name: 3 for f in attrs.fields(WriterStats)})
         make_save(1, "req-1"),
         make_save(0),
         Save(hash=block_hash(2), tokens=0, tensors=()),
-        Load(hash=block_hash(1)),
-        Contains(hashes=(block_hash(1), block_hash(2))),
-        Contains(hashes=()),
-        CleanupRequest(scope="req-1"),
-        CleanupAll(),
-        Flush(),
-        SetBudget(budget_bytes=1 << 40),
-        StatsQuery(),
-        Shutdown(flush=False, cleanup=True),
+        SsdLoad(hash=block_hash(1)),
+        SsdContains(hashes=(block_hash(1), block_hash(2))),
+        SsdContains(hashes=()),
+        SsdCleanupRequest(scope="req-1"),
+        SsdCleanupAll(),
+        SsdFlush(),
+        SsdSetBudget(budget_bytes=1 << 40),
+        SsdStatsQuery(),
+        SsdShutdown(flush=False, cleanup=True),
         InjectDiskFault(kind=DiskFaultKind.STALL, writes=3, stall_s=1.5),
         InjectDiskFault(kind=DiskFaultKind.FULL, writes=1, after_writes=7),
         LoadResult(

@@ -16,11 +16,11 @@ from trio.testing import wait_all_tasks_blocked
 
 from omlx_actors.ssd.writer import (
     PENDING_CAPACITY,
-    CleanupAll,
+    SsdCleanupAll,
     DiskFaultKind,
-    Flush,
+    SsdFlush,
     InjectDiskFault,
-    Load,
+    SsdLoad,
     LoadReason,
 )
 
@@ -83,14 +83,14 @@ async def test_a_writer_killed_at_random_points_leaves_valid_blocks_or_misses(tm
         assert temp_files(tmp_path) == []
         assert ready.files == len(on_disk)
         for h in on_disk:
-            result = await w.call(Load(hash=h))
+            result = await w.call(SsdLoad(hash=h))
             assert result.reason is LoadReason.DISK  # checksum verified on the way
             i = index_of[h]
             expected = make_save(i, f"s{i % 3}", elements=KILL_TEST_ELEMENTS)
             assert sorted(result.tensors, key=lambda t: t.name) == list(expected.tensors)
         missing = next(h for h in index_of if h not in on_disk)
-        assert (await w.call(Load(hash=missing))).reason is LoadReason.MISSING
-        stats = await w.call(Flush())
+        assert (await w.call(SsdLoad(hash=missing))).reason is LoadReason.MISSING
+        stats = await w.call(SsdFlush())
         assert stats.corrupt_discarded == 0
         assert stats.load_hits == len(on_disk)
 
@@ -114,21 +114,21 @@ async def test_a_really_full_disk_fails_the_write_cleanly_and_shrinks_the_budget
         hog.write_bytes(b"\0" * (900 * 1024))
 
         await w.save(first)
-        stats = await w.call(Flush())
+        stats = await w.call(SsdFlush())
         assert (stats.write_errors, stats.files, stats.saves_persisted) == (1, 0, 0)
         assert list(root.rglob("*.tmp")) == [] and block_files(root) == {}
         assert stats.effective_budget_bytes < file_size(second)  # re-read after ENOSPC
 
         await w.save(second)
-        stats = await w.call(Flush())
+        stats = await w.call(SsdFlush())
         assert (stats.write_errors, stats.saves_skipped) == (1, 1)  # refused, not tried
 
         hog.unlink()
         await w.save(third)
-        stats = await w.call(Flush())
+        stats = await w.call(SsdFlush())
         assert (stats.saves_persisted, stats.files) == (1, 1)
         assert balanced(stats)
-        assert (await w.call(Load(hash=third.hash))).reason is LoadReason.DISK
+        assert (await w.call(SsdLoad(hash=third.hash))).reason is LoadReason.DISK
 
 
 async def test_a_hung_disk_holds_the_writer_and_a_cleanup_waits_for_its_write(tmp_path):
@@ -139,14 +139,14 @@ async def test_a_hung_disk_holds_the_writer_and_a_cleanup_waits_for_its_write(tm
         stalled_at = trio.current_time()
         # The cleanup does not race the write in progress: it is answered after it, and
         # removes the block that write produced.
-        done = await w.call(CleanupAll())
+        done = await w.call(SsdCleanupAll())
         assert trio.current_time() >= stalled_at + 1.9
         assert done.removed == 1
         assert block_files(tmp_path) == {} and temp_files(tmp_path) == []
         # The fault struck one write: the next goes to a healthy disk at once.
         await w.save(make_save(2, elements=64))
         with trio.fail_after(1.5):
-            stats = await w.call(Flush())
+            stats = await w.call(SsdFlush())
         assert (stats.saves_persisted, stats.files, stats.write_errors) == (2, 1, 0)
         assert balanced(stats)
 
@@ -160,12 +160,12 @@ async def test_a_full_disk_fails_exactly_the_writes_it_was_told_to(tmp_path):
         await trio.sleep(0.3)
         for i in range(5):
             await w.save(make_save(i, elements=64))
-        stats = await w.call(Flush())
+        stats = await w.call(SsdFlush())
         assert (stats.saves_persisted, stats.write_errors, stats.files) == (3, 2, 3)
         assert set(block_files(tmp_path)) == {block_hash(0), block_hash(3), block_hash(4)}
         assert temp_files(tmp_path) == []
         assert balanced(stats)
-        assert (await w.call(Load(hash=block_hash(3)))).reason is LoadReason.DISK
+        assert (await w.call(SsdLoad(hash=block_hash(3)))).reason is LoadReason.DISK
 
 
 async def test_faults_sent_together_each_count_from_their_arrival(tmp_path):
@@ -176,7 +176,7 @@ async def test_faults_sent_together_each_count_from_their_arrival(tmp_path):
         await w.call(InjectDiskFault(kind=DiskFaultKind.FULL, writes=1))
         for i in range(4):
             await w.save(make_save(i, elements=64))
-        stats = await w.call(Flush())
+        stats = await w.call(SsdFlush())
         # Write 1 stalled then succeeded, writes 2 and 3 failed, write 4 succeeded.
         assert (stats.saves_persisted, stats.write_errors) == (2, 2)
         assert set(block_files(tmp_path)) == {block_hash(0), block_hash(3)}

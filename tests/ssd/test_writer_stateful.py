@@ -34,15 +34,15 @@ from omlx_actors.ssd.blockfile import (
 )
 from omlx_actors.ssd.writer import (
     PENDING_CAPACITY,
-    CleanupAll,
+    SsdCleanupAll,
     CleanupDone,
-    CleanupRequest,
-    Contains,
-    Flush,
-    Load,
-    SetBudget,
-    Shutdown,
-    StatsQuery,
+    SsdCleanupRequest,
+    SsdContains,
+    SsdFlush,
+    SsdLoad,
+    SsdSetBudget,
+    SsdShutdown,
+    SsdStatsQuery,
 )
 
 from .helpers import (
@@ -145,7 +145,7 @@ class WriterStateMachine(RuleBasedStateMachine):
         ready = self.portal.run(self._start_writer)
         assert ready.files == len(expect_files)
         assert (ready.corrupt_discarded, ready.temps_removed, ready.foreign_skipped) == (0, 0, 1)
-        assert set(self.call(Contains(hashes=UNIVERSE)).present) == expect_files
+        assert set(self.call(SsdContains(hashes=UNIVERSE)).present) == expect_files
 
     async def _start_writer(self):
         self.address, control, saves = writer.open_writer_inboxes()
@@ -195,7 +195,7 @@ class WriterStateMachine(RuleBasedStateMachine):
         assert stats.pending == 0
         files = self.ours_on_disk()
         if running:
-            assert set(files) == set(self.call(Contains(hashes=UNIVERSE)).present)
+            assert set(files) == set(self.call(SsdContains(hashes=UNIVERSE)).present)
         assert stats.files == len(files)
         assert stats.bytes_on_disk == sum(files.values())
         assert stats.bytes_on_disk <= stats.effective_budget_bytes
@@ -207,7 +207,7 @@ class WriterStateMachine(RuleBasedStateMachine):
     def save(self, i, scope, flush):
         self.cast_save(i, scope)
         if flush:
-            self.check_settled(self.call(Flush()))
+            self.check_settled(self.call(SsdFlush()))
 
     @rule(
         burst=st.lists(
@@ -221,7 +221,7 @@ class WriterStateMachine(RuleBasedStateMachine):
     def backlog(self) -> int:
         """Saves sent and not yet settled (pending or still in the save inbox). Only this
         test sends, so the backlog can only shrink until it sends again."""
-        stats = self.call(StatsQuery())
+        stats = self.call(SsdStatsQuery())
         return stats.pending + stats.saves_queued
 
     @rule(i=st.integers(0, BLOCKS - 1), scope=st.sampled_from(SCOPES))
@@ -234,7 +234,7 @@ class WriterStateMachine(RuleBasedStateMachine):
 
         async def save_and_load():
             await self.address.save(save)
-            return await self.address.call(Load(hash=save.hash), timeout=CALL_TIMEOUT_S)
+            return await self.address.call(SsdLoad(hash=save.hash), timeout=CALL_TIMEOUT_S)
 
         result = self.portal.run(save_and_load)
         self.note_save(i, scope)
@@ -251,7 +251,7 @@ class WriterStateMachine(RuleBasedStateMachine):
         i = data.draw(st.sampled_from(pool), "block")
         h = block_hash(i)
         settled = self.backlog() <= PENDING_CAPACITY  # every save sent is visible
-        result = self.call(Load(hash=h))
+        result = self.call(SsdLoad(hash=h))
         if result.hit:
             assert self.saved.get(h), f"{h} loaded but never saved or cleaned up"
             assert result.scope in self.saved[h]
@@ -262,14 +262,14 @@ class WriterStateMachine(RuleBasedStateMachine):
     @rule()
     def contains(self):
         settled = self.backlog() <= PENDING_CAPACITY
-        present = set(self.call(Contains(hashes=UNIVERSE)).present)
+        present = set(self.call(SsdContains(hashes=UNIVERSE)).present)
         if settled:
             assert self.must_exist <= present
         assert all(self.saved.get(h) for h in present)
 
     @rule(scope=st.sampled_from(SCOPES))
     def cleanup(self, scope):
-        done = self.call(CleanupRequest(scope=scope))
+        done = self.call(SsdCleanupRequest(scope=scope))
         assert isinstance(done, CleanupDone) and done.scope == scope and done.failed == 0
         gone = set()
         for h, scopes in self.saved.items():
@@ -278,30 +278,30 @@ class WriterStateMachine(RuleBasedStateMachine):
                 scopes[:] = [s for s in scopes if s != scope]
                 if not scopes:
                     gone.add(h)
-        present = set(self.call(Contains(hashes=UNIVERSE)).present)
+        present = set(self.call(SsdContains(hashes=UNIVERSE)).present)
         assert not gone & present
         assert not gone & set(self.ours_on_disk())
 
     @rule()
     def cleanup_all(self):
-        done = self.call(CleanupAll())
+        done = self.call(SsdCleanupAll())
         assert done.scope is None and done.failed == 0
         self.saved.clear()
         self.must_exist.clear()
-        assert self.call(Contains(hashes=UNIVERSE)).present == ()
+        assert self.call(SsdContains(hashes=UNIVERSE)).present == ()
         assert self.ours_on_disk() == {}
 
     @rule(budget=st.sampled_from(BUDGETS))
     def set_budget(self, budget):
         self.budget = budget
-        stats = self.call(SetBudget(budget_bytes=budget))
+        stats = self.call(SsdSetBudget(budget_bytes=budget))
         assert stats.budget_bytes == budget
         if budget != ROOMY:
             self.must_exist.clear()
 
     @rule()
     def flush(self):
-        self.check_settled(self.call(Flush()))
+        self.check_settled(self.call(SsdFlush()))
 
     @rule(code=st.sampled_from([errno.ENOSPC, errno.EIO]))
     def arm_write_fault(self, code):
@@ -313,7 +313,7 @@ class WriterStateMachine(RuleBasedStateMachine):
         if how == "abort":
             self.portal.run(self._stop_writer)
         else:
-            stats = self.call(Shutdown(flush=how == "flush", cleanup=how == "cleanup"))
+            stats = self.call(SsdShutdown(flush=how == "flush", cleanup=how == "cleanup"))
             self.portal.run(self.stopped.wait)
             assert balanced(stats)
             if how != "no-flush":
@@ -329,7 +329,7 @@ class WriterStateMachine(RuleBasedStateMachine):
 
     @invariant()
     def counters_balance(self):
-        stats = self.call(StatsQuery())
+        stats = self.call(SsdStatsQuery())
         assert balanced(stats), stats
         assert self.sent == stats.saves_enqueued + stats.saves_dropped + stats.saves_queued
 
