@@ -10,7 +10,7 @@ Pure: no trio, no MLX.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import attrs
 
@@ -67,17 +67,24 @@ class Observed:
 
 
 def evaluate(expect: Expectations, scope: str, obs: Observed) -> list[Verdict]:
-    """Every expectation `expect` sets, over the records of `scope` ("run": all)."""
+    """Every expectation `expect` sets, over the records of `scope` ("run": all), in the
+    order of `_CHECKS`."""
     records = [r for r in obs.records if scope == "run" or r.phase == scope]
-    v: list[Verdict] = []
+    return [v for check in _CHECKS for v in check(expect, scope, records, obs)]
 
-    def add(name: str, ok: bool | None, expected: str, actual: str) -> None:
-        v.append(Verdict(name=name, scope=scope, ok=ok, expected=expected, actual=actual))
 
+# Each check yields a verdict for every expectation of its group that `expect` sets.
+Check = Callable[[Expectations, str, Sequence[RequestRecord], Observed], Iterator[Verdict]]
+
+
+def _outcomes(expect: Expectations, scope: str, records: Sequence[RequestRecord],
+              obs: Observed) -> Iterator[Verdict]:
     if expect.no_lost_requests:
         lost = [r for r in records if r.outcome in (LOST, None)]
-        add("no_lost_requests", not lost, "every request to end with a known outcome",
-            "none lost" if not lost else
+        yield Verdict(
+            name="no_lost_requests", scope=scope, ok=not lost,
+            expected="every request to end with a known outcome",
+            actual="none lost" if not lost else
             f"{len(lost)} lost: " + "; ".join(f"{r.key} in {r.phase}: {r.error}" for r in lost[:_SHOW]))
 
     if expect.allowed_status is not None:
@@ -86,83 +93,106 @@ def evaluate(expect: Expectations, scope: str, obs: Observed) -> list[Verdict]:
                if (r.outcome == COMPLETED and 200 not in allowed)
                or (r.outcome in (REFUSED, FAILED) and r.status not in allowed)]
         seen = sorted({r.status for r in records if r.status is not None})
-        add("allowed_status", not bad, f"statuses within {sorted(allowed)}",
-            f"statuses {seen}" if not bad else
+        yield Verdict(
+            name="allowed_status", scope=scope, ok=not bad, expected=f"statuses within {sorted(allowed)}",
+            actual=f"statuses {seen}" if not bad else
             f"{len(bad)} outside: " + "; ".join(
                 f"{r.key} in {r.phase}: {r.status} {r.error_code or ''} {_clip(r.error)}".rstrip()
                 for r in bad[:_SHOW]))
 
     for name, minimum in expect.min_outcomes:
         n = count_outcome(records, name)
-        add(f"min_outcomes.{name}", n >= minimum, f"at least {minimum} {_noun(name)}", f"{n}")
+        yield Verdict(name=f"min_outcomes.{name}", scope=scope, ok=n >= minimum,
+                      expected=f"at least {minimum} {_noun(name)}", actual=f"{n}")
     for name, maximum in expect.max_outcomes:
         n = count_outcome(records, name)
-        add(f"max_outcomes.{name}", n <= maximum, f"at most {maximum} {_noun(name)}", f"{n}")
+        yield Verdict(name=f"max_outcomes.{name}", scope=scope, ok=n <= maximum,
+                      expected=f"at most {maximum} {_noun(name)}", actual=f"{n}")
 
+
+def _against_reference(expect: Expectations, scope: str, records: Sequence[RequestRecord],
+                       obs: Observed) -> Iterator[Verdict]:
     if expect.identical_to_reference:
-        v.append(_identity(scope, records, obs, expect.tie_margin))
+        yield _identity(scope, records, obs, expect.tie_margin)
 
     if expect.min_cache_hit_ratio is not None:
-        v.append(_cache_hits(scope, records, expect))
+        yield _cache_hits(scope, records, expect)
 
     for name, q, ratio in (("ttft_p50_max_ratio", 50, expect.ttft_p50_max_ratio),
                            ("ttft_p99_max_ratio", 99, expect.ttft_p99_max_ratio)):
         if ratio is not None:
-            v.append(_latency_ratio(name, scope, records, obs, q, ratio, expect.latency_floor_s,
-                                    lambda r: [r.ttft_s] if r.ttft_s is not None else [], "TTFT"))
+            yield _latency_ratio(name, scope, records, obs, q, ratio, expect.latency_floor_s,
+                                 lambda r: [r.ttft_s] if r.ttft_s is not None else [], "TTFT")
     if expect.itl_p50_max_ratio is not None:
-        v.append(_latency_ratio("itl_p50_max_ratio", scope, records, obs, 50, expect.itl_p50_max_ratio,
-                                expect.latency_floor_s, RequestRecord.itl_gaps, "inter-token latency"))
+        yield _latency_ratio("itl_p50_max_ratio", scope, records, obs, 50, expect.itl_p50_max_ratio,
+                             expect.latency_floor_s, RequestRecord.itl_gaps, "inter-token latency")
 
+
+def _resources(expect: Expectations, scope: str, records: Sequence[RequestRecord],
+               obs: Observed) -> Iterator[Verdict]:
     if expect.memory_under_budget:
         if obs.budget_bytes is None or obs.peak_bytes is None:
-            add("memory_under_budget", None, "peak memory <= the memory budget",
-                "not measurable against this target (no budget or no memory numbers)")
+            yield Verdict(name="memory_under_budget", scope=scope, ok=None,
+                          expected="peak memory <= the memory budget",
+                          actual="not measurable against this target (no budget or no memory numbers)")
         else:
-            add("memory_under_budget", obs.peak_bytes <= obs.budget_bytes,
-                f"peak memory <= budget {_mib(obs.budget_bytes)}", f"peak {_mib(obs.peak_bytes)}")
+            yield Verdict(name="memory_under_budget", scope=scope, ok=obs.peak_bytes <= obs.budget_bytes,
+                          expected=f"peak memory <= budget {_mib(obs.budget_bytes)}",
+                          actual=f"peak {_mib(obs.peak_bytes)}")
 
     if expect.no_leaks:
+        expected = "nothing left registered or running after each phase"
         checks = [c for c in obs.leak_checks if scope == "run" or c.phase == scope]
         dirty = [c for c in checks if c.clean is False]
         measured = [c for c in checks if c.clean is not None]
         if not measured:
-            add("no_leaks", None, "nothing left registered or running after each phase",
-                checks[0].detail if checks else "no phase was checked")
+            yield Verdict(name="no_leaks", scope=scope, ok=None, expected=expected,
+                          actual=checks[0].detail if checks else "no phase was checked")
         else:
-            add("no_leaks", not dirty, "nothing left registered or running after each phase",
-                "clean after " + ", ".join(c.phase for c in measured) if not dirty else
-                "; ".join(f"{c.phase}: {c.detail}" for c in dirty))
+            yield Verdict(name="no_leaks", scope=scope, ok=not dirty, expected=expected,
+                          actual="clean after " + ", ".join(c.phase for c in measured) if not dirty else
+                          "; ".join(f"{c.phase}: {c.detail}" for c in dirty))
 
+
+def _after_the_run(expect: Expectations, scope: str, records: Sequence[RequestRecord],
+                   obs: Observed) -> Iterator[Verdict]:
     if expect.new_request_succeeds:
         r = obs.new_request
+        expected = "a new request after the run to complete"
         if r is None:
-            add("new_request_succeeds", False, "a new request after the run to complete", "none was sent")
+            yield Verdict(name="new_request_succeeds", scope=scope, ok=False, expected=expected,
+                          actual="none was sent")
         else:
-            add("new_request_succeeds", r.outcome == COMPLETED, "a new request after the run to complete",
-                "completed" if r.outcome == COMPLETED else
-                f"{r.outcome} {r.status or ''} {r.error_code or ''} {_clip(r.error)}".strip())
+            yield Verdict(name="new_request_succeeds", scope=scope, ok=r.outcome == COMPLETED,
+                          expected=expected, actual="completed" if r.outcome == COMPLETED else
+                          f"{r.outcome} {r.status or ''} {r.error_code or ''} {_clip(r.error)}".strip())
 
     if expect.ssd_no_orphans:
         check = obs.ssd_check
-        add("ssd_no_orphans", None if check is None else check.clean,
-            "after the run, flushed then cleaned up: no file left in the SSD directory, "
-            "the writer's counters balanced",
-            "not checked" if check is None else check.detail)
+        yield Verdict(name="ssd_no_orphans", scope=scope, ok=None if check is None else check.clean,
+                      expected="after the run, flushed then cleaned up: no file left in the SSD "
+                               "directory, the writer's counters balanced",
+                      actual="not checked" if check is None else check.detail)
 
+
+def _answers(expect: Expectations, scope: str, records: Sequence[RequestRecord],
+             obs: Observed) -> Iterator[Verdict]:
     if expect.schema_valid:
-        v.append(_schema_valid(scope, records, obs.schemas))
+        yield _schema_valid(scope, records, obs.schemas)
 
     if expect.error_message_contains is not None:
         needle = expect.error_message_contains
         failed = [r for r in records if r.outcome == FAILED]
         unclear = [r for r in failed if needle.lower() not in (r.error or "").lower()]
-        add("error_message_contains", not unclear,
-            f"every failed request's error to mention {needle!r}",
-            f"{len(failed)} failed, all say so" if failed and not unclear else
+        yield Verdict(
+            name="error_message_contains", scope=scope, ok=not unclear,
+            expected=f"every failed request's error to mention {needle!r}",
+            actual=f"{len(failed)} failed, all say so" if failed and not unclear else
             "no request failed" if not failed else
             f"{len(unclear)} do not: " + "; ".join(f"{r.key}: {r.error!r}" for r in unclear[:_SHOW]))
-    return v
+
+
+_CHECKS: tuple[Check, ...] = (_outcomes, _against_reference, _resources, _after_the_run, _answers)
 
 
 def _schema_valid(scope: str, records: Sequence[RequestRecord], schemas: Mapping[str, str]) -> Verdict:
