@@ -225,11 +225,11 @@ def measure_http(server, route: str, args: argparse.Namespace) -> Result:
 
 
 def report_http(args: argparse.Namespace) -> None:
-    from omlx_actors.bench import ServerProcess, _free_port
+    from omlx_actors.bench.common import ServerProcess, free_port
 
     server = ServerProcess("front-cost", [
         sys.executable, "-m", "omlx_actors.cli", "serve", "--demo-model", args.demo_model,
-        "--port", str(port := _free_port()), "--max-batch-size", str(max(args.streams, 8)),
+        "--port", str(port := free_port()), "--max-batch-size", str(max(args.streams, 8)),
         "--no-ssd-cache"], port)
     print(f"HTTP, server main thread, {args.streams} streams x {args.tokens} tokens")
     try:

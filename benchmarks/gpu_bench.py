@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from omlx_actors.bench import full_bench_main
+from omlx_actors.bench.servers import full_bench_main
 from omlx_actors.config import RuntimeConfig
 from omlx_actors.models import build_demo_model, get_spec
 

@@ -24,8 +24,9 @@ from pathlib import Path
 import attrs
 import trio
 
-from omlx_actors.bench import (BareLoop, ServerProcess, _free_port, http_level, make_prompts,
-                               make_text_prompts, runtime_level)
+from omlx_actors.bench.common import ServerProcess, free_port, make_text_prompts
+from omlx_actors.bench.inprocess import BareLoop, runtime_level
+from omlx_actors.bench.servers import http_level
 from omlx_actors.config import RuntimeConfig
 
 PROMPT_WORDS = 100
@@ -66,7 +67,7 @@ def main() -> int:
     if side == "c":
         server = ServerProcess("omlx-actors", [
             sys.executable, "-m", "omlx_actors.cli", "serve", "--model", str(model),
-            "--port", str(port := _free_port()), "--max-batch-size", str(config.max_batch_size),
+            "--port", str(port := free_port()), "--max-batch-size", str(config.max_batch_size),
             "--prefill-batch-size", "8", "--prefill-step-size", "2048", "--no-ssd-cache",
             "--gil-switch-interval", os.environ.get("GIL", "0.0002")], port)
         try:

@@ -299,19 +299,19 @@ def main(argv: list[str] | None = None) -> int:
             _config_error(f"invalid setting: {exc}")
         return serve_main(config, host=args.host, port=args.port, settings=settings)
     if args.command == "bench":
-        from omlx_actors.bench import bench_main
+        from omlx_actors.bench.inprocess import bench_main
 
         return bench_main(args, runtime_config(args))
     if args.command == "bench-servers":
-        from omlx_actors.bench import full_bench_main
+        from omlx_actors.bench.servers import full_bench_main
 
         return full_bench_main(args, runtime_config(args))
     if args.command == "bench-resume":
-        from omlx_actors.bench_resume import resume_bench_main
+        from omlx_actors.bench.resume import resume_bench_main
 
         return resume_bench_main(args, runtime_config(args))
     if args.command == "bench-cache":
-        from omlx_actors.bench import cache_bench_main
+        from omlx_actors.bench.inprocess import cache_bench_main
 
         return cache_bench_main(args, runtime_config(args))
     if args.command == "replay":

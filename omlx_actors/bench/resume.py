@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 import trio
 
-from omlx_actors.bench import make_prompts
+from omlx_actors.bench.common import make_prompts
 from omlx_actors.config import RuntimeConfig
 
 
