@@ -1,16 +1,18 @@
 """The SSD tier: block files on disk and the writer actor that owns their directory.
 
-`blockfile` (pure I/O) and `disk_index` (pure bookkeeping) import neither trio nor MLX;
-`writer` imports trio and the actor kernel, so it is not imported here -
-`from omlx_actors.ssd import writer`. Nothing here imports MLX: tensors travel as
-`TensorData` (bytes + dtype + shape) and convert to and from numpy.
+`blockfile` (the file format, reading one back), `block_directory` (crash-safe writes,
+the start-up scan, removal: pure I/O), `disk_index` and `pending` (pure bookkeeping)
+import neither trio nor MLX; `disk_store` and `writer` (the actor) import trio and the
+actor kernel, so they are not imported here - `from omlx_actors.ssd import writer`.
+Nothing here imports MLX: tensors travel as `TensorData` (bytes + dtype + shape) and
+convert to and from numpy.
 """
 
+from .block_directory import DiskIO
 from .blockfile import (
     BlockIdentity,
     BlockRecord,
     CorruptBlock,
-    DiskIO,
     ForeignBlock,
     TensorData,
     block_path,

@@ -9,7 +9,7 @@ than a tmpfs) and decodes on meanwhile, as a server does. The window runs from t
 the prefill step on the MLX thread (the last of the prompt's blocks converted for the
 writer - the moment a server-side kill starts losing them) to the return of the write
 that made the last of them durable (after its directory's fsync); both moments are taken
-by wrapping `BlockStore.tensor_data` and `blockfile.write_blocks` in this process (the
+by wrapping `BlockStore.tensor_data` and `block_directory.write_blocks` in this process (the
 session sees its first token later on a busy machine, so it is no clock for this). It
 repeats `--repeats` times, each with a fresh directory and prompt, and prints each run and
 the median.
@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from omlx_actors.ssd import blockfile
+from omlx_actors.ssd import block_directory
 
 
 class _Clock:
@@ -40,7 +40,7 @@ class _Clock:
     def install(self) -> None:
         from omlx_actors.engine.block_store import BlockStore
 
-        convert, write = BlockStore.tensor_data, blockfile.write_blocks
+        convert, write = BlockStore.tensor_data, block_directory.write_blocks
 
         def tensor_data(store: Any, block_hash: str) -> Any:
             result = convert(store, block_hash)
@@ -54,7 +54,7 @@ class _Clock:
             return results
 
         BlockStore.tensor_data = tensor_data  # type: ignore[method-assign]
-        blockfile.write_blocks = write_blocks  # type: ignore[assignment]
+        block_directory.write_blocks = write_blocks  # type: ignore[assignment]
 
 
 async def _one_run(model: str | None, prompt_tokens: int, block_size: int | None,

@@ -1,5 +1,4 @@
-"""Block files: one safetensors file per cached block, written atomically, read back
-with every byte checked.
+"""Block files: one safetensors file per cached block, read back with every byte checked.
 
 A block of hash `h` lives at `<root>/<h[:2]>/<h>.safetensors` (256 subdirectories keep
 directories small). The file is plain safetensors - an 8-byte little-endian header length,
@@ -16,29 +15,22 @@ a JSON header, the tensor bytes - so any safetensors reader can open it; its
   and bytes, in name order. A header bit flip, a truncated or torn data region, a
   renamed file: each fails either parsing or this checksum.
 
-Writes are crash-safe: a temp file in the block's own directory is written, fsynced,
-renamed over the final name, then the directory is fsynced. Only then is a block
-*persisted*. A batch (`write_blocks`) does each step for all its blocks before the next,
-so each directory is fsynced once per batch. Whatever dies part way leaves at most temp
-files (`TEMP_SUFFIX`), which `scan_directory` removes at the next start. The size `write_block` returns is the file's
-real size (`fstat` after the last write), so budget accounting never estimates.
+This module is the format: the values a file holds, their encoding (`encode_block`,
+`planned_size`) and reading one file back (`read_header`, `read_block`). Writing files
+crash-safe, the start-up scan and removal are `block_directory`'s.
 
 Pure I/O: no trio, no MLX, blocking calls. The writer actor runs each call on a worker
-thread, one at a time. `DiskIO` is the seam where tests make the write call fail
-(ENOSPC, EIO), stall, or report another disk's free space.
+thread, one at a time.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
 import os
 import re
-import shutil
-import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -57,20 +49,14 @@ __all__ = [
     "BlockIdentity",
     "BlockRecord",
     "CorruptBlock",
-    "DiskIO",
-    "DiskUsage",
     "ForeignBlock",
-    "ScanResult",
     "TensorData",
     "block_path",
+    "encode_block",
     "is_block_hash",
     "planned_size",
     "read_block",
     "read_header",
-    "remove_files",
-    "scan_directory",
-    "write_block",
-    "write_blocks",
 ]
 
 # Bumped whenever the file layout or the checksum recipe changes; files of any other
@@ -88,7 +74,6 @@ _HEADER_ALIGN = 8
 _LENGTH_BYTES = 8
 _CHECKSUM_BYTES = 16
 _HASH_RE = re.compile(f"[0-9a-f]{{{HASH_HEX_CHARS}}}")
-_SUBDIR_RE = re.compile("[0-9a-f]{2}")
 
 
 class _DType(NamedTuple):
@@ -234,31 +219,6 @@ class BlockHeader:
     size: int  # the file's size in bytes
 
 
-class DiskUsage(NamedTuple):
-    """As `shutil.disk_usage` reports it."""
-
-    total: int
-    used: int
-    free: int
-
-
-def _write_all(fd: int, data: memoryview) -> int:
-    return os.write(fd, data)
-
-
-@attrs.frozen
-class DiskIO:
-    """The calls where block files meet the disk, replaceable by tests.
-
-    `write(fd, buffer) -> int` writes some prefix of `buffer` (like `os.write`);
-    `fsync(fd)`; `disk_usage(path) -> DiskUsage`. All run on the writer's worker thread.
-    """
-
-    write: Callable[[int, memoryview], int] = _write_all
-    fsync: Callable[[int], None] = os.fsync
-    disk_usage: Callable[[str], Any] = shutil.disk_usage
-
-
 # ---------------------------------------------------------------------------------------
 # Layout and header
 
@@ -321,8 +281,20 @@ def _header_bytes(metadata: dict[str, str], ordered: Sequence[TensorData]) -> by
     return len(text).to_bytes(_LENGTH_BYTES, "little") + text
 
 
+def encode_block(identity: BlockIdentity, record: BlockRecord) -> tuple[bytes, list[TensorData]]:
+    """The file of `record`: its header (length prefix and checksum included) and its
+    tensors in file order; the file is the header, then each tensor's `data`. Raises
+    ValueError if two tensors share a name."""
+    ordered = _sorted_tensors(record.tensors)
+    metadata = _metadata(identity, record)
+    metadata["checksum"] = _checksum(
+        metadata, [(t.name, t.dtype, t.shape) for t in ordered], [t.data for t in ordered]
+    )
+    return _header_bytes(metadata, ordered), ordered
+
+
 def planned_size(identity: BlockIdentity, record: BlockRecord) -> int:
-    """The exact size in bytes `write_block` will give the file of `record`.
+    """The exact size in bytes `block_directory.write_block` will give the file of `record`.
 
     The checksum is fixed-length hex, so the header's length does not depend on its value.
     """
@@ -330,206 +302,6 @@ def planned_size(identity: BlockIdentity, record: BlockRecord) -> int:
     metadata = _metadata(identity, record)
     metadata["checksum"] = "0" * (2 * _CHECKSUM_BYTES)
     return len(_header_bytes(metadata, ordered)) + sum(t.nbytes for t in ordered)
-
-
-# ---------------------------------------------------------------------------------------
-# Write
-
-
-def _fsync_dir(path: Path, io: DiskIO) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        io.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_block(
-    root: str | os.PathLike[str],
-    identity: BlockIdentity,
-    record: BlockRecord,
-    io: DiskIO = DiskIO(),
-) -> int:
-    """Write `record` as its block file under `root`, atomically; return the file's size.
-
-    A batch of one (see `write_blocks`): temp file (same directory) → write → fsync →
-    close → rename over the final name → fsync of the directory. On return the block is
-    durable. On any error the temp file is removed, and if the error came after the rename
-    (the directory fsync) the final file is removed too - it was never known durable -
-    then the error is raised. An existing file of the same hash is replaced only by the
-    rename, so a failed rewrite before it leaves the old file whole.
-    """
-    [result] = write_blocks(root, identity, [(record, io)])
-    if isinstance(result, OSError):
-        raise result
-    return result
-
-
-@attrs.define
-class _Job:
-    """One block of a batch on its way to disk."""
-
-    record: BlockRecord
-    io: DiskIO
-    final: Path
-    temp: Path | None = None
-    fd: int | None = None
-    expected: int = 0
-    size: int = 0
-    renamed: bool = False
-    error: OSError | None = None
-
-
-def write_blocks(
-    root: str | os.PathLike[str],
-    identity: BlockIdentity,
-    batch: Sequence[tuple[BlockRecord, DiskIO]],
-) -> list[int | OSError]:
-    """Write each record of `batch` as its block file under `root`, each atomically, through
-    its own `DiskIO`; return, in order, each file's size or the OSError that failed it.
-
-    Order: every temp file is written (in its block's directory); then each is fsynced and
-    closed; then each is renamed over its final name; then every directory that received a
-    file is fsynced once (and `root` once, first, if a subdirectory was created). A block
-    is durable - and gets its size - only after its directory's fsync. A failure fails its
-    own block (its temp file removed), except a failed directory fsync, which fails every
-    block renamed into that directory (their files are removed: never known durable). An
-    existing file of the same hash is replaced only by the rename, so a failed rewrite
-    leaves the old file whole unless its directory's fsync failed.
-
-    Against writing the blocks one at a time: the same file fsyncs, one directory fsync
-    per directory instead of one per block, and the disk has the whole batch's data
-    before the first fsync waits. Interrupted (any other exception), every temp file and
-    every renamed file not yet durable is removed and the exception propagates.
-    """
-    root = Path(root)
-    jobs = [_Job(record=record, io=io, final=block_path(root, record.hash)) for record, io in batch]
-    try:
-        created = [job for job in jobs if _create_directory(job)]
-        for job in jobs:
-            if job.error is None:
-                _fail_on_oserror(job, _write_temp, job, identity)
-        if created:
-            # The new subdirectories' entries must be durable too.
-            error = _fsync_quietly(root, created[0].io)
-            for job in created:
-                if error is not None and job.error is None:
-                    job.error = error
-        for job in jobs:
-            if job.error is None:
-                _fail_on_oserror(job, _sync_temp, job)
-        for job in jobs:
-            if job.error is None:
-                _fail_on_oserror(job, _rename, job)
-        by_directory: dict[Path, list[_Job]] = {}
-        for job in jobs:
-            if job.renamed and job.error is None:
-                by_directory.setdefault(job.final.parent, []).append(job)
-        for directory, members in by_directory.items():
-            error = _fsync_quietly(directory, members[0].io)
-            if error is not None:
-                for job in members:
-                    job.error = error
-    except BaseException:
-        for job in jobs:
-            _discard(job, renamed_too=True)
-        raise
-    for job in jobs:
-        if job.error is not None:
-            _discard(job, renamed_too=True)
-    return [job.error if job.error is not None else job.size for job in jobs]
-
-
-def _fail_on_oserror(job: _Job, step: Callable[..., None], *args: Any) -> None:
-    try:
-        step(*args)
-    except OSError as error:
-        job.error = error
-        _discard(job, renamed_too=False)
-
-
-def _create_directory(job: _Job) -> bool:
-    """Create the block's directory if missing; True if this call created it."""
-    directory = job.final.parent
-    if directory.is_dir():
-        return False
-    try:
-        directory.mkdir(parents=True)
-    except FileExistsError:
-        return False  # an earlier block of the batch made it
-    except OSError as error:
-        job.error = error
-        return False
-    return True
-
-
-def _write_temp(job: _Job, identity: BlockIdentity) -> None:
-    record = job.record
-    ordered = _sorted_tensors(record.tensors)
-    metadata = _metadata(identity, record)
-    metadata["checksum"] = _checksum(
-        metadata, [(t.name, t.dtype, t.shape) for t in ordered], [t.data for t in ordered]
-    )
-    header = _header_bytes(metadata, ordered)
-    job.expected = len(header) + sum(t.nbytes for t in ordered)
-    job.temp = job.final.parent / f".{record.hash}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}"
-    job.fd = os.open(job.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    for chunk in (header, *(t.data for t in ordered)):
-        view = memoryview(chunk)
-        while view:
-            written = job.io.write(job.fd, view)
-            if written <= 0:
-                raise OSError(errno.EIO, "write returned no progress", str(job.temp))
-            view = view[written:]
-
-
-def _sync_temp(job: _Job) -> None:
-    assert job.fd is not None
-    job.io.fsync(job.fd)
-    job.size = os.fstat(job.fd).st_size
-    fd, job.fd = job.fd, None
-    os.close(fd)
-    if job.size != job.expected:
-        raise OSError(errno.EIO, f"wrote {job.size} bytes, planned {job.expected}", str(job.temp))
-
-
-def _rename(job: _Job) -> None:
-    assert job.temp is not None
-    os.replace(job.temp, job.final)
-    job.renamed = True
-
-
-def _fsync_quietly(directory: Path, io: DiskIO) -> OSError | None:
-    try:
-        _fsync_dir(directory, io)
-    except OSError as error:
-        return error
-    return None
-
-
-def _discard(job: _Job, *, renamed_too: bool) -> None:
-    """Close and remove what `job` left: its temp file, and with `renamed_too` its renamed
-    (never known durable) final file."""
-    if job.fd is not None:
-        fd, job.fd = job.fd, None
-        try:
-            os.close(fd)
-        except OSError:
-            pass  # the descriptor is gone either way
-    if job.renamed:
-        if renamed_too:
-            _unlink_quietly(job.final)
-            job.renamed = False
-    elif job.temp is not None:
-        _unlink_quietly(job.temp)
-        job.temp = None
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass  # already gone, or the disk is failing; a restart's scan retries
 
 
 # ---------------------------------------------------------------------------------------
@@ -689,96 +461,3 @@ def read_block(
         tensors=tensors,
     )
     return header, record
-
-
-# ---------------------------------------------------------------------------------------
-# Directory
-
-
-@attrs.frozen(kw_only=True)
-class ScanResult:
-    """What a start-up scan of a block directory found.
-
-    `blocks`: valid headers of this identity with their mtimes, least recently modified
-    first. Foreign files were left alone; corrupt files and leftover temp files were
-    removed (those that could not be are counted in `unremovable`).
-    """
-
-    blocks: tuple[tuple[BlockHeader, float], ...]
-    foreign: int
-    corrupt_removed: int
-    temps_removed: int
-    unremovable: int
-
-
-def scan_directory(root: str | os.PathLike[str], identity: BlockIdentity) -> ScanResult:
-    """Index the block directory `root` (created if missing) for `identity`.
-
-    Reads only headers (one small read per file): the checksum of each block is checked
-    when it is loaded, so a start does not read the whole directory. Any file that is not
-    a block file name (`<2 hex>/<hash>.safetensors`) or a temp file is ignored.
-    """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    found: list[tuple[BlockHeader, float]] = []
-    foreign = corrupt = temps = unremovable = 0
-
-    def remove(path: Path) -> bool:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return True
-        except OSError:
-            return False
-        return True
-
-    for subdir in sorted(root.iterdir()):
-        if not _SUBDIR_RE.fullmatch(subdir.name) or not subdir.is_dir():
-            continue
-        for path in sorted(subdir.iterdir()):
-            name = path.name
-            if name.endswith(TEMP_SUFFIX):
-                if remove(path):
-                    temps += 1
-                else:
-                    unremovable += 1
-                continue
-            stem = name[: -len(BLOCK_SUFFIX)] if name.endswith(BLOCK_SUFFIX) else ""
-            if not is_block_hash(stem) or stem[:2] != subdir.name:
-                continue
-            try:
-                header = read_header(path, identity, stem)
-                mtime = path.stat().st_mtime
-            except ForeignBlock:
-                foreign += 1
-                continue
-            except (CorruptBlock, OSError):
-                if remove(path):
-                    corrupt += 1
-                else:
-                    unremovable += 1
-                continue
-            found.append((header, mtime))
-    found.sort(key=lambda item: (item[1], item[0].hash))
-    return ScanResult(
-        blocks=tuple(found),
-        foreign=foreign,
-        corrupt_removed=corrupt,
-        temps_removed=temps,
-        unremovable=unremovable,
-    )
-
-
-def remove_files(paths: Sequence[Path]) -> list[OSError | None]:
-    """Unlink each of `paths`; the error of each (None: removed or already gone)."""
-    results: list[OSError | None] = []
-    for path in paths:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            results.append(None)
-        except OSError as error:
-            results.append(error)
-        else:
-            results.append(None)
-    return results

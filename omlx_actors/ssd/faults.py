@@ -13,7 +13,7 @@ import time
 
 import attrs
 
-from .blockfile import DiskIO
+from .block_directory import DiskIO
 from .messages import DiskFaultKind, InjectDiskFault
 
 __all__ = ["ArmedFault", "DiskFaults"]

@@ -18,7 +18,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omlx_actors.ssd import writer  # noqa: E402
-from omlx_actors.ssd.blockfile import DiskIO  # noqa: E402
+from omlx_actors.ssd.block_directory import DiskIO  # noqa: E402
 from omlx_actors.ssd.writer import SsdCleanupRequest, SsdStatsQuery  # noqa: E402
 from ssd.helpers import KILL_TEST_ELEMENTS, Disk, config, make_save  # noqa: E402
 

@@ -20,13 +20,12 @@ import trio
 from omlx_actors.cache.blocks import cache_namespace
 from omlx_actors.kernel import ActorUnavailable
 from omlx_actors.ssd import writer
+from omlx_actors.ssd.block_directory import DiskIO, DiskUsage
 from omlx_actors.ssd.blockfile import (
     BLOCK_SUFFIX,
     TEMP_SUFFIX,
     BlockIdentity,
     BlockRecord,
-    DiskIO,
-    DiskUsage,
     TensorData,
     planned_size,
 )

@@ -11,21 +11,19 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from omlx_actors.ssd import blockfile
+from omlx_actors.ssd import block_directory
+from omlx_actors.ssd.block_directory import DiskIO, scan_directory, write_block
 from omlx_actors.ssd.blockfile import (
     FORMAT_VERSION,
     BlockIdentity,
     BlockRecord,
     CorruptBlock,
-    DiskIO,
     ForeignBlock,
     TensorData,
     block_path,
     planned_size,
     read_block,
     read_header,
-    scan_directory,
-    write_block,
 )
 
 from .helpers import IDENTITY, OTHER_IDENTITY, block_hash, temp_files, tensors
@@ -265,7 +263,7 @@ def test_scan_creates_a_missing_directory(tmp_path):
 def test_remove_files_reports_each_error(tmp_path):
     path, _ = written(tmp_path)
     missing = block_path(tmp_path, block_hash(9))
-    results = blockfile.remove_files([path, missing, tmp_path])
+    results = block_directory.remove_files([path, missing, tmp_path])
     assert results[:2] == [None, None]
     assert isinstance(results[2], OSError)
     assert not path.exists()
@@ -295,7 +293,7 @@ def test_a_batch_fsyncs_each_file_once_and_each_directory_once(tmp_path):
     directory + 2 parent fsyncs; as a batch, 6 + 2 + 1."""
     records = _in_two_directories(6)
     io, fsyncs = _counting_io()
-    sizes = blockfile.write_blocks(tmp_path, IDENTITY, [(rec, io) for rec in records])
+    sizes = block_directory.write_blocks(tmp_path, IDENTITY, [(rec, io) for rec in records])
     assert len(fsyncs) == 6 + 2 + 1
     assert sizes == [planned_size(IDENTITY, rec) for rec in records]
     for rec in records:
@@ -311,7 +309,7 @@ def test_a_failed_write_in_a_batch_fails_only_its_block(tmp_path):
         raise OSError(errno.ENOSPC, "full")
 
     ios = [healthy, DiskIO(write=enospc), healthy, healthy]
-    results = blockfile.write_blocks(tmp_path, IDENTITY, list(zip(records, ios, strict=True)))
+    results = block_directory.write_blocks(tmp_path, IDENTITY, list(zip(records, ios, strict=True)))
     assert isinstance(results[1], OSError) and results[1].errno == errno.ENOSPC
     assert [r for i, r in enumerate(results) if i != 1] == [
         planned_size(IDENTITY, rec) for i, rec in enumerate(records) if i != 1
@@ -322,7 +320,7 @@ def test_a_failed_write_in_a_batch_fails_only_its_block(tmp_path):
 
 def test_a_failed_directory_fsync_fails_every_block_renamed_into_it(tmp_path):
     records = _in_two_directories(4)  # bb, aa, bb, aa
-    blockfile.write_blocks(tmp_path, IDENTITY, [(records[0], DiskIO()), (records[1], DiskIO())])
+    block_directory.write_blocks(tmp_path, IDENTITY, [(records[0], DiskIO()), (records[1], DiskIO())])
     bb = os.stat(block_path(tmp_path, records[0].hash).parent)
 
     def fsync(fd):
@@ -334,7 +332,7 @@ def test_a_failed_directory_fsync_fails_every_block_renamed_into_it(tmp_path):
     io = DiskIO(fsync=fsync)
     fresh = [BlockRecord(hash=rec.hash[:-1] + "f", parent=None, scope="", tokens=16,
                          tensors=rec.tensors) for rec in records]
-    results = blockfile.write_blocks(tmp_path, IDENTITY, [(rec, io) for rec in fresh])
+    results = block_directory.write_blocks(tmp_path, IDENTITY, [(rec, io) for rec in fresh])
     assert [isinstance(r, OSError) for r in results] == [True, False, True, False]
     assert not block_path(tmp_path, fresh[0].hash).exists()
     assert not block_path(tmp_path, fresh[2].hash).exists()

@@ -24,13 +24,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from omlx_actors.ssd import writer
+from omlx_actors.ssd.block_directory import write_block
 from omlx_actors.ssd.blockfile import (
     BlockRecord,
     CorruptBlock,
     ForeignBlock,
     block_path,
     read_header,
-    write_block,
 )
 from omlx_actors.ssd.writer import (
     PENDING_CAPACITY,
