@@ -19,7 +19,7 @@ So:
 
 Between file operations the writer moves saves from the save inbox into its *pending*
 queue (at most `PENDING_CAPACITY`; the rest wait in the inbox, still in order). Pending
-saves are written oldest first, all of them in one batch (`blockfile.write_blocks`: each
+saves are written oldest first, all of them in one batch (`block_directory.write_blocks`: each
 temp file written, then each fsynced, renamed, and each directory fsynced once - a
 prefill's blocks arrive together, and one fsync per block and per directory entry was
 most of the time they took to reach the disk), and a `SsdLoad` or `SsdContains` of a pending
@@ -63,7 +63,7 @@ queued when the writer stopped); a sender that cast `n` saves sees
 `n == saves_enqueued + saves_dropped + saves_queued`.
 
 Restart. On start the writer scans its directory (headers only; see
-`blockfile.scan_directory`): other identities' files are skipped and kept, corrupt ones
+`block_directory.scan_directory`): other identities' files are skipped and kept, corrupt ones
 and leftover temp files are removed, and the LRU order is rebuilt from mtimes (a load
 touches its file, so recency survives a restart). A block's checksum is verified when it
 is loaded; a block that fails it is a miss and is removed. The writer is ready
@@ -77,17 +77,15 @@ everything still queued fails with `ActorUnavailable` (queued saves count as dro
 the supervisor drains it instead (the control inbox closes), the writer flushes, then
 returns. Cancelled (abort), it stops after the file operation in progress; pending saves
 are lost, never half written.
+
+Where it lives: this module is the actor - its inboxes, its loop, the control messages,
+cleanups and stats. The files, their index, the budget and eviction are `disk_store`'s
+(`DiskStore`); the pending queue and the cleanup barriers are `pending`'s (pure).
 """
 
 from __future__ import annotations
 
-import enum
-import errno
-import functools
 import logging
-from collections import deque
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -105,11 +103,8 @@ from omlx_actors.kernel import (
     unknown_message,
 )
 
-from . import blockfile
-from .blockfile import BlockRecord, DiskIO
-from .disk_index import DiskBlock, DiskIndex, DiskSpace, effective_budget, free_space_reserve
-from .faults import DiskFaults
-from .lograte import RepeatedLog
+from .block_directory import DiskIO
+from .disk_store import DiskStore, Removal
 from .messages import (
     ALL_MESSAGE_TYPES,
     MIN_FREE_BYTES,
@@ -133,13 +128,12 @@ from .messages import (
     WriterControl,
     WriterStats,
 )
+from .pending import CleanupBarriers, PendingSaves
 
 # The messages are re-exported: `from omlx_actors.ssd.writer import Save` is the usual way.
 __all__ = [
     "ALL_MESSAGE_TYPES",
     "CONTROL_INBOX_CAPACITY",
-    "DISK_USAGE_REFRESH_SAVES",
-    "MAX_UNLINKS_PER_SAVE",
     "MIN_FREE_BYTES",
     "MIN_FREE_FRACTION",
     "PENDING_CAPACITY",
@@ -188,13 +182,6 @@ PENDING_CAPACITY = 16
 # for every request of a full batch and its waiting queue. Full: senders wait (WAIT) -
 # a cleanup or a load is never dropped.
 CONTROL_INBOX_CAPACITY = 256
-# Unlinks per save (and per idle eviction pass): a sudden budget drop (SsdSetBudget, or
-# the disk filling up) drains over several saves instead of stalling one on a syscall
-# storm (seed 004).
-MAX_UNLINKS_PER_SAVE = 32
-# Re-read the disk's free space after this many writes (and after every error): other
-# programs use the disk too.
-DISK_USAGE_REFRESH_SAVES = 64
 # A failure that repeats (every save skipped for lack of room, every write failing on a
 # full disk) is logged at its first occurrence, then at most once per this interval with
 # the count of those not logged; the exact counts are in `WriterStats`.
@@ -243,79 +230,6 @@ def open_writer_inboxes(name: str = "ssd-writer") -> tuple[WriterAddress, Inbox,
 # State
 
 
-@attrs.define
-class _Counters:
-    saves_enqueued: int = 0
-    saves_persisted: int = 0
-    saves_duplicate: int = 0
-    saves_cancelled: int = 0
-    saves_skipped: int = 0
-    write_errors: int = 0
-    evictions: int = 0
-    cleanup_removed: int = 0
-    load_hits: int = 0
-    load_misses: int = 0
-    corrupt_discarded: int = 0
-    foreign_skipped: int = 0
-    temps_removed: int = 0
-    io_errors: int = 0
-
-
-class _Pending:
-    """Saves taken off the inbox and not yet settled, oldest first, with the newest save
-    of each hash for loads. The oldest is the one being written, if any."""
-
-    def __init__(self) -> None:
-        self._queue: deque[Save] = deque()
-        self._newest: dict[BlockHash, Save] = {}
-        self._count: dict[BlockHash, int] = {}
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-    def __contains__(self, block_hash: object) -> bool:
-        return block_hash in self._newest
-
-    def get(self, block_hash: BlockHash) -> Save | None:
-        return self._newest.get(block_hash)
-
-    def oldest(self) -> Save:
-        return self._queue[0]
-
-    def append(self, save: Save) -> None:
-        self._queue.append(save)
-        self._newest[save.hash] = save
-        self._count[save.hash] = self._count.get(save.hash, 0) + 1
-
-    def pop_oldest(self) -> Save:
-        save = self._queue.popleft()
-        left = self._count[save.hash] - 1
-        if left:
-            self._count[save.hash] = left
-        else:
-            del self._count[save.hash], self._newest[save.hash]
-        return save
-
-    def discard(self, keep: Callable[[Save], bool]) -> int:
-        """Drop every save for which `keep` is false; return how many."""
-        kept = [save for save in self._queue if keep(save)]
-        dropped = len(self._queue) - len(kept)
-        self._queue.clear()
-        self._newest.clear()
-        self._count.clear()
-        for save in kept:
-            self.append(save)
-        return dropped
-
-
-class _Removal(enum.Enum):
-    """Why files are removed, for the counters."""
-
-    EVICT = "evict"  # over budget: `evictions`
-    CLEANUP = "cleanup"  # a cleanup asked for it: `cleanup_removed`
-    DISCARD = "discard"  # failed validation at load: counted in `corrupt_discarded`
-
-
 # The real disk: `os.write`, `os.fsync`, `shutil.disk_usage`.
 _REAL_DISK = DiskIO()
 
@@ -330,88 +244,10 @@ class _Writer:
     def __init__(self, control: Inbox, saves: Inbox, config: WriterConfig, io: DiskIO) -> None:
         self.control = control
         self.saves = saves
-        self.config = config
-        self.io = io
-        self.faults = DiskFaults()  # injected ones, striking block writes by count
-        self.root = Path(config.directory)
-        self.identity = config.identity
-        self.budget = config.budget_bytes
-        self.index = DiskIndex()
-        self.space = DiskSpace()
-        self.pending = _Pending()
-        self.counters = _Counters()
-        # Saves taken off the save inbox so far; numbers the FIFO for cleanup barriers.
-        self.received = 0
-        # scope -> `received` count below which saves of that scope are cancelled on
-        # arrival (they were queued before a cleanup of that scope); `_all_barrier` the
-        # same for every scope (SsdCleanupAll).
-        self.barriers: dict[str, int] = {}
-        self.all_barrier = 0
-        self.writes_since_usage = 0
-        # Set when an idle eviction pass freed nothing (unlinks failing): idle passes
-        # stop until the next write or budget change, instead of spinning.
-        self.drain_stalled = False
-        # Repeated failures are logged rate-limited (see REPEAT_LOG_INTERVAL_S).
-        self.skip_log = RepeatedLog(REPEAT_LOG_INTERVAL_S)
-        self.write_error_log = RepeatedLog(REPEAT_LOG_INTERVAL_S)
-
-    # -- start ------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        scan = await trio.to_thread.run_sync(blockfile.scan_directory, self.root, self.identity)
-        for header, _mtime in scan.blocks:
-            self.index.put(
-                DiskBlock(
-                    hash=header.hash,
-                    parent=header.parent,
-                    scope=header.scope,
-                    tokens=header.tokens,
-                    size=header.size,
-                )
-            )
-        self.counters.corrupt_discarded += scan.corrupt_removed
-        self.counters.foreign_skipped += scan.foreign
-        self.counters.temps_removed += scan.temps_removed
-        self.counters.io_errors += scan.unremovable
-        if scan.corrupt_removed or scan.foreign or scan.temps_removed or scan.unremovable:
-            # Foreign files are normal (another model's blocks); anything removed is not.
-            damaged = scan.corrupt_removed or scan.temps_removed or scan.unremovable
-            logger.log(
-                logging.WARNING if damaged else logging.INFO,
-                "%s: scan of %s: %d corrupt removed, %d foreign skipped, %d temp files "
-                "removed, %d could not be removed",
-                self.control.name,
-                self.root,
-                scan.corrupt_removed,
-                scan.foreign,
-                scan.temps_removed,
-                scan.unremovable,
-            )
-        await self.refresh_disk_usage()
-        self.say_budget()
-
-    def say_budget(self) -> None:
-        """Log the budget this writer will really use, once, at start: a warning when the
-        disk cuts the configured one (a small volume: say so, never skip silently)."""
-        if not self.space.known:
-            return
-        reserve = free_space_reserve(
-            self.space.total, self.config.min_free_bytes, self.config.min_free_fraction
-        )
-        effective = self.effective_budget()
-        logger.log(
-            logging.WARNING if effective < self.budget else logging.INFO,
-            "%s: %s: SSD cache budget %d bytes (configured %d; the disk has %d of %d bytes "
-            "free and keeps %d free)%s",
-            self.control.name,
-            self.root,
-            effective,
-            self.budget,
-            self.space.free,
-            self.space.total,
-            reserve,
-            "; no block can be saved" if effective == 0 else "",
-        )
+        self.store = DiskStore(control.name, config, io, REPEAT_LOG_INTERVAL_S)
+        self.counters = self.store.counters
+        self.pending = PendingSaves()
+        self.barriers = CleanupBarriers()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -426,9 +262,9 @@ class _Writer:
             if self.control.queued():
                 await self.dispatch(await self.control.receive())
             elif self.pending:
-                await self.write_batch()
-            elif self.over_budget() and not self.drain_stalled:
-                await self.evict_pass()
+                await self.store.write_batch(self.pending)
+            elif self.store.over_budget() and not self.store.drain_stalled:
+                await self.store.evict_pass()
             elif not await self.wait_for_mail():
                 await self.flush()
                 return
@@ -466,7 +302,7 @@ class _Writer:
         while (
             len(self.pending) < PENDING_CAPACITY
             and self.saves.queued()
-            and (target is None or self.received < target)
+            and (target is None or self.barriers.received < target)
         ):
             self.accept(await self.saves.receive())
 
@@ -479,15 +315,11 @@ class _Writer:
             )
             return
         envelope.reply(None)
-        sequence = self.received
-        self.received += 1
         self.counters.saves_enqueued += 1
-        if sequence < self.all_barrier or sequence < self.barriers.get(message.scope, 0):
+        if self.barriers.arrived(message.scope):
             self.counters.saves_cancelled += 1
         else:
             self.pending.append(message)
-        if self.barriers:
-            self.barriers = {s: n for s, n in self.barriers.items() if n > self.received}
 
     async def dispatch(self, envelope: Envelope) -> None:
         """Handle one control message and answer it (a refusal fails it, typed)."""
@@ -512,7 +344,7 @@ class _Writer:
             case SsdLoad(hash=block_hash):
                 return await self.load(block_hash)
             case SsdContains(hashes=hashes):
-                present = tuple(h for h in hashes if h in self.pending or h in self.index)
+                present = tuple(h for h in hashes if h in self.pending or h in self.store.index)
                 return ContainsResult(present=present)
             case SsdCleanupRequest(scope=scope):
                 return await self.cleanup(scope)
@@ -522,15 +354,12 @@ class _Writer:
                 await self.flush()
                 return self.stats()
             case SsdSetBudget(budget_bytes=budget):
-                self.budget = budget
-                self.drain_stalled = False
-                if self.over_budget():
-                    await self.evict_pass()
+                await self.store.set_budget(budget)
                 return self.stats()
             case SsdStatsQuery():
                 return self.stats()
             case InjectDiskFault() as fault:
-                armed = self.faults.arm(fault)
+                armed = self.store.faults.arm(fault)
                 logger.warning(
                     "%s: injected disk fault: %s of block writes %d..%d%s",
                     self.control.name, armed.kind.value, armed.first, armed.last,
@@ -548,188 +377,33 @@ class _Writer:
             case other:
                 unknown_message(self.control.name, other)
 
-    # -- saves ------------------------------------------------------------------------
-
-    async def write_batch(self) -> None:
-        """Settle the pending saves, oldest first, up to the first hash seen twice:
-        duplicates and skips at once, the rest written as one batch (`blockfile.write_blocks`:
-        one worker-thread call, each directory fsynced once). Each is counted persisted only
-        once its directory's fsync returned, or counted a write error."""
-        batch: list[tuple[Save, BlockRecord, DiskBlock | None]] = []
-        hashes: set[BlockHash] = set()
-        incoming = 0  # bytes the batch adds to the directory
-        while self.pending and self.pending.oldest().hash not in hashes:
-            save = self.pending.pop_oldest()
-            existing = self.index.get(save.hash)
-            if existing is not None and existing.scope == save.scope:
-                self.index.touch(save.hash)
-                self.counters.saves_duplicate += 1
-                continue
-            record = BlockRecord(
-                hash=save.hash,
-                parent=save.parent,
-                scope=save.scope,
-                tokens=save.tokens,
-                tensors=save.tensors,
-            )
-            grows = blockfile.planned_size(self.identity, record) - (
-                existing.size if existing is not None else 0
-            )
-            self.drain_stalled = False
-            keep = frozenset(hashes | {save.hash})
-            fits = await self.make_room(incoming + grows, keep=keep)
-            if not fits and self.space.known:
-                # The free space may have grown since the last reading (another program
-                # freed some); one re-read per refused save, so a skip is never stale.
-                await self.refresh_disk_usage()
-                fits = self.index.bytes + incoming + grows <= self.effective_budget()
-            if not fits:
-                self.skipped(save, grows)
-                continue
-            incoming += grows
-            hashes.add(save.hash)
-            batch.append((save, record, existing))
-        if not batch:
-            return
-        jobs = [(record, self.faults.next_write(self.io)) for _, record, _ in batch]
-        results = await trio.to_thread.run_sync(
-            blockfile.write_blocks, self.root, self.identity, jobs
-        )
-        failed = False
-        for (save, _, existing), result in zip(batch, results, strict=True):
-            if isinstance(result, OSError):
-                failed = True
-                await self.write_failed(save, existing, result)
-                continue
-            self.index.put(
-                DiskBlock(
-                    hash=save.hash,
-                    parent=save.parent,
-                    scope=save.scope,
-                    tokens=save.tokens,
-                    size=result,
-                )
-            )
-            self.space.wrote(result - (existing.size if existing is not None else 0))
-            self.counters.saves_persisted += 1
-            self.writes_since_usage += 1
-        if failed or self.writes_since_usage >= DISK_USAGE_REFRESH_SAVES:
-            await self.refresh_disk_usage()
-
-    def skipped(self, save: Save, size: int) -> None:
-        self.counters.saves_skipped += 1
-        unlogged = self.skip_log.occurred(trio.current_time())
-        if unlogged is not None:
-            logger.warning(
-                "%s: skipped block %s (%d bytes): no room within the budget (%d of %d "
-                "bytes used); %d skipped so far, %d of them not logged",
-                self.control.name,
-                save.hash,
-                size,
-                self.index.bytes,
-                self.effective_budget(),
-                self.counters.saves_skipped,
-                unlogged,
-            )
-
-    async def write_failed(self, save: Save, existing: DiskBlock | None, error: OSError) -> None:
-        self.counters.write_errors += 1
-        unlogged = self.write_error_log.occurred(trio.current_time())
-        if unlogged is not None:
-            logger.error(
-                "%s: writing block %s failed (%s); %d write errors so far, %d of them "
-                "not logged",
-                self.control.name,
-                save.hash,
-                errno.errorcode.get(error.errno or 0, error.errno),
-                self.counters.write_errors,
-                unlogged,
-            )
-        if existing is not None:
-            # A failure after the rename removed the replaced file too.
-            path = blockfile.block_path(self.root, save.hash)
-            if not await trio.to_thread.run_sync(path.exists):
-                self.index.remove(save.hash)
-                self.space.freed(existing.size)
-
-    async def make_room(self, incoming: int, keep: frozenset[BlockHash]) -> bool:
-        """Evict (at most `MAX_UNLINKS_PER_SAVE` files, none of `keep`) so `incoming` more
-        bytes fit; True if they do."""
-        excess = self.index.bytes + incoming - self.effective_budget()
-        if excess > 0:
-            victims = self.index.victims(excess, MAX_UNLINKS_PER_SAVE, keep)
-            await self.remove(victims, _Removal.EVICT)
-        return self.index.bytes + incoming <= self.effective_budget()
+    # -- saves, cleanups, loads --------------------------------------------------------
 
     async def flush(self) -> None:
         """Settle every save queued now (pending or in the save inbox), then evict down to
         the budget. Saves sent meanwhile are left for the loop."""
-        target = self.received + self.saves.queued()
+        target = self.barriers.received + self.saves.queued()
         while True:
             await self.take_saves(target)
             if not self.pending:
                 break
-            await self.write_batch()
-        self.drain_stalled = False
-        while self.over_budget() and not self.drain_stalled:
-            await self.evict_pass()
-
-    # -- removal ----------------------------------------------------------------------
-
-    def over_budget(self) -> bool:
-        return self.index.bytes > self.effective_budget()
-
-    async def evict_pass(self) -> None:
-        victims = self.index.victims(
-            self.index.bytes - self.effective_budget(), MAX_UNLINKS_PER_SAVE
-        )
-        removed, _ = await self.remove(victims, _Removal.EVICT)
-        if not removed:
-            self.drain_stalled = True
-
-    async def remove(self, blocks: list[DiskBlock], why: _Removal) -> tuple[int, int]:
-        """Delete the files of `blocks` (one worker-thread call) and forget the removed
-        ones; return (removed, failed). A file that cannot be removed stays indexed."""
-        if not blocks:
-            return 0, 0
-        paths = [blockfile.block_path(self.root, block.hash) for block in blocks]
-        errors = await trio.to_thread.run_sync(blockfile.remove_files, paths)
-        removed = failed = 0
-        for block, error in zip(blocks, errors, strict=True):
-            if error is None:
-                self.index.remove(block.hash)
-                self.space.freed(block.size)
-                removed += 1
-            else:
-                failed += 1
-                self.counters.io_errors += 1
-                logger.error("%s: cannot remove %s: %s", self.control.name, error.filename, error)
-        if why is _Removal.EVICT:
-            self.counters.evictions += removed
-        elif why is _Removal.CLEANUP:
-            self.counters.cleanup_removed += removed
-        if failed:
-            await self.refresh_disk_usage()
-        return removed, failed
+            await self.store.write_batch(self.pending)
+        await self.store.evict_to_budget()
 
     async def cleanup(self, scope: str | None) -> CleanupDone:
         """Delete `scope`'s blocks (None: every block), pending and queued ones included."""
-        queued_end = self.received + self.saves.queued()
+        queued = self.saves.queued()
         if scope is None:
             cancelled = self.pending.discard(lambda _: False)
-            self.all_barrier = queued_end
-            self.barriers.clear()
-            blocks = list(self.index)
+            self.barriers.cleanup_all(queued)
+            blocks = list(self.store.index)
         else:
             cancelled = self.pending.discard(lambda save: save.scope != scope)
-            if queued_end > self.received:
-                self.barriers[scope] = max(queued_end, self.barriers.get(scope, 0))
-            blocks = self.index.of_scope(scope)
+            self.barriers.cleanup(scope, queued)
+            blocks = self.store.index.of_scope(scope)
         self.counters.saves_cancelled += cancelled
-        removed, failed = await self.remove(blocks, _Removal.CLEANUP)
+        removed, failed = await self.store.remove(blocks, Removal.CLEANUP)
         return CleanupDone(scope=scope, removed=removed, cancelled=cancelled, failed=failed)
-
-    # -- loads ------------------------------------------------------------------------
 
     async def load(self, block_hash: BlockHash) -> LoadResult:
         pending = self.pending.get(block_hash)
@@ -743,86 +417,10 @@ class _Writer:
                 scope=pending.scope,
                 tokens=pending.tokens,
             )
-        if block_hash not in self.index:
-            self.counters.load_misses += 1
-            return LoadResult(hash=block_hash, reason=LoadReason.MISSING)
-        path = blockfile.block_path(self.root, block_hash)
-        try:
-            _, record = await trio.to_thread.run_sync(
-                functools.partial(blockfile.read_block, path, self.identity, block_hash, touch=True)
-            )
-        except FileNotFoundError:
-            logger.warning("%s: block file %s vanished", self.control.name, path)
-            gone = self.index.remove(block_hash)
-            if gone is not None:
-                self.space.freed(gone.size)
-            self.counters.load_misses += 1
-            return LoadResult(hash=block_hash, reason=LoadReason.MISSING)
-        except OSError as error:
-            if error.errno != errno.EIO:
-                # Not the file's fault (out of descriptors, memory, permissions): a miss,
-                # but the block stays.
-                self.counters.io_errors += 1
-                self.counters.load_misses += 1
-                logger.error("%s: cannot read block %s: %s", self.control.name, block_hash, error)
-                return LoadResult(hash=block_hash, reason=LoadReason.MISSING)
-            return await self.discard(block_hash, error)
-        except blockfile.BlockFileError as error:
-            return await self.discard(block_hash, error)
-        self.index.touch(block_hash)
-        self.counters.load_hits += 1
-        return LoadResult(
-            hash=block_hash,
-            reason=LoadReason.DISK,
-            tensors=record.tensors,
-            parent=record.parent,
-            scope=record.scope,
-            tokens=record.tokens,
-        )
-
-    async def discard(self, block_hash: BlockHash, error: Exception) -> LoadResult:
-        """The block's file failed at load (corrupt, unreadable: EIO): remove it, count a
-        miss. A foreign file (replaced behind the writer's back) is forgotten, not removed:
-        not ours to delete, not ours to serve."""
-        foreign = isinstance(error, blockfile.ForeignBlock)
-        logger.warning("%s: discarding block %s: %s", self.control.name, block_hash, error)
-        block = self.index.get(block_hash)
-        if foreign:
-            self.index.remove(block_hash)
-        elif block is not None:
-            await self.remove([block], _Removal.DISCARD)
-        self.counters.corrupt_discarded += 1
-        self.counters.load_misses += 1
-        return LoadResult(hash=block_hash, reason=LoadReason.CORRUPT)
-
-    # -- space ------------------------------------------------------------------------
-
-    def effective_budget(self) -> int:
-        if not self.space.known:
-            return self.budget
-        return effective_budget(
-            self.budget,
-            self.index.bytes,
-            self.space.free,
-            self.space.total,
-            self.config.min_free_bytes,
-            self.config.min_free_fraction,
-        )
-
-    async def refresh_disk_usage(self) -> None:
-        self.writes_since_usage = 0
-        try:
-            usage = await trio.to_thread.run_sync(self.io.disk_usage, str(self.root))
-        except OSError as error:
-            self.counters.io_errors += 1
-            logger.error(
-                "%s: cannot read disk usage of %s: %s", self.control.name, self.root, error
-            )
-            return
-        self.space.reading(total=usage.total, free=usage.free)
+        return await self.store.load(block_hash)
 
     def stats(self) -> WriterStats:
-        c = self.counters
+        c, store = self.counters, self.store
         return WriterStats(
             saves_enqueued=c.saves_enqueued,
             saves_persisted=c.saves_persisted,
@@ -841,11 +439,11 @@ class _Writer:
             foreign_skipped=c.foreign_skipped,
             temps_removed=c.temps_removed,
             io_errors=c.io_errors,
-            files=len(self.index),
-            bytes_on_disk=self.index.bytes,
-            budget_bytes=self.budget,
-            effective_budget_bytes=self.effective_budget(),
-            free_bytes=self.space.free if self.space.known else None,
+            files=len(store.index),
+            bytes_on_disk=store.index.bytes,
+            budget_bytes=store.budget,
+            effective_budget_bytes=store.effective_budget(),
+            free_bytes=store.space.free if store.space.known else None,
         )
 
     def close(self, reason: str) -> None:
@@ -876,7 +474,7 @@ async def run(
     unexpected exception) they are left open for the supervisor's next incarnation.
     """
     writer = _Writer(control, saves, config, io)
-    await writer.start()
+    await writer.store.start()
     task_status.started(writer.stats())
     try:
         await writer.serve()

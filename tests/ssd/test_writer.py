@@ -24,8 +24,8 @@ from omlx_actors.kernel import (
 )
 from omlx_actors.ssd import writer
 from omlx_actors.ssd.blockfile import BlockIdentity, TensorData, block_path
+from omlx_actors.ssd.disk_store import DISK_USAGE_REFRESH_SAVES, MAX_UNLINKS_PER_SAVE
 from omlx_actors.ssd.writer import (
-    MAX_UNLINKS_PER_SAVE,
     PENDING_CAPACITY,
     SAVE_INBOX_CAPACITY,
     SAVE_WAIT_S,
@@ -437,7 +437,7 @@ async def test_free_space_is_reread_every_refresh_interval(tmp_path):
     disk = Disk()
     async with running_writer(tmp_path, disk=disk) as (w, _):
         assert disk.usage_calls == 1  # at start
-        for i in range(writer.DISK_USAGE_REFRESH_SAVES):
+        for i in range(DISK_USAGE_REFRESH_SAVES):
             await w.save(make_save(i, elements=8))
         await flushed(w)
         assert disk.usage_calls == 2
