@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from omlx_actors.config import LOG_LEVELS, RuntimeConfig, cache_home
 from omlx_actors.units import parse_bytes
-from omlx_actors.config import LOG_LEVELS, RuntimeConfig
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -59,10 +60,7 @@ def _chat_template(text: str) -> str:
 
 
 def _default_ssd_dir() -> Path:
-    import os
-
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "omlx-actors" / "kv"
+    return cache_home() / "kv"
 
 
 def _size(text: str) -> int:
@@ -153,10 +151,8 @@ def runtime_config(args: argparse.Namespace, **extra) -> RuntimeConfig:
         _config_error(f"invalid setting: {exc}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="omlx-actors", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_serve_parser(sub) -> None:
+    """`serve`: the runtime flags, the SSD tier, the engine process, HTTP."""
     serve = sub.add_parser("serve", help="run the OpenAI/Anthropic-compatible HTTP server")
     _add_runtime_flags(serve)
     serve.add_argument("--ssd-cache-dir", type=Path, default=_default_ssd_dir(),
@@ -201,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--served-model-name", default=None,
                        help="the model id /v1/models reports (default: the model's name)")
 
+
+def _add_bench_parser(sub) -> None:
+    """`bench`: (a) a bare BatchGenerator loop vs (b) this runtime, in one process."""
     bench = sub.add_parser("bench", help="throughput/TTFT: this runtime vs a bare BatchGenerator loop")
     _add_runtime_flags(bench)
     _add_isolation_flag(bench, "thread")
@@ -211,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="alternating runs per level; the median run of each side is kept")
     bench.add_argument("--json", type=Path, default=None, help="also write the results here")
 
+
+def _add_resume_bench_parser(sub) -> None:
+    """`bench-resume`: what an engine death costs a client."""
     resume_bench = sub.add_parser(
         "bench-resume", help="engine killed mid-stream: time to the first resumed token, "
                              "with and without the SSD tier")
@@ -223,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                               help="SIGKILL the engine when the first stream has this many tokens")
     resume_bench.add_argument("--json", type=Path, default=None, help="also write the results here")
 
+
+def _add_cache_bench_parser(sub) -> None:
+    """`bench-cache`: a long conversation's second turn vs its first, or across a restart."""
     cache_bench = sub.add_parser(
         "bench-cache", help="TTFT of a long conversation's second turn vs its cold first turn")
     _add_runtime_flags(cache_bench)
@@ -236,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                                   "this SSD tier directory (emptied first)")
     cache_bench.add_argument("--json", type=Path, default=None, help="also write the results here")
 
+
+def _add_servers_bench_parser(sub) -> None:
+    """`bench-servers`: (a), (b), (c) this server over HTTP, (d) mlx_lm.server."""
     full = sub.add_parser(
         "bench-servers",
         help="(a) bare BatchGenerator vs (b) in-process vs (c) this server over HTTP vs (d) mlx_lm.server")
@@ -252,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     full.add_argument("--sides", default="a,b,c,d", help="which of a,b,c,d to run")
     full.add_argument("--json", type=Path, default=None, help="also write the results here")
 
+
+def _add_tool_parsers(sub) -> None:
+    """`replay`, `import-gguf` and `build-demo`."""
     replay = sub.add_parser("replay", help="run a scenario file and check its expectations")
     from omlx_actors.replay.cli import add_replay_arguments
 
@@ -268,68 +279,107 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("dest", type=Path)
     build.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
 
+
+def _serve(args: argparse.Namespace) -> int:
+    import attrs
+
+    from omlx_actors.http.settings import HttpSettings
+    from omlx_actors.models.resolve import resolve_for_serve
+    from omlx_actors.server import serve_main
+
+    config = runtime_config(
+        args, shutdown_mode=args.shutdown, drain_timeout_s=args.drain_timeout,
+        engine_heartbeat_timeout_s=args.engine_heartbeat_timeout,
+        engine_max_restarts=args.engine_max_restarts,
+        engine_restart_cooldown_s=args.engine_restart_cooldown,
+        engine_restart_cooldown_max_s=args.engine_restart_cooldown_max,
+        gil_switch_interval_s=args.gil_switch_interval,
+    )
+    # After the flags are validated: this may fetch and import the default model.
+    config = attrs.evolve(config, model=resolve_for_serve(args.model, args.demo_model))
+    try:
+        settings = HttpSettings(
+            api_key=args.api_key, protect_health=args.protect_health,
+            max_body_bytes=args.max_body_bytes, keepalive_s=args.keepalive,
+            served_model_name=args.served_model_name,
+        )
+    except (ValueError, TypeError) as exc:
+        _config_error(f"invalid setting: {exc}")
+    return serve_main(config, host=args.host, port=args.port, settings=settings)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from omlx_actors.bench.inprocess import bench_main
+
+    return bench_main(args, runtime_config(args))
+
+
+def _bench_servers(args: argparse.Namespace) -> int:
+    from omlx_actors.bench.servers import full_bench_main
+
+    return full_bench_main(args, runtime_config(args))
+
+
+def _bench_resume(args: argparse.Namespace) -> int:
+    from omlx_actors.bench.resume import resume_bench_main
+
+    return resume_bench_main(args, runtime_config(args))
+
+
+def _bench_cache(args: argparse.Namespace) -> int:
+    from omlx_actors.bench.inprocess import cache_bench_main
+
+    return cache_bench_main(args, runtime_config(args))
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from omlx_actors.replay.cli import replay_main
+
+    return replay_main(args)
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    from omlx_actors.models.gguf import import_gguf_main
+
+    return import_gguf_main(args.file, args.dest, overwrite=args.overwrite)
+
+
+def _build_demo(args: argparse.Namespace) -> int:
+    from omlx_actors.models import build_demo_model
+
+    path = build_demo_model(args.name, args.dest, overwrite=args.overwrite)
+    print(f"built random-weight demo model {args.name} at {path}")
+    return 0
+
+
+# The subcommands, in the order the help lists them, and what runs each.
+_PARSERS = (_add_serve_parser, _add_bench_parser, _add_resume_bench_parser,
+            _add_cache_bench_parser, _add_servers_bench_parser, _add_tool_parsers)
+_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": _serve, "bench": _bench, "bench-servers": _bench_servers,
+    "bench-resume": _bench_resume, "bench-cache": _bench_cache, "replay": _replay,
+    "import-gguf": _import_gguf, "build-demo": _build_demo,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="omlx-actors", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _PARSERS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "log_level", None) is not None:
         logging.basicConfig(level=args.log_level.upper(),
                             format="omlx-actors %(levelname)s %(name)s: %(message)s")
-    if args.command == "serve":
-        from omlx_actors.http.settings import HttpSettings
-        import attrs
-
-        from omlx_actors.models.resolve import resolve_for_serve
-        from omlx_actors.server import serve_main
-
-        config = runtime_config(
-            args, shutdown_mode=args.shutdown, drain_timeout_s=args.drain_timeout,
-            engine_heartbeat_timeout_s=args.engine_heartbeat_timeout,
-            engine_max_restarts=args.engine_max_restarts,
-            engine_restart_cooldown_s=args.engine_restart_cooldown,
-            engine_restart_cooldown_max_s=args.engine_restart_cooldown_max,
-            gil_switch_interval_s=args.gil_switch_interval,
-        )
-        # After the flags are validated: this may fetch and import the default model.
-        config = attrs.evolve(config, model=resolve_for_serve(args.model, args.demo_model))
-        try:
-            settings = HttpSettings(
-                api_key=args.api_key, protect_health=args.protect_health,
-                max_body_bytes=args.max_body_bytes, keepalive_s=args.keepalive,
-                served_model_name=args.served_model_name,
-            )
-        except (ValueError, TypeError) as exc:
-            _config_error(f"invalid setting: {exc}")
-        return serve_main(config, host=args.host, port=args.port, settings=settings)
-    if args.command == "bench":
-        from omlx_actors.bench.inprocess import bench_main
-
-        return bench_main(args, runtime_config(args))
-    if args.command == "bench-servers":
-        from omlx_actors.bench.servers import full_bench_main
-
-        return full_bench_main(args, runtime_config(args))
-    if args.command == "bench-resume":
-        from omlx_actors.bench.resume import resume_bench_main
-
-        return resume_bench_main(args, runtime_config(args))
-    if args.command == "bench-cache":
-        from omlx_actors.bench.inprocess import cache_bench_main
-
-        return cache_bench_main(args, runtime_config(args))
-    if args.command == "replay":
-        from omlx_actors.replay.cli import replay_main
-
-        return replay_main(args)
-    if args.command == "import-gguf":
-        from omlx_actors.models.gguf import import_gguf_main
-
-        return import_gguf_main(args.file, args.dest, overwrite=args.overwrite)
-    if args.command == "build-demo":
-        from omlx_actors.models import build_demo_model
-
-        path = build_demo_model(args.name, args.dest, overwrite=args.overwrite)
-        print(f"built random-weight demo model {args.name} at {path}")
-        return 0
-    parser.error(f"unknown command {args.command}")
-    return 2
+    handler = _HANDLERS.get(args.command)
+    if handler is None:
+        parser.error(f"unknown command {args.command}")
+    return handler(args)
 
 
 if __name__ == "__main__":

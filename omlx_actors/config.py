@@ -1,12 +1,25 @@
 """The runtime's configuration: one typed object, built once and passed down.
 
-No module reads the environment itself; the CLI builds a `RuntimeConfig` from flags (the
-documented exceptions are listed in `omlx_actors.cli`'s help).
+The CLI builds a `RuntimeConfig` from flags; modules take their settings from it, not from
+the environment. The environment is read in three places, each for a reason the config
+object cannot serve (`omlx_actors.cli`'s help lists them for the user):
+
+- XDG_CACHE_HOME, by `cache_home()` below only: where the package keeps what it builds or
+  fetches. Its callers are `omlx_actors.cli` (the default --ssd-cache-dir, shown in the
+  help before any config exists), `omlx_actors.models.demo` (the demo models) and
+  `omlx_actors.models.resolve` (downloaded and imported models); the model helpers are also
+  called without a config (`build-demo`, the engine process, tests).
+- OMLX_OPENBLAS, by `omlx_actors.mlx_loader`: which OpenBLAS library to preload, or `off`.
+  The preload must happen before MLX is first imported - before a config exists, and in the
+  engine process before it has read the one it is sent.
+- Hugging Face's HF_* variables (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN, ...), by
+  huggingface_hub through mlx-lm, when a model id is resolved or downloaded.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import attrs
@@ -18,6 +31,14 @@ class ConfigError(ValueError):
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def cache_home() -> Path:
+    """This package's directory in the user's cache: `$XDG_CACHE_HOME/omlx-actors`, or
+    `~/.cache/omlx-actors` where XDG_CACHE_HOME is unset or empty. The one place the
+    package reads XDG_CACHE_HOME (read at each call; nothing is created)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "omlx-actors"
 
 
 def _positive(instance, attribute, value) -> None:

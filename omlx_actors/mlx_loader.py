@@ -39,6 +39,8 @@ def _preload_openblas() -> str:
         return "not needed (not Linux)"
     if "mlx.core" in sys.modules:
         return "skipped: mlx.core was imported before omlx_actors.mlx_loader"
+    # From the environment, not RuntimeConfig: this runs before MLX's first import, before
+    # any config exists (see omlx_actors.config).
     choice = os.environ.get("OMLX_OPENBLAS", "")
     if choice.lower() == "off":
         return "disabled by OMLX_OPENBLAS=off"

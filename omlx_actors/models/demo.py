@@ -35,6 +35,7 @@ from typing import Any
 
 import attrs
 
+from omlx_actors.config import cache_home
 from omlx_actors.models import demo_tokenizer
 
 # Bump when the builder's output changes for an unchanged spec (invalidates caches).
@@ -406,8 +407,7 @@ def _is_complete(path: Path, spec: DemoModelSpec) -> bool:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "omlx-actors" / "models"
+    return cache_home() / "models"
 
 
 def demo_model_path(spec_or_name: DemoModelSpec | str, cache_dir: Path | str | None = None) -> Path:

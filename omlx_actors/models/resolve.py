@@ -86,8 +86,9 @@ def cache_root(cache_dir: Path | str | None = None) -> Path:
     """`$XDG_CACHE_HOME/omlx-actors` (or `cache_dir`): downloads/ and gguf/ live here."""
     if cache_dir is not None:
         return Path(cache_dir)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "omlx-actors"
+    from omlx_actors.config import cache_home
+
+    return cache_home()
 
 
 def _stderr(msg: str) -> None:
