@@ -5,215 +5,66 @@ apply queued commands (admit, abort, stop) → run one `BatchGenerator.next()` s
 `StepOutput` of plain data back to the trio side → clear the buffer cache when the deferred
 window allows. The trio side (`executor.py`) never calls into this object; they exchange
 `CoreCommand`s through a `queue.SimpleQueue` and `CoreOutput`s through a bounded
-`queue.Queue`, with a doorbell (`notify`) that wakes the trio loop without blocking.
+`queue.Queue` (`core_messages.py`), with a doorbell (`notify`) that wakes the trio loop
+without blocking.
 
-Every method here asserts it runs on the MLX thread (`assert_on_mlx_thread`).
+Here: the loop, the commands, the step and what a failed step does. Beside it, on the same
+thread: `sampling.py` (samplers, logprobs), `prefix_blocks.py` (saving, snapshotting and
+restoring prefix blocks), `batch_rows.py` (every read of mlx-lm's private batch state),
+`step_faults.py` (injected faults), `lifetime.py` (when buffers may be freed), and
+`model_load.py` (the model, once, before the loop).
+
+Every method here asserts it runs on the MLX thread (`assert_on_mlx_thread`), or is only
+called from one that does.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import queue
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Union
 
 import attrs
 
-from omlx_actors.mlx_loader import load_mlx, stop_token_ids
-from omlx_actors.cache.blocks import cache_namespace, default_block_size
-from omlx_actors.cache.index import Eviction, StoredBlock
-from omlx_actors.engine import cpu_attention
-from omlx_actors.engine.block_store import BlockStore, cache_layout
-from omlx_actors.engine.grammar import GrammarProcessor, GrammarTokenizers
+from omlx_actors.mlx_loader import load_mlx
+from omlx_actors.engine import batch_rows, cpu_attention
+from omlx_actors.engine.core_messages import (
+    GATHER_GAP_S,
+    GATHER_MAX_S,
+    CoreAbort,
+    CoreCommand,
+    CoreDropBlocks,
+    CoreFault,
+    CoreLoadFailed,
+    CoreOutput,
+    CoreReady,
+    CoreRestoreBlocks,
+    CoreSetLimits,
+    CoreSetPrefillStep,
+    CoreStop,
+    CoreStopped,
+    CoreSubmit,
+    EngineSettings,
+    SlotFinished,
+    StepOutput,
+)
+from omlx_actors.engine.grammar import GrammarProcessor
 from omlx_actors.engine.lifetime import ClearSchedule, RetiredRefs
 from omlx_actors.engine.messages import (
     EngineInfo,
     FaultKind,
     FinishReason,
     SamplingParams,
-    Submit,
     TokenChoice,
-    TokenLogprob,
 )
 from omlx_actors.engine.mlx_thread import assert_on_mlx_thread
+from omlx_actors.engine.model_load import load_engine_model
+from omlx_actors.engine.prefix_blocks import PrefixBlocks
+from omlx_actors.engine.sampling import SharedSamplers, logits_processors, token_choice
+from omlx_actors.engine.step_faults import StepFaults
 from omlx_actors.engine.step_record import StepRecorder
 
 mx = load_mlx()
-log = logging.getLogger(__name__)
-
-# Gathering a burst on an idle engine (`EngineCore._gather_burst`): requests arriving at most
-# GATHER_GAP_S apart join the first prefill, for at most GATHER_FRACTION of that prefill's
-# estimated time and never more than GATHER_MAX_S.
-GATHER_GAP_S = 0.015
-GATHER_FRACTION = 0.05
-GATHER_MAX_S = 0.1
-
-# ---------------------------------------------------------------------------------------
-# Commands into the core (trio side → MLX thread). Internal to the engine: they carry the
-# executor's `slot` numbers, not request ids, so a reused request id can never be confused
-# with an aborted request of the same id whose removal is still in flight.
-
-
-@attrs.frozen
-class CoreSubmit:
-    slot: int
-    submit: Submit
-    received_at: float  # time.monotonic() when the executor received it
-
-
-@attrs.frozen
-class CoreAbort:
-    slot: int
-
-
-@attrs.frozen
-class CoreStop:
-    """Finish: abort every live request (each reported as finished with ABORT), release the
-    model, synchronize, clear the buffer cache, report `CoreStopped`."""
-
-
-@attrs.frozen
-class CoreDropBlocks:
-    """The cache index evicted these blocks: drop their tensors (generation-checked)."""
-
-    evictions: tuple[Eviction, ...]
-
-
-@attrs.frozen
-class CoreRestoreBlocks:
-    """Blocks loaded from the SSD tier (plain data) to put back into the block store;
-    `tag` names the executor's waiting caller."""
-
-    tag: int
-    blocks: tuple[tuple[str, str | None, tuple[Any, ...]], ...]  # (hash, parent, tensors)
-
-
-@attrs.frozen
-class CoreFault:
-    """Fault injection (see `InjectFault`): make a step raise `MemoryError(error)`, or
-    abort the process, when its conditions hold."""
-
-    error: str
-    at_step: int | None = None
-    above_bytes: int | None = None
-    kind: FaultKind = FaultKind.OOM
-    prompt_token: int | None = None
-
-
-@attrs.frozen
-class CoreSetLimits:
-    """MLX's own limits, derived from the memory budget (guidelines only in MLX: the real
-    guard is admission). 0 leaves a limit unchanged."""
-
-    memory_limit: int
-    cache_limit: int
-    wired_limit: int
-
-
-@attrs.frozen
-class CoreSetPrefillStep:
-    """Tokens per prefill chunk from now on (shrunk under memory pressure)."""
-
-    tokens: int
-
-
-CoreCommand = Union[
-    CoreSubmit, CoreAbort, CoreStop, CoreFault, CoreDropBlocks, CoreSetLimits, CoreSetPrefillStep,
-    CoreRestoreBlocks,
-]
-
-# ---------------------------------------------------------------------------------------
-# Outputs of the core (MLX thread → trio side), all plain data.
-
-
-@attrs.frozen
-class CoreReady:
-    info: EngineInfo
-
-
-@attrs.frozen
-class CoreLoadFailed:
-    error_type: str
-    error: str
-
-
-@attrs.frozen
-class SlotFinished:
-    slot: int
-    step: int  # the engine step at which it left the batch
-    reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
-    error_type: str | None = None
-    error: str | None = None
-
-
-@attrs.frozen
-class StepOutput:
-    step: int
-    admitted: tuple[tuple[int, float], ...]  # (slot, seconds queued)
-    progress: tuple[tuple[int, int, int], ...]  # (slot, done, total) prefill chunks
-    tokens: tuple[tuple[int, TokenChoice], ...]  # (slot, token) in batch order
-    finished: tuple[SlotFinished, ...]
-    running: int
-    waiting: int
-    active_memory: int
-    cache_memory: int
-    peak_memory: int
-    buffer_cache_clears: int
-    prompt_tokens_processed: int
-    generation_tokens: int
-    prefill_passes: int = 0  # steps that ran a prompt chunk (a prefill group's forward pass)
-    stored: tuple[StoredBlock, ...] = ()  # blocks newly in the block store, for the index
-    block_store_bytes: int = 0
-    # New blocks as plain data for the SSD writer: (hash, parent, scope, tokens, tensors).
-    ssd_saves: tuple[tuple[str, str | None, str, int, tuple[Any, ...]], ...] = ()
-    # Answers to CoreRestoreBlocks: (tag, blocks now in the store).
-    restored: tuple[tuple[int, tuple[StoredBlock, ...]], ...] = ()
-
-
-@attrs.frozen
-class CoreStopped:
-    pass
-
-
-CoreOutput = Union[CoreReady, CoreLoadFailed, StepOutput, CoreStopped]
-
-# ---------------------------------------------------------------------------------------
-
-
-@attrs.frozen(kw_only=True)
-class EngineSettings:
-    """What the core needs to build its batch. Plain data, so it can cross a process."""
-
-    model_path: str
-    completion_batch_size: int = 32
-    prefill_batch_size: int = 8
-    prefill_step_size: int = 512
-    clear_delay_steps: int = 2
-    # Prefix cache: tokens per block, None to choose by the model's cache layout,
-    # 0 disables saving and restoring blocks.
-    block_size: int | None = None
-    # Requests queued or running at once when they cannot be priced by memory.
-    max_requests: int = 32 + 256
-    # Hand every newly stored block to the SSD tier as plain data (write-through).
-    ssd_enabled: bool = False
-    # The most an idle engine waits for the rest of a burst, as a fraction of the first
-    # prefill's estimated time (`EngineCore._gather_burst`); 0 turns gathering off.
-    gather_fraction: float = GATHER_FRACTION
-    # On the CPU backend, split prompt attention over two streams of the MLX thread
-    # (`omlx_actors.engine.cpu_attention`; bit-identical results).
-    parallel_attention: bool = True
-    # Let mlx-lm import the model's own architecture file (its config's `model_file`).
-    trust_remote_code: bool = False
-    # A file (owned by the front, in another process) where the MLX thread records the
-    # requests of the step it runs, so that a death in that step is evidence against them
-    # (`engine/step_record.py`); None: no record (the engine runs in the front's process).
-    step_record_path: str | None = None
 
 
 @attrs.define
@@ -233,44 +84,20 @@ class _Live:
     # Its matcher (also in its row's logits processors, where mlx-lm moves it with the row).
     grammar: GrammarProcessor | None = None
 
-
-def _plain_config(config: dict) -> tuple[tuple[str, str], ...]:
-    """The model config as (key, JSON) pairs: plain data the front's estimator can read."""
-    import json
-
-    return tuple(sorted((str(k), json.dumps(v, sort_keys=True, default=str)) for k, v in config.items()))
+    @property
+    def cache_scope(self) -> str:
+        """Who may reuse its blocks from the SSD tier (its `Submit.cache_scope`)."""
+        return self.command.submit.cache_scope if self.command is not None else ""
 
 
-def model_identity(path: Path) -> str:
-    """What names a model for the prefix cache: its config and weight files' sizes. Two
-    directories with the same files share cached blocks; any change gives a new namespace."""
-    import hashlib
-
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:24]
-
-
-def _make_seeded_sampler(p: SamplingParams) -> Callable[[Any], Any]:
-    """A sampler with its own PRNG key chain, so a seeded request draws the same tokens
-    whatever its batch mates are (mlx-lm's samplers draw from MLX's global state)."""
-    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
-
-    key = mx.random.key(p.seed)
-    state = {"key": key}
-
-    def sampler(logprobs):
-        if 0 < p.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, p.top_p)
-        if p.min_p:
-            logprobs = apply_min_p(logprobs, p.min_p)
-        if p.top_k > 0:
-            logprobs = apply_top_k(logprobs, p.top_k)
-        state["key"], sub = mx.random.split(state["key"])
-        return mx.random.categorical(logprobs * (1 / p.temperature), key=sub)
-
-    return sampler
+def _set_mlx_limits(limits: CoreSetLimits) -> None:
+    """MLX's own limits (guidelines only: the real guard is admission); 0 leaves one as is."""
+    if limits.memory_limit:
+        mx.set_memory_limit(limits.memory_limit)
+    if limits.cache_limit:
+        mx.set_cache_limit(limits.cache_limit)
+    if limits.wired_limit and mx.metal.is_available():
+        mx.set_wired_limit(limits.wired_limit)
 
 
 class EngineCore:
@@ -299,13 +126,9 @@ class EngineCore:
         self._prefill_passes = 0
         self._prefill_s_per_token = 0.0  # measured on each prefill pass; 0 until the first
         self._stopping = False
-        self._pending_fault: CoreFault | None = None
-        self._samplers: dict[SamplingParams, Callable[[Any], Any]] = {}
-        self._stop_sequences: dict[tuple[int, ...], Any] = {}
-        self._store: BlockStore | None = None
-        self._stored: list[StoredBlock] = []  # saved since the last output
-        self._ssd_saves: list[tuple] = []
-        self._restored: list[tuple[int, tuple[StoredBlock, ...]]] = []
+        self._faults = StepFaults()
+        self._samplers = SharedSamplers()
+        self._blocks = PrefixBlocks(None, settings.ssd_enabled)  # its store comes with the model
         self._record = StepRecorder(settings.step_record_path)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -342,51 +165,15 @@ class EngineCore:
             self._emit(CoreStopped())
 
     def _load(self) -> EngineInfo:
-        from mlx_lm.utils import load_model
-
         # A stream of this thread's own: mlx-lm's module-level `generation_stream` belongs to
         # whichever thread imported mlx_lm first.
         self._stream = mx.new_stream(mx.default_device())
-        path = Path(self.settings.model_path)
-        with mx.stream(self._stream):
-            self._model, config = load_model(
-                path, trust_remote_code=self.settings.trust_remote_code)
-        text_config = config.get("text_config", config)
-        # Not config.json's eos_token_id alone: mlx-lm's set (tokenizer, generation_config).
-        eos_ids = stop_token_ids(path, config)
-        self._eos_ids = eos_ids
-        if self.settings.parallel_attention and cpu_attention.install(self._model):
-            cpu_attention.enable_on_this_thread()
+        loaded = load_engine_model(self.settings, self._stream)
+        self._model = loaded.model
         self._gen = self._new_generator()
-        from mlx.utils import tree_flatten
-
-        self._weights_bytes = sum(v.nbytes for _, v in tree_flatten(self._model.parameters()))
-        # MLX's peak is process-wide: measure this engine's own from here.
-        mx.reset_peak_memory()
-        layout = cache_layout(self._model)
-        block_size = self.settings.block_size
-        if block_size is None:
-            block_size = default_block_size(layout)
-        namespace = cache_namespace(model_identity(path), layout, max(block_size, 1))
-        if block_size > 0:
-            self._store = BlockStore(layout, block_size, namespace)
-            if not self._store.enabled:
-                self._store = None  # a cache type we cannot slice or snapshot
-        self._grammars = GrammarTokenizers(
-            str(path), int(text_config.get("vocab_size", 0)), tuple(eos_ids))
-        return EngineInfo(
-            model_path=str(path),
-            model_type=str(config.get("model_type", "unknown")),
-            vocab_size=int(text_config.get("vocab_size", 0)),
-            max_context=text_config.get("max_position_embeddings"),
-            eos_token_ids=eos_ids,
-            device="gpu" if mx.default_device() == mx.gpu else "cpu",
-            cache_layout=layout,
-            cache_namespace=namespace if self._store is not None else None,
-            block_size=block_size if self._store is not None else 0,
-            weights_bytes=self._weights_bytes,
-            memory_config=_plain_config(config),
-        )
+        self._blocks = PrefixBlocks(loaded.store, self.settings.ssd_enabled)
+        self._grammars = loaded.grammars
+        return loaded.info
 
     def _new_generator(self):
         from mlx_lm.generate import BatchGenerator
@@ -411,10 +198,8 @@ class EngineCore:
         self._gen = None
         self._model = None
         cpu_attention.disable_on_this_thread()  # this worker thread may serve a bare loop next
-        if self._store is not None:
-            self._store.clear()
+        self._blocks.clear()
         self._samplers.clear()
-        self._stop_sequences.clear()
         if hasattr(self, "_stream"):
             self._clear_buffer_cache()
 
@@ -439,7 +224,7 @@ class EngineCore:
     def _apply_commands(self, *, block: bool, timeout: float | None = None) -> bool:
         """Drain the command queue; when idle, wait for the first command (no busy loop),
         at most `timeout` seconds if given. Returns whether any command was applied."""
-        pending_finished: list[SlotFinished] = []
+        finished: list[SlotFinished] = []
         admitted: list[tuple[int, float]] = []
         dropped = False
         applied = False
@@ -450,79 +235,59 @@ class EngineCore:
                 break
             block = False
             applied = True
-            match command:
-                case CoreSubmit():
-                    # Admission does MLX work of its own (a cached prefix is rebuilt): a
-                    # death in it is evidence against this request alone.
-                    self._record.working((command.submit.request_id,))
-                    try:
-                        admitted.append(self._admit(command))
-                    except Exception as exc:  # noqa: BLE001 - a bad request fails alone
-                        pending_finished.append(SlotFinished(
-                            slot=command.slot, step=self._step, reason=FinishReason.ERROR,
-                            prompt_tokens=len(command.submit.prompt_tokens),
-                            completion_tokens=0, error_type=type(exc).__name__, error=str(exc),
-                        ))
-                    self._record.working(())
-                case CoreAbort(slot=slot):
-                    live = self._live.get(slot)
-                    if live is not None:
-                        caches = self._gen.remove([live.uid], return_prompt_caches=self._store is not None)
-                        if live.uid in caches:
-                            self._save_blocks(live, caches[live.uid][1], caches[live.uid][0])
-                        pending_finished.append(self._finish(live, FinishReason.ABORT))
-                case CoreDropBlocks(evictions=evictions):
-                    if self._store is not None:
-                        for e in evictions:
-                            dropped |= self._store.drop(e.hash, e.generation)
-                case CoreStop():
-                    self._stopping = True
-                case CoreFault():
-                    self._pending_fault = command
-                case CoreSetLimits(memory_limit=memory, cache_limit=cache, wired_limit=wired):
-                    if memory:
-                        mx.set_memory_limit(memory)
-                    if cache:
-                        mx.set_cache_limit(cache)
-                    if wired and mx.metal.is_available():
-                        mx.set_wired_limit(wired)
-                case CoreRestoreBlocks(tag=tag, blocks=blocks):
-                    restored = []
-                    if self._store is not None:
-                        for block_hash, parent, tensors in blocks:
-                            stored = self._store.insert_tensors(block_hash, parent, tensors)
-                            if stored is not None:
-                                restored.append(stored)
-                    self._restored.append((tag, tuple(restored)))
-                case CoreSetPrefillStep(tokens=tokens):
-                    self._gen.prefill_step_size = tokens
-                    self._gen._prompt_batch.prefill_step_size = tokens
-                case _:
-                    raise TypeError(f"unknown core command {command!r}")
-        if pending_finished or admitted or self._stored or dropped or self._restored:
+            dropped |= self._apply(command, admitted, finished)
+        if finished or admitted or dropped or self._blocks.has_news:
             # Aborts and admissions are reported at once, not with the next step, so a
             # cancelled request is confirmed gone even if no step follows.
-            self._emit(self._step_output(tuple(admitted), (), (), tuple(pending_finished)))
+            self._emit(self._step_output(tuple(admitted), (), (), tuple(finished)))
         return applied
 
-    def _admit(self, command: CoreSubmit) -> tuple[int, float]:
-        from mlx_lm.generate import StopSequences
-        from mlx_lm.sample_utils import make_logits_processors
+    def _apply(self, command: CoreCommand, admitted: list[tuple[int, float]],
+               finished: list[SlotFinished]) -> bool:
+        """Apply one command, adding the requests it admitted or finished to those lists.
+        Returns whether it dropped blocks from the store."""
+        match command:
+            case CoreSubmit():
+                # Admission does MLX work of its own (a cached prefix is rebuilt): a
+                # death in it is evidence against this request alone.
+                self._record.working((command.submit.request_id,))
+                try:
+                    admitted.append(self._admit(command))
+                except Exception as exc:  # noqa: BLE001 - a bad request fails alone
+                    finished.append(SlotFinished(
+                        slot=command.slot, step=self._step, reason=FinishReason.ERROR,
+                        prompt_tokens=len(command.submit.prompt_tokens),
+                        completion_tokens=0, error_type=type(exc).__name__, error=str(exc),
+                    ))
+                self._record.working(())
+            case CoreAbort(slot=slot):
+                live = self._live.get(slot)
+                if live is not None:
+                    finished.append(self._abort(live))
+            case CoreDropBlocks(evictions=evictions):
+                return self._blocks.drop(evictions)
+            case CoreStop():
+                self._stopping = True
+            case CoreFault():
+                self._faults.arm(command)
+            case CoreSetLimits():
+                _set_mlx_limits(command)
+            case CoreRestoreBlocks(tag=tag, blocks=blocks):
+                self._blocks.restore(tag, blocks)
+            case CoreSetPrefillStep(tokens=tokens):
+                batch_rows.set_prefill_step(self._gen, tokens)
+            case _:
+                raise TypeError(f"unknown core command {command!r}")
+        return False
 
+    def _admit(self, command: CoreSubmit) -> tuple[int, float]:
+        """Insert the request into the batch as one row, after the prefix the block store
+        holds for it. Returns (slot, seconds it queued); raises if the request cannot be
+        admitted (its grammar, say), leaving nothing behind."""
         submit = command.submit
         p = submit.sampling
-        stops = self._stop_sequences.get(submit.stop_token_ids)
-        if stops is None:
-            stops = StopSequences([[t] for t in submit.stop_token_ids] or None)
-            self._stop_sequences[submit.stop_token_ids] = stops
-        processors = []
-        if p.needs_logits_processors:
-            processors = make_logits_processors(
-                dict(p.logit_bias) or None,
-                p.repetition_penalty,
-                presence_penalty=p.presence_penalty,
-                frequency_penalty=p.frequency_penalty,
-            )
+        stops = self._samplers.stop_sequences(submit.stop_token_ids)
+        processors = logits_processors(p)
         tokens = submit.prompt_tokens
         grammar = None
         if submit.grammar:
@@ -530,20 +295,15 @@ class EngineCore:
             replay = tokens[len(tokens) - submit.grammar_replay:] if submit.grammar_replay else ()
             grammar = self._grammars.processor(submit.grammar, tuple(replay))
             processors = [*processors, grammar]
-        cache, cached = None, 0
-        if self._store is not None and submit.cached_blocks:
-            cache, cached = self._store.build_cache(submit.cached_blocks)
-        # A request always prefills at least its last prompt token.
-        if cached >= len(tokens):
-            cache, cached = None, 0
-        boundaries, segments = self._segments(tokens, cached)
+        cache, cached = self._blocks.cached_prefix(submit.cached_blocks, len(tokens))
+        boundaries, segments = self._blocks.segments(tokens, cached)
         # list(...) copies: BatchGenerator extends the lists it is given in place.
         (uid,) = self._gen.insert_segments(
             [segments],
             max_tokens=[submit.max_tokens],
             caches=[cache] if cache is not None else None,
             all_tokens=[list(tokens[:cached])],
-            samplers=[self._sampler_for(p)],
+            samplers=[self._samplers.sampler_for(p)],
             logits_processors=[processors],
             stop_sequences=[stops],
         )
@@ -560,87 +320,82 @@ class EngineCore:
         self._slot_of_uid[uid] = command.slot
         return command.slot, time.monotonic() - command.received_at
 
-    def _segments(self, tokens: tuple[int, ...], cached: int) -> tuple[list[int], list[list[int]]]:
-        """The prompt after the cached prefix, cut at block boundaries when recurrent state
-        must be snapshotted there (hybrid models); one segment otherwise."""
-        rest = list(tokens[cached:])
-        store = self._store
-        if store is None or not store.hybrid:
-            return [], [rest]
-        size = store.block_size
-        boundaries, segments, start = [], [], cached
-        # The last prompt token is prefilled with the first decode step, so a boundary at
-        # the very end of the prompt is reached in generation, not here.
-        for end in range((cached // size + 1) * size, len(tokens), size):
-            segments.append(list(tokens[start:end]))
-            boundaries.append(end // size - 1)
-            start = end
-        segments.append(list(tokens[start:]))
-        return boundaries, segments
-
-    def _sampler_for(self, p: SamplingParams) -> Callable[[Any], Any] | None:
-        """None (the batch's shared greedy sampler) for greedy requests; one shared sampler
-        per distinct unseeded setting, so same-setting rows sample in one batched call."""
-        if p.is_greedy:
-            return None
-        if p.seed is not None:
-            return _make_seeded_sampler(p)
-        key = attrs.evolve(p, logprobs=False, top_logprobs=0, logit_bias=())
-        sampler = self._samplers.get(key)
-        if sampler is None:
-            from mlx_lm.sample_utils import make_sampler
-
-            sampler = make_sampler(
-                p.temperature,
-                top_p=p.top_p if p.top_p < 1.0 else 0.0,
-                min_p=p.min_p,
-                top_k=p.top_k,
-            )
-            self._samplers[key] = sampler
-        return sampler
+    def _abort(self, live: _Live) -> SlotFinished:
+        """Take the request's row out of the batch, keeping the blocks it has computed."""
+        caches = self._gen.remove([live.uid], return_prompt_caches=self._blocks.store is not None)
+        if live.uid in caches:
+            cache, tokens = caches[live.uid]
+            self._blocks.save_finished(live.slot, tokens, cache, live.cached_tokens, live.cache_scope)
+        return self._finish(live, FinishReason.ABORT)
 
     # -- the step ----------------------------------------------------------------------------
 
     def _run_step(self) -> None:
+        """One `BatchGenerator.next()`, reported as one `StepOutput`; a step that raises
+        fails the requests in it (`_fail_step`), never the engine."""
         assert_on_mlx_thread("EngineCore._run_step")
         # Before anything of the step runs (an injected abort included), and cleared before
         # its output is emitted (which may wait): only a death inside the step counts
         # against its requests.
         self._record.working(tuple(live.command.submit.request_id
                                    for live in self._live.values() if live.command is not None))
-        self._maybe_inject_fault(FaultKind.ABORT)
-        self._align_prefill_group()
-        counters = self._gen._counters  # mlx-lm's own prompt time/tokens (pinned 0.32.2)
-        prompt_time, prompt_tokens = counters.prompt_time, counters.prompt_tokens
+        self._fire_fault_if_due(FaultKind.ABORT)
+        batch_rows.align_prefill_group(self._gen, self.settings.prefill_batch_size)
+        before = batch_rows.prompt_counters(self._gen)
         try:
             prompt_responses, generation_responses = self._gen.next()
             # After the step ran, as an out-of-memory while evaluating it would: the rows it
             # took into its batches are the ones affected.
-            self._maybe_inject_fault(FaultKind.OOM)
+            self._fire_fault_if_due(FaultKind.OOM)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not us
             self._fail_step(exc)
             return
         self._step += 1
-        if any(not r.end_of_prompt for r in prompt_responses):
+        progress = self._prompt_progress(prompt_responses, before)
+        tokens, finished = self._generated(generation_responses)
+        self._generation_tokens += len(tokens)
+        if self._blocks.hybrid:
+            self._blocks.snapshot_generation_boundaries(self._gen, self._slot_of_uid)
+        if self._clear.due(self._step):
+            self._clear_buffer_cache()
+        self._record.working(())
+        self._emit(self._step_output((), tuple(progress), tuple(tokens), tuple(finished)))
+
+    def _fire_fault_if_due(self, kind: FaultKind) -> None:
+        self._faults.fire_if_due(kind, self._step + 1, (
+            live.command.submit.prompt_tokens for live in self._live.values()))
+
+    def _prompt_progress(self, responses: list, before: tuple[float, int]) -> list[tuple[int, int, int]]:
+        """The step's prompt responses as (slot, done, total); a prompt that reached a
+        block's end or its own end has its blocks snapshotted or saved. `before` is mlx-lm's
+        prompt counters before the step, to measure the prefill's speed."""
+        if any(not r.end_of_prompt for r in responses):
             self._prefill_passes += 1  # a prompt chunk ran (not only prompts moving to decode)
-            tokens = counters.prompt_tokens - prompt_tokens
+            prompt_time, prompt_tokens = batch_rows.prompt_counters(self._gen)
+            tokens = prompt_tokens - before[1]
             if tokens > 0:  # the latest pass's speed, for `_gather_burst`
-                self._prefill_s_per_token = (counters.prompt_time - prompt_time) / tokens
+                self._prefill_s_per_token = (prompt_time - before[0]) / tokens
         progress: list[tuple[int, int, int]] = []
-        for r in prompt_responses:
+        for r in responses:
             slot = self._slot_of_uid.get(r.uid)
             if slot is None:
                 continue
+            live = self._live[slot]
             done, total = r.progress
             progress.append((slot, int(done), int(total)))
             if r.end_of_prompt:
                 self._prompt_tokens_processed += int(total)
-                self._save_prompt_blocks(self._live[slot], r.uid)
+                self._blocks.save_prompt(self._gen, r.uid, slot, live.cached_tokens, live.cache_scope)
             elif r.end_of_segment:
-                self._snapshot_prefill_boundary(self._live[slot], r.uid)
+                self._blocks.snapshot_prefill_boundary(self._gen, r.uid, slot, live.boundaries)
+        return progress
+
+    def _generated(self, responses: list) -> tuple[list[tuple[int, TokenChoice]], list[SlotFinished]]:
+        """The step's tokens, (slot, token) in batch order, and the requests that ended
+        with them."""
         tokens: list[tuple[int, TokenChoice]] = []
         finished: list[SlotFinished] = []
-        for r in generation_responses:
+        for r in responses:
             slot = self._slot_of_uid.get(r.uid)
             if slot is None:
                 continue
@@ -654,144 +409,28 @@ class EngineCore:
                                              f"output left its grammar: {live.grammar.error}"))
                 continue
             live.completion_tokens += 1
-            tokens.append((slot, self._token_choice(live, r.token, r.logprobs)))
+            tokens.append((slot, token_choice(live.sampling, r.token, r.logprobs)))
             if r.finish_reason is not None:
                 reason = FinishReason.LENGTH if r.finish_reason == "length" else FinishReason.STOP
                 # The extracted cache may still be read by the step in flight: keep it until
                 # the deferred clear (rule 3 in lifetime.py). The cache index will take it here.
                 self._retired.retire(self._step, r.prompt_cache)
-                self._save_blocks(live, r.all_tokens, r.prompt_cache)
+                self._blocks.save_finished(slot, r.all_tokens, r.prompt_cache,
+                                           live.cached_tokens, live.cache_scope)
                 finished.append(self._finish(live, reason))
-        self._generation_tokens += len(tokens)
-        if self._store is not None and self._store.hybrid:
-            self._snapshot_generation_boundaries()
-        if self._clear.due(self._step):
-            self._clear_buffer_cache()
-        self._record.working(())
-        self._emit(self._step_output((), tuple(progress), tuple(tokens), tuple(finished)))
-
-    def _align_prefill_group(self) -> None:
-        """Let the coming step's prefill group fill to `prefill_batch_size` once the rows
-        that end their prompt in it have moved on to decoding.
-
-        mlx-lm 0.32.2's `BatchGenerator` sizes the new group *before* it moves finished
-        prompts out of the prompt batch: a request that arrived alone (prefilled on its own
-        while the rest of a burst arrived) leaves room for P-1 in the next group, that group
-        for 1 in the one after, and the burst is prefilled in alternating groups of 1 and
-        P-1: twice the prefill passes (at c=32 on the CPU demo model, runs like that reached
-        0.73-0.83 of the bare loop). Counting the leavers in (what `_next` splits off: one
-        segment of one token left) restores full groups. Reads `_currently_processing`:
-        mlx-lm is pinned (0.32.2) for this and the block reads below."""
-        gen = self._gen
-        leaving = sum(1 for segments, *_ in gen._currently_processing
-                      if len(segments) == 1 and len(segments[0]) == 1)
-        gen.prefill_batch_size = self.settings.prefill_batch_size + leaving
-
-    # -- prefix blocks ------------------------------------------------------------------------
-    # These reach into BatchGenerator's batches (`_prompt_batch`, `_generation_batch`): mlx-lm
-    # 0.32.2 (pinned) offers no public way to read one row's cache at a segment boundary.
-
-    def _snapshot_prefill_boundary(self, live: _Live, uid: int) -> None:
-        if self._store is None or not live.boundaries:
-            return
-        block_index = live.boundaries.pop(0)
-        batch = self._gen._prompt_batch
-        idx = batch.uids.index(uid)
-        self._store.snapshot(live.slot, block_index, self._row_cache(batch.prompt_cache, idx))
-
-    def _save_prompt_blocks(self, live: _Live, uid: int) -> None:
-        """Store the prompt's blocks as soon as its prefill is done, so requests arriving
-        while this one still decodes (agents sharing a system prompt) can reuse them."""
-        if self._store is None:
-            return
-        batch = self._gen._generation_batch  # the row moved there with its last prompt token
-        idx = batch.uids.index(uid)
-        row = [c.extract(idx) for c in batch.prompt_cache]
-        self._keep(live, self._store.save(
-            live.slot, list(batch.tokens[idx]), row,
-            skip=live.cached_tokens // self._store.block_size, keep_snapshots=True,
-        ))
-
-    def _snapshot_generation_boundaries(self) -> None:
-        batch = self._gen._generation_batch
-        size = self._store.block_size
-        for idx, uid in enumerate(batch.uids):
-            held = len(batch.tokens[idx])  # tokens in this row's cache
-            slot = self._slot_of_uid.get(uid)
-            if slot is not None and held % size == 0:
-                self._store.snapshot(slot, held // size - 1, self._row_cache(batch.prompt_cache, idx))
-
-    def _row_cache(self, batch_cache: list[Any], idx: int) -> list[Any]:
-        """Row `idx` of a batch cache, recurrent layers only (KV blocks are sliced at save)."""
-        from omlx_actors.engine.block_store import ARRAYS
-
-        layout = self._store.layout
-        return [c.extract(idx) if kind == ARRAYS else None for c, kind in zip(batch_cache, layout)]
-
-    def _save_blocks(self, live: _Live, tokens: list[int] | None, cache: list[Any] | None) -> None:
-        if self._store is None:
-            return
-        if tokens and cache:
-            self._keep(live, self._store.save(
-                live.slot, tokens, cache, skip=live.cached_tokens // self._store.block_size))
-        else:
-            self._store.forget_request(live.slot)
-
-    def _keep(self, live: _Live, stored: list[StoredBlock]) -> None:
-        """Report newly stored blocks to the index and, write-through, to the SSD tier."""
-        self._stored.extend(stored)
-        if self.settings.ssd_enabled:
-            scope = live.command.submit.cache_scope if live.command is not None else ""
-            for block in stored:
-                self._ssd_saves.append((block.hash, block.parent, scope, self._store.block_size,
-                                        self._store.tensor_data(block.hash)))
-
-    def _token_choice(self, live: _Live, token: int, logprobs: Any) -> TokenChoice:
-        p = live.sampling
-        if not p.logprobs:
-            return TokenChoice(token=int(token))
-        top: tuple[TokenLogprob, ...] = ()
-        if p.top_logprobs > 0:
-            k = min(p.top_logprobs, logprobs.shape[-1])
-            ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
-            values = logprobs[ids]
-            pairs = sorted(zip(ids.tolist(), values.tolist()), key=lambda t: -t[1])
-            # A grammar masks tokens to -inf: they were never candidates, so they are not
-            # alternatives (and -inf has no JSON form).
-            top = tuple(TokenLogprob(token=int(i), logprob=float(v)) for i, v in pairs
-                        if v != float("-inf"))
-        return TokenChoice(token=int(token), logprob=float(logprobs[token].item()), top=top)
-
-    def _maybe_inject_fault(self, kind: FaultKind) -> None:
-        """Fire the pending fault of `kind` if its conditions hold for the coming step."""
-        fault = self._pending_fault
-        if fault is None or fault.kind is not kind:
-            return
-        if fault.at_step is not None and self._step + 1 < fault.at_step:
-            return
-        if fault.above_bytes is not None and mx.get_active_memory() <= fault.above_bytes:
-            return
-        if fault.prompt_token is not None and not any(
-            fault.prompt_token in live.command.submit.prompt_tokens for live in self._live.values()
-        ):
-            return
-        self._pending_fault = None
-        if kind is FaultKind.ABORT:
-            log.warning("injected fault: aborting the engine process at step %d", self._step + 1)
-            os.abort()  # what an uncaught C++ exception in MLX does: SIGABRT, no cleanup
-        raise MemoryError(fault.error)
+        return tokens, finished
 
     def _fail_step(self, exc: Exception) -> None:
         """A step raised (an out-of-memory, say): fail the requests that were in it (in
         the prompt or generation batch), release their caches, synchronize, clear, and
         keep serving - requests still waiting for a batch are re-admitted untouched."""
         try:
-            stages = self._gen._find_uids(self._live_uids())
+            queued = batch_rows.queued_uids(self._gen, self._live_uids())
         except Exception:  # noqa: BLE001 - an inconsistent batch: treat all as in the step
-            stages = {}
+            queued = set()
         waiting = [
             live for live in self._live.values()
-            if stages.get(live.uid, (None,))[0] == 0 and live.command is not None
+            if live.uid in queued and live.command is not None
         ]
         failed = tuple(
             self._finish(live, FinishReason.ERROR, type(exc).__name__, str(exc) or repr(exc))
@@ -820,8 +459,8 @@ class EngineCore:
         del self._live[live.slot]
         self._slot_of_uid.pop(live.uid, None)
         self._clear.note_finished(self._step)
-        if self._store is not None and reason in (FinishReason.ERROR,):
-            self._store.forget_request(live.slot)
+        if reason == FinishReason.ERROR:
+            self._blocks.forget(live.slot)
         return SlotFinished(
             slot=live.slot,
             step=self._step,
@@ -856,6 +495,7 @@ class EngineCore:
             if live is not None:
                 live.prefill_started = True
         waiting = sum(1 for live in self._live.values() if not live.prefill_started)
+        news = self._blocks.take_news()
         return StepOutput(
             step=self._step,
             admitted=admitted,
@@ -871,21 +511,11 @@ class EngineCore:
             prompt_tokens_processed=self._prompt_tokens_processed,
             generation_tokens=self._generation_tokens,
             prefill_passes=self._prefill_passes,
-            stored=self._take_stored(),
-            block_store_bytes=self._store.nbytes if self._store is not None else 0,
-            ssd_saves=self._take(self._ssd_saves),
-            restored=self._take(self._restored),
+            stored=news.stored,
+            block_store_bytes=self._blocks.nbytes,
+            ssd_saves=news.ssd_saves,
+            restored=news.restored,
         )
-
-    @staticmethod
-    def _take(items: list) -> tuple:
-        taken = tuple(items)
-        items.clear()
-        return taken
-
-    def _take_stored(self) -> tuple[StoredBlock, ...]:
-        stored, self._stored = tuple(self._stored), []
-        return stored
 
     def _emit(self, output: CoreOutput) -> None:
         # Blocks when the trio side is STEP_BACKLOG outputs behind: there is no point

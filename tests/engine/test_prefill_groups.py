@@ -11,12 +11,12 @@ import random
 import threading
 import time
 
-from omlx_actors.engine.core import (
+from omlx_actors.engine.core import EngineCore
+from omlx_actors.engine.core_messages import (
     CoreReady,
     CoreStop,
     CoreStopped,
     CoreSubmit,
-    EngineCore,
     EngineSettings,
     StepOutput,
 )

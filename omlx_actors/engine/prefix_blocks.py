@@ -1,0 +1,179 @@
+"""The engine core's side of the prefix cache: its block store, and the news for the others.
+
+The core saves a request's blocks when its prefill ends and again when it leaves the batch,
+snapshots recurrent state where a block ends (hybrid models), rebuilds a cached prefix at
+admission, and drops and restores blocks on command. What it stored since its last output
+goes to the cache index (`stored`), and, write-through, to the SSD tier as plain data
+(`ssd_saves`); the blocks a `CoreRestoreBlocks` put back go to the caller that asked
+(`restored`). `StepOutput` carries all three, taken with `take_news`.
+
+Without a block store (block size 0, or a cache type the store cannot slice or snapshot)
+every method is a no-op, and only restores are still answered (with no blocks). MLX thread
+only: the store's tensors belong to the core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from omlx_actors.cache.index import Eviction, StoredBlock
+from omlx_actors.engine import batch_rows
+from omlx_actors.engine.block_store import BlockStore
+
+# A block for the SSD writer: (hash, parent, scope, tokens per block, tensors).
+SsdSave = tuple[str, str | None, str, int, tuple[Any, ...]]
+
+
+@attrs.frozen
+class BlockNews:
+    """What the block store did since the last output, for `StepOutput`."""
+
+    stored: tuple[StoredBlock, ...]
+    ssd_saves: tuple[SsdSave, ...]
+    restored: tuple[tuple[int, tuple[StoredBlock, ...]], ...]
+
+
+@attrs.define
+class PrefixBlocks:
+    """The core's block store (None: no prefix cache) and what it did since the last
+    output. Not thread-safe by design: the MLX thread is its only user."""
+
+    store: BlockStore | None
+    ssd_enabled: bool
+    _stored: list[StoredBlock] = attrs.field(factory=list)
+    _ssd_saves: list[SsdSave] = attrs.field(factory=list)
+    _restored: list[tuple[int, tuple[StoredBlock, ...]]] = attrs.field(factory=list)
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether recurrent state must be snapshotted where blocks end."""
+        return self.store is not None and self.store.hybrid
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes if self.store is not None else 0
+
+    @property
+    def has_news(self) -> bool:
+        """Stored or restored blocks the next output must report (it is due even if no
+        step follows)."""
+        return bool(self._stored) or bool(self._restored)
+
+    def take_news(self) -> BlockNews:
+        news = BlockNews(tuple(self._stored), tuple(self._ssd_saves), tuple(self._restored))
+        self._stored, self._ssd_saves, self._restored = [], [], []
+        return news
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def cached_prefix(self, cached_blocks: Sequence[str], prompt_length: int) -> tuple[Any, int]:
+        """(the rebuilt cache or None, tokens it holds) for a request whose prompt starts
+        with `cached_blocks`. A request always prefills at least its last prompt token, so
+        a prefix covering the whole prompt is not used."""
+        cache, cached = None, 0
+        if self.store is not None and cached_blocks:
+            cache, cached = self.store.build_cache(cached_blocks)
+        if cached >= prompt_length:
+            cache, cached = None, 0
+        return cache, cached
+
+    def segments(self, tokens: Sequence[int], cached: int) -> tuple[list[int], list[list[int]]]:
+        """(block indexes whose end the prefill stops at, the prompt's segments): the prompt
+        after the cached prefix, cut at block boundaries when recurrent state must be
+        snapshotted there (hybrid models); one segment otherwise."""
+        rest = list(tokens[cached:])
+        store = self.store
+        if store is None or not store.hybrid:
+            return [], [rest]
+        size = store.block_size
+        boundaries, segments, start = [], [], cached
+        # The last prompt token is prefilled with the first decode step, so a boundary at
+        # the very end of the prompt is reached in generation, not here.
+        for end in range((cached // size + 1) * size, len(tokens), size):
+            segments.append(list(tokens[start:end]))
+            boundaries.append(end // size - 1)
+            start = end
+        segments.append(list(tokens[start:]))
+        return boundaries, segments
+
+    # -- during a request's life ---------------------------------------------------------------
+
+    def snapshot_prefill_boundary(self, gen: Any, uid: int, slot: int, boundaries: list[int]) -> None:
+        """The row's prefill stopped at the end of the next block in `boundaries` (which
+        this pops): snapshot its recurrent state there."""
+        if self.store is None or not boundaries:
+            return
+        block_index = boundaries.pop(0)
+        self.store.snapshot(slot, block_index, batch_rows.prompt_row_state(gen, uid, self.store.layout))
+
+    def save_prompt(self, gen: Any, uid: int, slot: int, cached_tokens: int, scope: str) -> None:
+        """Store the prompt's blocks as soon as its prefill is done, so requests arriving
+        while this one still decodes (agents sharing a system prompt) can reuse them. The
+        row has just moved to the generation batch with its last prompt token."""
+        if self.store is None:
+            return
+        tokens, row = batch_rows.generation_row(gen, uid)
+        self._keep(scope, self.store.save(
+            slot, tokens, row, skip=cached_tokens // self.store.block_size, keep_snapshots=True,
+        ))
+
+    def snapshot_generation_boundaries(self, gen: Any, slot_of_uid: dict[int, int]) -> None:
+        """Snapshot the recurrent state of every decoding row (of `slot_of_uid`) whose
+        cache has just completed a block."""
+        for uid, block_index, state in batch_rows.generation_rows_at_block_end(
+                gen, self.store.block_size, self.store.layout, slot_of_uid):
+            self.store.snapshot(slot_of_uid[uid], block_index, state)
+
+    def save_finished(self, slot: int, tokens: list[int] | None, cache: list[Any] | None,
+                      cached_tokens: int, scope: str) -> None:
+        """A request left the batch with `cache` over `tokens`: store its blocks (the
+        store forgets its snapshots), or, with nothing to save, just forget it."""
+        if self.store is None:
+            return
+        if tokens and cache:
+            self._keep(scope, self.store.save(
+                slot, tokens, cache, skip=cached_tokens // self.store.block_size))
+        else:
+            self.store.forget_request(slot)
+
+    def forget(self, slot: int) -> None:
+        """A failed request: its snapshots are of no use."""
+        if self.store is not None:
+            self.store.forget_request(slot)
+
+    def _keep(self, scope: str, stored: list[StoredBlock]) -> None:
+        """Report newly stored blocks to the index and, write-through, to the SSD tier."""
+        self._stored.extend(stored)
+        if self.ssd_enabled:
+            for block in stored:
+                self._ssd_saves.append((block.hash, block.parent, scope, self.store.block_size,
+                                        self.store.tensor_data(block.hash)))
+
+    # -- on command ------------------------------------------------------------------------------
+
+    def drop(self, evictions: Sequence[Eviction]) -> bool:
+        """The cache index evicted these: drop their tensors (generation-checked). Returns
+        whether any was dropped."""
+        dropped = False
+        if self.store is not None:
+            for e in evictions:
+                dropped |= self.store.drop(e.hash, e.generation)
+        return dropped
+
+    def restore(self, tag: int, blocks: Sequence[tuple[str, str | None, tuple[Any, ...]]]) -> None:
+        """Put blocks loaded from the SSD tier back; the answer to `tag` is the blocks now
+        in the store (none without one)."""
+        restored = []
+        if self.store is not None:
+            for block_hash, parent, tensors in blocks:
+                stored = self.store.insert_tensors(block_hash, parent, tensors)
+                if stored is not None:
+                    restored.append(stored)
+        self._restored.append((tag, tuple(restored)))
+
+    def clear(self) -> None:
+        if self.store is not None:
+            self.store.clear()
