@@ -1,4 +1,4 @@
-"""`python -m omlx_actors.ssd.bench`: the SSD tier's write-behind window.
+"""`python -m omlx_actors.bench.ssd_window`: the SSD tier's write-behind window.
 
 How long after a prompt's prefill ends are all its blocks durable on disk? Until then a
 SIGKILL of the whole server loses the blocks not yet written (issue #15 item 14: 8 of a
@@ -84,7 +84,7 @@ async def _one_run(model: str | None, prompt_tokens: int, block_size: int | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m omlx_actors.ssd.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m omlx_actors.bench.ssd_window", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model path (default: demo-150m)")
     parser.add_argument("--prompt-tokens", type=int, default=2000)
