@@ -180,8 +180,6 @@ def serve_main(config: RuntimeConfig, *, host: str, port: int, settings: HttpSet
     for a reason the user can fix (the model cannot be found or loaded, the settings do
     not fit it) is one line on stderr and exit status 2; the port taken, one line and 1."""
     from omlx_actors.config import ConfigError
-    from omlx_actors.engine.executor import EngineLoadFailed
-    from omlx_actors.refusals import RequestError
 
     try:
         _check_local_model(config)
@@ -192,74 +190,93 @@ def serve_main(config: RuntimeConfig, *, host: str, port: int, settings: HttpSet
         # See RuntimeConfig.gil_switch_interval_s. Serving is this process's only job, so we
         # may set it (the engine process sets it for itself).
         sys.setswitchinterval(config.gil_switch_interval_s)
+    try:
+        trio.run(_serve_until_stopped, config, settings, host, port)
+    except BaseException as exc:  # noqa: BLE001 - report startup failures in one line
+        status = _startup_failure(_single_leaf(exc), host, port)
+        if status is None:
+            raise
+        return status
+    return 0
+
+
+async def _serve_until_stopped(config: RuntimeConfig, settings: HttpSettings | None,
+                               host: str, port: int) -> None:
+    """Listen, load the model, serve until a signal, shut down. A signal while the model
+    loads stops at once: nothing is in flight yet."""
 
     def listening(server: RunningServer) -> None:
         print(f"omlx-actors: listening on {server.url} (503 until the model is loaded)",
               flush=True)
 
-    async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            # A signal while the model loads stops at once: nothing is in flight yet.
-            loading = trio.CancelScope()
-            watching = trio.CancelScope()
-            watched = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        loading = trio.CancelScope()
+        watching = trio.CancelScope()
+        watched = trio.Event()
 
-            async def stop_loading_on_signal() -> None:
-                try:
-                    with watching:
-                        async for signum in signals:
-                            print(f"omlx-actors: {signal.Signals(signum).name} while loading "
-                                  "the model: stopping", flush=True)
-                            loading.cancel()
-                            return
-                finally:
-                    watched.set()
+        async def stop_loading_on_signal() -> None:
+            try:
+                with watching:
+                    async for signum in signals:
+                        print(f"omlx-actors: {signal.Signals(signum).name} while loading "
+                              "the model: stopping", flush=True)
+                        loading.cancel()
+                        return
+            finally:
+                watched.set()
 
-            async with trio.open_nursery() as watcher:
-                watcher.start_soon(stop_loading_on_signal)
-                with loading:
-                    async with open_server(config, settings, host=host, port=port,
-                                           on_listening=listening) as server:
-                        watching.cancel()
-                        await watched.wait()  # one reader of `signals` at a time
-                        await serve_until_signal(server, signals)
-        print("omlx-actors: stopped", flush=True)
+        async with trio.open_nursery() as watcher:
+            watcher.start_soon(stop_loading_on_signal)
+            with loading:
+                async with open_server(config, settings, host=host, port=port,
+                                       on_listening=listening) as server:
+                    watching.cancel()
+                    await watched.wait()  # one reader of `signals` at a time
+                    await _serve_until_signal(server, signals, host, config)
+    print("omlx-actors: stopped", flush=True)
 
-    async def serve_until_signal(server: RunningServer, signals) -> None:
-        print(banner(server.runtime, host, server.port), flush=True)
-        async for signum in signals:
-            break
-        print(
-            f"omlx-actors: {signal.Signals(signum).name}: shutting down "
-            f"({config.shutdown_mode}); signal again to abort in-flight requests",
-            flush=True,
-        )
-        async with trio.open_nursery() as nursery:
 
-            async def escalate() -> None:
-                async for _ in signals:
-                    print("omlx-actors: aborting in-flight requests", flush=True)
-                    server.abort_now()
+async def _serve_until_signal(server: RunningServer, signals, host: str,
+                              config: RuntimeConfig) -> None:
+    """Print the banner, wait for a signal, shut down; a further signal escalates a drain
+    to an abort."""
+    print(banner(server.runtime, host, server.port), flush=True)
+    async for signum in signals:
+        break
+    print(
+        f"omlx-actors: {signal.Signals(signum).name}: shutting down "
+        f"({config.shutdown_mode}); signal again to abort in-flight requests",
+        flush=True,
+    )
+    async with trio.open_nursery() as nursery:
 
-            nursery.start_soon(escalate)
-            await server.shutdown()
-            nursery.cancel_scope.cancel()
+        async def escalate() -> None:
+            async for _ in signals:
+                print("omlx-actors: aborting in-flight requests", flush=True)
+                server.abort_now()
 
-    try:
-        trio.run(main)
-    except BaseException as exc:  # noqa: BLE001 - report startup failures in one line
-        leaf = _single_leaf(exc)
-        if isinstance(leaf, (RequestError, ConfigError)):
-            print(f"omlx-actors: {leaf}", file=sys.stderr)
-            return 2
-        if isinstance(leaf, EngineLoadFailed):
-            print(f"omlx-actors: cannot load the model: {leaf.message}", file=sys.stderr)
-            return 2
-        if isinstance(leaf, OSError):
-            print(f"omlx-actors: cannot serve on {host}:{port}: {leaf}", file=sys.stderr)
-            return 1
-        raise
-    return 0
+        nursery.start_soon(escalate)
+        await server.shutdown()
+        nursery.cancel_scope.cancel()
+
+
+def _startup_failure(leaf: BaseException, host: str, port: int) -> int | None:
+    """A failed start the user can act on, said in one line on stderr: its exit status.
+    None for anything else (the caller re-raises it)."""
+    from omlx_actors.config import ConfigError
+    from omlx_actors.engine.executor import EngineLoadFailed
+    from omlx_actors.refusals import RequestError
+
+    if isinstance(leaf, (RequestError, ConfigError)):
+        print(f"omlx-actors: {leaf}", file=sys.stderr)
+        return 2
+    if isinstance(leaf, EngineLoadFailed):
+        print(f"omlx-actors: cannot load the model: {leaf.message}", file=sys.stderr)
+        return 2
+    if isinstance(leaf, OSError):
+        print(f"omlx-actors: cannot serve on {host}:{port}: {leaf}", file=sys.stderr)
+        return 1
+    return None
 
 
 def _check_local_model(config: RuntimeConfig) -> None:
