@@ -11,13 +11,16 @@ Pure: no trio, no MLX. `scenarios/README.md` documents the format with an exampl
 
 from __future__ import annotations
 
+import json
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import attrs
+import msgspec
+from msgspec import Meta
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,17 +28,27 @@ else:  # pragma: no cover - 3.10 only
     import tomli as tomllib
 
 from omlx_actors.config import RuntimeConfig
-from omlx_actors.replay.tables import REQUIRED, ByteSize, Context, Table, show
+from omlx_actors.replay.tables import (
+    ByteSize,
+    Context,
+    Size,
+    Table,
+    decode,
+    describe,
+    show,
+)
 
-MODES = ("chat", "completion")
-ARRIVALS = ("burst", "uniform", "poisson")
-CACHE_HIT_TURNS = ("later", "all")
+Mode = Literal["chat", "completion"]
+Arrival = Literal["burst", "uniform", "poisson"]
+CacheHitTurns = Literal["later", "all"]
+MODES, ARRIVALS, CACHE_HIT_TURNS = get_args(Mode), get_args(Arrival), get_args(CacheHitTurns)
 # Fault kinds: an engine step failing as an out-of-memory would; the engine process killed
 # from outside (SIGKILL) and restarted by the front; the engine process aborting itself
 # (SIGABRT, as MLX's uncaught C++ errors); the SSD tier's disk hanging in its writes, or
 # full (ENOSPC), for a count of block writes (`writes`, after `after_writes`), never for a
 # time window: a window can pass with no write in it on a loaded machine.
-FAULTS = ("executor_oom", "process_restart", "engine_abort", "writer_stall", "disk_full")
+FaultKind = Literal["executor_oom", "process_restart", "engine_abort", "writer_stall", "disk_full"]
+FAULTS = get_args(FaultKind)
 # Those armed in the engine, to strike at a step (`Runtime.inject_fault`).
 STEP_FAULTS = ("executor_oom", "engine_abort")
 # Those that kill the engine process: the scenario's server needs isolation = "process".
@@ -184,7 +197,8 @@ class Fault:
 
 
 # What a scenario can do to a running server besides sending requests (needs the engine).
-ACTIONS = ("ssd_cleanup",)
+ActionKind = Literal["ssd_cleanup"]
+ACTIONS = get_args(ActionKind)
 
 
 @attrs.frozen(kw_only=True)
@@ -263,103 +277,263 @@ def parse_scenario(text: str, path: Path | None = None) -> Scenario:
 
 
 # ---------------------------------------------------------------------------------------
-# Sections
+# The file's tables, as msgspec reads them: field names are the TOML keys, and a field
+# whose default is None was not given (TOML has no null).
+
+Count = Annotated[int, Meta(ge=0)]
+AtLeastOne = Annotated[int, Meta(ge=1)]
+Positive = Annotated[float, Meta(gt=0)]
+Seconds = Annotated[float, Meta(ge=0.0)]
+Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
+Word = Annotated[str, Meta(min_length=1)]
+Words = Annotated[Word | list[Word], Meta(description="a string or an array of non-empty strings")]
+Sizes = Annotated[AtLeastOne | Annotated[list[AtLeastOne], Meta(min_length=1)],
+                  Meta(description="an integer >= 1 or a non-empty array of them")]
+Status = Annotated[int, Meta(ge=100)]
+Statuses = Annotated[Status | Annotated[list[Status], Meta(min_length=1)],
+                     Meta(description="an integer >= 100 or a non-empty array of them")]
+TokenRange = Annotated[AtLeastOne | Annotated[list[AtLeastOne], Meta(min_length=2, max_length=2)],
+                       Meta(description="an integer >= 1 or [low, high] with low <= high")]
+SecondsRange = Annotated[Seconds | Annotated[list[Seconds], Meta(min_length=2, max_length=2)],
+                         Meta(description="a number >= 0.0 or [low, high] with low <= high")]
+Moments = Annotated[Seconds | Annotated[list[Seconds], Meta(min_length=1)],
+                    Meta(description="seconds >= 0 or an array of them")]
+# Checked in ExpectTable.problems: msgspec's error path would not name the outcome.
+OutcomeCounts = Annotated[dict[str, Any], Meta(description='a table like { completed = 5, "413" = 1 }')]
 
 
-def _build(ctx: Context, data: dict, path: Path | None) -> Scenario | None:
-    root = Table(ctx, data, ())
-    head_data = root.get("scenario", REQUIRED)
-    head = Table(ctx, {} if head_data is REQUIRED else head_data, ("scenario",))
-    name = head.str("name")
-    description = head.str("description", "")
-    seed = head.int("seed", 0, minimum=0)
-    request_timeout_s = head.float("request_timeout_s", 60.0, positive=True)
-    timeout_s = head.float("timeout_s", 600.0, positive=True)
-    head.finish()
+def _many(value: Any) -> tuple | None:
+    """One value or an array of them → a tuple (None stays None: not given)."""
+    return None if value is None else tuple(value) if isinstance(value, list) else (value,)
 
-    model = "tiny-llama"
-    model_table = root.sub("model")
-    if model_table is not None:
-        model = model_table.str("name", "tiny-llama")
-        model_table.finish()
 
-    server = _server(ctx, root.sub("server"))
+def _range(value: Any) -> tuple | None:
+    """A number or [low, high] → (low, high)."""
+    return None if value is None else tuple(value) if isinstance(value, list) else (value, value)
 
-    defaults: dict[str, Any] = {}
-    defaults_table = root.sub("defaults")
-    if defaults_table is not None:
-        defaults = _request_params(defaults_table, {})
-        defaults_table.finish()
 
-    workloads: list[Workload] = []
-    root.known.append("workload")
-    workload_data = data.get("workload")
-    names: tuple[str, ...] = ()
-    if not isinstance(workload_data, Mapping) or not workload_data:
-        ctx.report((), None if workload_data is None else "workload",
-                   "no workload: add at least one [workload.NAME] table")
-    else:
-        names = tuple(workload_data)
-        for wname, wdata in workload_data.items():
-            w = _workload(Table(ctx, wdata, ("workload", wname)), wname, defaults)
-            if w is not None:
-                workloads.append(w)
+class ScenarioFile(Table):
+    """The file's top level: its sections, each read by its own table type below."""
 
-    expect = Expectations()
-    expect_table = root.sub("expect")
-    if expect_table is not None:
-        expect = _expectations(expect_table)
+    scenario: dict[str, Any] | None = None  # required: reported by hand, to check the rest too
+    model: dict[str, Any] | None = None
+    server: dict[str, Any] | None = None
+    defaults: dict[str, Any] | None = None
+    workload: Any = None  # checked by hand: its message asks for [workload.NAME] tables
+    expect: dict[str, Any] | None = None
+    phase: Annotated[list[Any], Meta(description="[[phase]] tables (an array of tables)")] | None = None
+    fault: Annotated[list[Any], Meta(description="[[fault]] tables (an array of tables)")] | None = None
+    action: Annotated[list[Any], Meta(description="[[action]] tables (an array of tables)")] | None = None
 
-    phases: list[Phase] = []
-    phase_data = root.get("phase", None)
-    if phase_data is None:
-        phases.append(Phase(name="main", workloads=names))
-    elif not isinstance(phase_data, list):
-        ctx.report((), "phase", "expected [[phase]] tables (an array of tables)")
-    else:
-        for i, pdata in enumerate(phase_data):
-            phases.extend(_phases(Table(ctx, pdata, ("phase", i)), names, i))
-    phase_names = [p.name for p in phases]
-    for dup in sorted({n for n in phase_names if phase_names.count(n) > 1}):
-        ctx.report((), "phase", f"phase name {dup!r} is used more than once")
 
-    faults: list[Fault] = []
-    fault_data = root.get("fault", None)
-    if fault_data is not None:
-        if not isinstance(fault_data, list):
-            ctx.report((), "fault", "expected [[fault]] tables (an array of tables)")
-        else:
-            base_names = {p.name.split("@c")[0] for p in phases} | set(phase_names)
-            for i, fdata in enumerate(fault_data):
-                f = _fault(Table(ctx, fdata, ("fault", i)), phases, base_names)
-                if f is not None:
-                    faults.extend(f)
-    actions: list[Action] = []
-    action_data = root.get("action", None)
-    if action_data is not None:
-        if not isinstance(action_data, list):
-            ctx.report((), "action", "expected [[action]] tables (an array of tables)")
-        else:
-            base_names = {p.name.split("@c")[0] for p in phases} | set(phase_names)
-            for i, adata in enumerate(action_data):
-                actions.extend(_action(Table(ctx, adata, ("action", i)), phases, base_names))
-    if any(f.kind in ENGINE_DEATHS for f in faults) and dict(server).get("isolation") != "process":
-        kind = next(f.kind for f in faults if f.kind in ENGINE_DEATHS)
-        ctx.report(("server",), "isolation",
-                   f'a {kind} fault kills the engine process: set isolation = "process"')
-    if any(f.kind in DISK_FAULTS for f in faults) and not dict(server).get("ssd_cache_dir"):
-        kind = next(f.kind for f in faults if f.kind in DISK_FAULTS)
-        ctx.report(("server",), "ssd_cache_dir",
-                   f'a {kind} fault strikes the SSD tier: set ssd_cache_dir (e.g. "{TEMPORARY_DIR}")')
-    root.finish()
-    if ctx.problems or name is None:
+class ScenarioTable(Table):
+    name: str
+    description: str = ""
+    seed: Count = 0
+    request_timeout_s: Positive = 60.0
+    timeout_s: Positive = 600.0
+
+
+class ModelTable(Table):
+    name: str = "tiny-llama"
+
+
+class RequestTable(Table):
+    """[defaults], and the request keys of a workload (which override them)."""
+
+    max_tokens: AtLeastOne | None = None
+    ignore_eos: bool | None = None
+    stream: bool | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None
+    top_p: Fraction | None = None
+    seed: Count | None = None
+    stop: Words | None = None
+    response_schema: str | None = None  # a JSON object (a JSON schema), kept as text: hashable
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.response_schema is None:
+            return
+        try:
+            value = json.loads(self.response_schema)
+        except ValueError as exc:
+            yield "response_schema", f"not JSON: {exc}"
+            return
+        if not isinstance(value, dict):
+            yield "response_schema", "must be a JSON object (a JSON schema)"
+
+    def params(self) -> RequestParams:
+        given = {key: getattr(self, key) for key in REQUEST_KEYS if getattr(self, key) is not None}
+        return RequestParams(**given | ({"stop": _many(self.stop)} if self.stop is not None else {}))
+
+
+class WorkloadTable(RequestTable):
+    mode: Mode = "chat"
+    conversations: AtLeastOne = 1
+    turns: AtLeastOne = 1
+    system: str | None = None
+    system_words: Count = 0
+    prompt_words: Sizes | None = None
+    prompt_tokens: Sizes | None = None
+    tools: Words | None = None
+    tool_calls_in_history: bool = False
+    tool_result_words: AtLeastOne = 30
+    start_s: Seconds = 0.0
+    arrival: Arrival | None = None
+    rate: Positive | None = None
+    concurrency: AtLeastOne | None = None
+    think_s: Seconds = 0.0
+    cancel_fraction: Fraction | None = None
+    cancel_after_tokens: TokenRange | None = None
+    cancel_after_s: SecondsRange | None = None
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        request = list(super().problems())
+        if request:
+            yield from request
+            return
+        for key, kind in (("cancel_after_tokens", TokenRange), ("cancel_after_s", SecondsRange)):
+            low, high = _range(getattr(self, key)) or (0, 0)
+            if low > high:
+                yield key, f"expected {describe(kind)}, got {show(getattr(self, key))}"
+                return
+        yield from self._prompt_problems()
+        if (self.tools or self.tool_calls_in_history) and self.mode != "chat":
+            yield "tools", 'tools need mode = "chat"'
+        if self.tool_calls_in_history and not self.tools:
+            yield "tool_calls_in_history", "needs at least one tool in tools"
+        if self.rate is not None and self.arrival == "burst":
+            yield "rate", 'a rate needs arrival = "uniform" or "poisson"'
+        if self.rate is None and self.arrival in ("uniform", "poisson"):
+            yield "arrival", f"arrival = {self.arrival!r} needs a rate (conversations per second)"
+        if self.cancel_after_tokens is not None and self.cancel_after_s is not None:
+            yield "cancel_after_s", "give either cancel_after_tokens or cancel_after_s, not both"
+        elif self.cancel_after_tokens is not None and self.stream is False:
+            yield "cancel_after_tokens", "cancelling after N tokens needs stream = true"
+        elif self.cancel_fraction is not None and self.cancel_after_s is None and self.cancel_after_tokens is None:
+            yield "cancel_fraction", "needs cancel_after_tokens or cancel_after_s"
+
+    def _prompt_problems(self) -> Iterator[tuple[str, str]]:
+        if self.system is not None and self.system_words:
+            yield "system_words", "give either system (a literal prompt) or system_words, not both"
+        if self.prompt_tokens is None:
+            return
+        if self.mode != "completion":
+            yield "prompt_tokens", 'token-id prompts need mode = "completion"'
+        if self.prompt_words is not None:
+            yield "prompt_tokens", "give either prompt_words or prompt_tokens, not both"
+        if self.turns != 1:
+            yield "prompt_tokens", "token-id prompts are single-turn (turns = 1)"
+        if self.system is not None or self.system_words:
+            yield "prompt_tokens", "token-id prompts have no system prompt"
+
+    def workload(self, name: str) -> Workload:
+        cancel = None
+        if self.cancel_after_tokens is not None or self.cancel_after_s is not None:
+            cancel = CancelPlan(fraction=1.0 if self.cancel_fraction is None else self.cancel_fraction,
+                                after_tokens=_range(self.cancel_after_tokens),
+                                after_s=_range(self.cancel_after_s))
+        return Workload(
+            name=name, mode=self.mode, conversations=self.conversations, turns=self.turns,
+            system=self.system, system_words=self.system_words,
+            prompt_words=() if self.prompt_tokens is not None else (_many(self.prompt_words) or (20,)),
+            prompt_tokens=_many(self.prompt_tokens) or (), tools=_many(self.tools) or (),
+            tool_calls_in_history=self.tool_calls_in_history, tool_result_words=self.tool_result_words,
+            params=self.params(), start_s=self.start_s,
+            arrival=self.arrival or ("burst" if self.rate is None else "uniform"), rate=self.rate,
+            concurrency=self.concurrency, think_s=self.think_s, cancel=cancel,
+        )
+
+
+class ExpectTable(Table):
+    no_lost_requests: bool | None = None
+    allowed_status: Statuses | None = None
+    min_outcomes: OutcomeCounts | None = None
+    max_outcomes: OutcomeCounts | None = None
+    identical_to_reference: bool | None = None
+    tie_margin: Seconds | None = None
+    min_cache_hit_ratio: Fraction | None = None
+    cache_hit_turns: CacheHitTurns | None = None
+    ttft_p50_max_ratio: Positive | None = None
+    ttft_p99_max_ratio: Positive | None = None
+    itl_p50_max_ratio: Positive | None = None
+    latency_floor_s: Seconds | None = None
+    memory_under_budget: bool | None = None
+    no_leaks: bool | None = None
+    new_request_succeeds: bool | None = None
+    error_message_contains: str | None = None
+    ssd_no_orphans: bool | None = None
+    schema_valid: bool | None = None
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        for key in ("min_outcomes", "max_outcomes"):
+            for name, count in (getattr(self, key) or {}).items():
+                if name not in OUTCOMES and not re.fullmatch(r"[1-5]\d\d", name):
+                    yield key, (f"unknown outcome {name!r}: expected one of {', '.join(OUTCOMES)} "
+                                "or an HTTP status code like \"413\"")
+                elif isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                    yield key, f"{name}: expected a count >= 0, got {show(count)}"
+
+    def expectations(self, *, phase: bool) -> Expectations:
+        """A phase's checks only what it names: the run-wide defaults no_lost_requests and
+        allowed_status already cover every phase."""
+        given = {key: getattr(self, key) for key in self.__struct_fields__ if getattr(self, key) is not None}
+        for key in ("min_outcomes", "max_outcomes"):
+            if key in given:
+                given[key] = tuple(given[key].items())
+        if "allowed_status" in given:
+            given["allowed_status"] = _many(given["allowed_status"])
+        base = {"no_lost_requests": False, "allowed_status": None} if phase else {}
+        return Expectations(**base | given)
+
+
+class PhaseTable(Table):
+    name: str | None = None
+    workloads: Words | None = None
+    concurrency: Sizes | None = None
+    restart_before: bool = False
+    expect: dict[str, Any] | None = None  # an ExpectTable, read on its own: located as [phase[N].expect]
+
+
+class FaultTable(Table):
+    kind: FaultKind
+    phase: str | None = None
+    at_step: AtLeastOne | None = None
+    after_s: Seconds | None = None
+    above_bytes: Size | None = None
+    error: str = "injected out-of-memory"
+    writes: AtLeastOne | None = None
+    after_writes: Count | None = None
+    stall_s: Positive | None = None
+    duration_s: Any = None  # the old form, refused with its fix
+
+    def problem(self, phase_names: set[str]) -> tuple[str, str] | None:
+        """The first thing wrong with this fault's combination of keys, if any."""
+        kind = self.kind
+        if self.duration_s is not None:
+            return "duration_s", "disk faults strike by count, not for a time: use writes (and after_writes, stall_s)"
+        if self.phase is not None and self.phase not in phase_names:
+            return "phase", f"no phase named {self.phase!r}; phases: {', '.join(sorted(phase_names))}"
+        if kind in STEP_FAULTS and sum(x is not None for x in (self.at_step, self.after_s, self.above_bytes)) != 1:
+            return "kind", f"an {kind} fault needs exactly one of at_step, after_s, above_bytes"
+        if kind in ("process_restart", *DISK_FAULTS) and (
+                self.above_bytes is not None or (self.at_step is None) == (self.after_s is None)):
+            return "kind", f"a {kind} fault needs exactly one of at_step, after_s"
+        for key in () if kind in DISK_FAULTS else ("writes", "after_writes", "stall_s"):
+            if getattr(self, key) is not None:
+                return key, f"only disk faults (writer_stall, disk_full) take {key}, not {kind}"
+        if kind in DISK_FAULTS and self.writes is None:
+            return "kind", f"a {kind} fault needs writes (how many block writes it strikes)"
+        if kind == "writer_stall" and self.stall_s is None:
+            return "kind", "a writer_stall fault needs stall_s (how long each struck write hangs)"
+        if kind == "disk_full" and self.stall_s is not None:
+            return "stall_s", "a disk_full write fails at once: stall_s is only for writer_stall"
         return None
-    return Scenario(
-        name=name, path=path, description=description, seed=seed, model=model,
-        server=server, workloads=tuple(workloads), phases=tuple(phases), faults=tuple(faults),
-        actions=tuple(actions), expect=expect, request_timeout_s=request_timeout_s,
-        timeout_s=timeout_s,
-    )
+
+
+class ActionTable(Table):
+    kind: ActionKind
+    at_s: Moments
+    phase: str | None = None
 
 
 def server_keys() -> dict[str, str]:
@@ -371,287 +545,163 @@ def server_keys() -> dict[str, str]:
     }
 
 
-def _server(ctx: Context, t: Table | None) -> tuple[tuple[str, Any], ...]:
-    if t is None:
+def _server_field(key: str, annotation: str) -> Any:
+    if key.endswith("_bytes"):
+        return Size
+    for name, kind in (("bool", bool), ("int", int), ("float", Positive)):
+        if name in annotation:
+            return kind
+    return str  # str, Path (a directory "<tmp>": a fresh temporary one for each runtime)
+
+
+# [server]: RuntimeConfig's fields, typed from their annotations.
+ServerTable = msgspec.defstruct(
+    "ServerTable", [(key, _server_field(key, a) | None, None) for key, a in server_keys().items()],
+    bases=(Table,), kw_only=True,
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+
+
+def _build(ctx: Context, data: dict, path: Path | None) -> Scenario | None:
+    root = decode(ctx, data, (), ScenarioFile, partial=True)
+    assert root is not None  # `data` is a table, and every section is optional to msgspec
+    if root.scenario is None:
+        ctx.report((), None, "missing required key 'scenario'")
+    head = decode(ctx, root.scenario or {}, ("scenario",), ScenarioTable)
+    model = decode(ctx, root.model or {}, ("model",), ModelTable)
+    server = _server(ctx, root.server)
+    defaults = root.defaults or {}
+    if decode(ctx, defaults, ("defaults",), RequestTable) is None:
+        defaults = {}
+    names, workloads = _workloads(ctx, root.workload, defaults)
+    expect = decode(ctx, root.expect or {}, ("expect",), ExpectTable)
+    phases = _phases(ctx, root.phase, names)
+    base_names = {p.name.split("@c")[0] for p in phases} | {p.name for p in phases}
+    first = phases[0].name if phases else "main"
+    faults = [f for i, raw in enumerate(root.fault or ())
+              for f in _fault(ctx, raw, ("fault", i), phases, base_names, first)]
+    actions = [a for i, raw in enumerate(root.action or ())
+               for a in _action(ctx, raw, ("action", i), phases, base_names, first)]
+    _check_server_for_faults(ctx, dict(server), faults)
+    if ctx.problems or head is None or model is None or expect is None:
+        return None
+    return Scenario(
+        name=head.name, path=path, description=head.description, seed=head.seed, model=model.name,
+        server=server, workloads=tuple(workloads), phases=tuple(phases), faults=tuple(faults),
+        actions=tuple(actions), expect=expect.expectations(phase=False),
+        request_timeout_s=head.request_timeout_s, timeout_s=head.timeout_s,
+    )
+
+
+def _check_server_for_faults(ctx: Context, server: dict[str, Any], faults: list[Fault]) -> None:
+    death = next((f.kind for f in faults if f.kind in ENGINE_DEATHS), None)
+    if death is not None and server.get("isolation") != "process":
+        ctx.report(("server",), "isolation",
+                   f'a {death} fault kills the engine process: set isolation = "process"')
+    disk = next((f.kind for f in faults if f.kind in DISK_FAULTS), None)
+    if disk is not None and not server.get("ssd_cache_dir"):
+        ctx.report(("server",), "ssd_cache_dir",
+                   f'a {disk} fault strikes the SSD tier: set ssd_cache_dir (e.g. "{TEMPORARY_DIR}")')
+
+
+def _server(ctx: Context, data: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    if data is None:
         return ()
-    out: list[tuple[str, Any]] = []
-    for key, annotation in server_keys().items():
-        if not t.has(key):
-            t.known.append(key)
-            continue
-        if key.endswith("_bytes"):
-            value = t.size(key)
-        elif "bool" in annotation:
-            value = t.bool(key)
-        elif "int" in annotation:
-            value = t.int(key)
-        elif "float" in annotation:
-            value = t.float(key, positive=True)
-        else:  # str, Path (a directory "<tmp>": a fresh temporary one for each runtime)
-            value = t.str(key)
-        if value is not None:
-            out.append((key, value))
-    t.finish()
+    # partial: the settings that are right still count (for the checks of faults' needs).
+    table = decode(ctx, data, ("server",), ServerTable, partial=True)
+    if table is None:
+        return ()
+    out = tuple((key, getattr(table, key)) for key in server_keys() if getattr(table, key) is not None)
     # Let RuntimeConfig's own validators speak (choices, positivity), sizes left out.
     plain = {k: v for k, v in out if not isinstance(v, ByteSize)}
     try:
         RuntimeConfig(**plain)
     except (ValueError, TypeError) as exc:
         ctx.report(("server",), None, f"invalid setting: {exc}")
-    return tuple(out)
-
-
-def _request_params(t: Table, base: dict[str, Any]) -> dict[str, Any]:
-    """The request keys present in `t`, over `base`."""
-    out = dict(base)
-    getters = {
-        "max_tokens": lambda: t.int("max_tokens", minimum=1),
-        "ignore_eos": lambda: t.bool("ignore_eos"),
-        "stream": lambda: t.bool("stream"),
-        "temperature": lambda: t.float("temperature", minimum=0.0, maximum=100.0),
-        "top_p": lambda: t.float("top_p", minimum=0.0, maximum=1.0),
-        "seed": lambda: t.int("seed", minimum=0),
-        "stop": lambda: t.strs("stop", None),
-        "response_schema": lambda: _json_object_text(t, "response_schema"),
-    }
-    for key in REQUEST_KEYS:
-        if t.has(key):
-            value = getters[key]()
-            if value is not None:
-                out[key] = value
-        else:
-            t.known.append(key)
     return out
 
 
-def _json_object_text(t: Table, key: str) -> str | None:
-    """A JSON object given as JSON text, kept as text (RequestParams is hashable)."""
-    import json
-
-    text = t.str(key, None)
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        t.bad(key, f"not JSON: {exc}")
-        return None
-    if not isinstance(value, dict):
-        t.bad(key, "must be a JSON object (a JSON schema)")
-        return None
-    return text
+def _workloads(ctx: Context, data: Any, defaults: dict[str, Any]) -> tuple[tuple[str, ...], list[Workload]]:
+    """The [workload.NAME] tables, each over the [defaults] (already checked)."""
+    if not isinstance(data, Mapping) or not data:
+        ctx.report((), None if data is None else "workload",
+                   "no workload: add at least one [workload.NAME] table")
+        return (), []
+    workloads = []
+    for name, raw in data.items():
+        table = decode(ctx, {**defaults, **raw} if isinstance(raw, Mapping) else raw,
+                       ("workload", name), WorkloadTable)
+        if table is not None:
+            workloads.append(table.workload(name))
+    return tuple(data), workloads
 
 
-def _workload(t: Table, name: str, defaults: dict[str, Any]) -> Workload | None:
-    problems = len(t.ctx.problems)
-    mode = t.str("mode", "chat", choices=MODES)
-    conversations = t.int("conversations", 1, minimum=1)
-    turns = t.int("turns", 1, minimum=1)
-    system = t.str("system", None)
-    system_words = t.int("system_words", 0, minimum=0)
-    prompt_words = t.ints("prompt_words", None, minimum=1)
-    prompt_tokens = t.ints("prompt_tokens", None, minimum=1)
-    tools = t.strs("tools", ())
-    tool_calls_in_history = t.bool("tool_calls_in_history", False)
-    tool_result_words = t.int("tool_result_words", 30, minimum=1)
-    start_s = t.float("start_s", 0.0, minimum=0.0)
-    arrival = t.str("arrival", None, choices=ARRIVALS)
-    rate = t.float("rate", None, positive=True)
-    concurrency = t.int("concurrency", None, minimum=1)
-    think_s = t.float("think_s", 0.0, minimum=0.0)
-    cancel_fraction = t.float("cancel_fraction", None, minimum=0.0, maximum=1.0)
-    cancel_tokens = t.range("cancel_after_tokens", int, 1)
-    cancel_s = t.range("cancel_after_s", float, 0.0)
-    params = RequestParams(**_request_params(t, defaults))
-    t.finish()
-    if len(t.ctx.problems) > problems:
-        return None
-    if system is not None and system_words:
-        t.bad("system_words", "give either system (a literal prompt) or system_words, not both")
-    if prompt_tokens is not None:
-        if mode != "completion":
-            t.bad("prompt_tokens", 'token-id prompts need mode = "completion"')
-        if prompt_words is not None:
-            t.bad("prompt_tokens", "give either prompt_words or prompt_tokens, not both")
-        if turns != 1:
-            t.bad("prompt_tokens", "token-id prompts are single-turn (turns = 1)")
-        if system is not None or system_words:
-            t.bad("prompt_tokens", "token-id prompts have no system prompt")
-    if (tools or tool_calls_in_history) and mode != "chat":
-        t.bad("tools", 'tools need mode = "chat"')
-    if tool_calls_in_history and not tools:
-        t.bad("tool_calls_in_history", "needs at least one tool in tools")
-    if rate is not None and arrival == "burst":
-        t.bad("rate", 'a rate needs arrival = "uniform" or "poisson"')
-    if rate is None and arrival in ("uniform", "poisson"):
-        t.bad("arrival", f"arrival = {arrival!r} needs a rate (conversations per second)")
-    cancel = None
-    if cancel_tokens is not None and cancel_s is not None:
-        t.bad("cancel_after_s", "give either cancel_after_tokens or cancel_after_s, not both")
-    elif cancel_tokens is not None or cancel_s is not None:
-        if cancel_tokens is not None and not params.stream:
-            t.bad("cancel_after_tokens", "cancelling after N tokens needs stream = true")
-        cancel = CancelPlan(fraction=1.0 if cancel_fraction is None else cancel_fraction,
-                            after_tokens=cancel_tokens, after_s=cancel_s)
-    elif cancel_fraction is not None:
-        t.bad("cancel_fraction", "needs cancel_after_tokens or cancel_after_s")
-    if len(t.ctx.problems) > problems:
-        return None
-    return Workload(
-        name=name, mode=mode, conversations=conversations, turns=turns, system=system,
-        system_words=system_words,
-        prompt_words=() if prompt_tokens is not None else (prompt_words or (20,)),
-        prompt_tokens=prompt_tokens or (), tools=tools, tool_calls_in_history=tool_calls_in_history,
-        tool_result_words=tool_result_words, params=params, start_s=start_s,
-        arrival=arrival or ("burst" if rate is None else "uniform"), rate=rate,
-        concurrency=concurrency, think_s=think_s, cancel=cancel,
-    )
+def _phases(ctx: Context, data: list[Any] | None, workloads: tuple[str, ...]) -> list[Phase]:
+    if data is None:
+        return [Phase(name="main", workloads=workloads)]
+    phases = [p for i, raw in enumerate(data) for p in _phase(ctx, raw, ("phase", i), workloads)]
+    names = [p.name for p in phases]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        ctx.report((), "phase", f"phase name {dup!r} is used more than once")
+    return phases
 
 
-def _outcome_counts(t: Table, key: str) -> tuple[tuple[str, int], ...]:
-    value = t.get(key, None)
-    if value is None:
-        return ()
-    if not isinstance(value, Mapping):
-        t.bad(key, f"expected a table like {{ completed = 5, \"413\" = 1 }}, got {show(value)}")
-        return ()
-    out = []
-    for name, count in value.items():
-        if name not in OUTCOMES and not re.fullmatch(r"[1-5]\d\d", name):
-            t.bad(key, f"unknown outcome {name!r}: expected one of {', '.join(OUTCOMES)} "
-                       "or an HTTP status code like \"413\"")
-        elif isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            t.bad(key, f"{name}: expected a count >= 0, got {show(count)}")
-        else:
-            out.append((name, count))
-    return tuple(out)
-
-
-def _expectations(t: Table, *, phase: bool = False) -> Expectations:
-    """[expect], or a phase's (which checks only what it names: the run-wide defaults
-    no_lost_requests and allowed_status already cover every phase)."""
-    allowed = t.ints("allowed_status", None if phase else (200,), minimum=100)
-    e = Expectations(
-        no_lost_requests=t.bool("no_lost_requests", not phase),
-        allowed_status=allowed,
-        min_outcomes=_outcome_counts(t, "min_outcomes"),
-        max_outcomes=_outcome_counts(t, "max_outcomes"),
-        identical_to_reference=t.bool("identical_to_reference", False),
-        tie_margin=t.float("tie_margin", 1e-4, minimum=0.0),
-        min_cache_hit_ratio=t.float("min_cache_hit_ratio", None, minimum=0.0, maximum=1.0),
-        cache_hit_turns=t.str("cache_hit_turns", "later", choices=CACHE_HIT_TURNS),
-        ttft_p50_max_ratio=t.float("ttft_p50_max_ratio", None, positive=True),
-        ttft_p99_max_ratio=t.float("ttft_p99_max_ratio", None, positive=True),
-        itl_p50_max_ratio=t.float("itl_p50_max_ratio", None, positive=True),
-        latency_floor_s=t.float("latency_floor_s", 0.005, minimum=0.0),
-        memory_under_budget=t.bool("memory_under_budget", False),
-        no_leaks=t.bool("no_leaks", False),
-        new_request_succeeds=t.bool("new_request_succeeds", False),
-        error_message_contains=t.str("error_message_contains", None),
-        ssd_no_orphans=t.bool("ssd_no_orphans", False),
-        schema_valid=t.bool("schema_valid", False),
-    )
-    t.finish()
-    return e
-
-
-def _phases(t: Table, workloads: tuple[str, ...], index: int) -> list[Phase]:
-    name = t.str("name", f"phase{index + 1}")
-    chosen = t.strs("workloads", workloads)
-    for w in chosen or ():
-        if w not in workloads:
-            t.bad("workloads", f"no workload named {w!r}; defined: {', '.join(workloads) or 'none'}")
-    levels = t.ints("concurrency", None, minimum=1)
-    restart = t.bool("restart_before", False)
-    expect = None
-    sub = t.sub("expect")
-    if sub is not None:
-        expect = _expectations(sub, phase=True)
-    t.finish()
-    if name is None:
+def _phase(ctx: Context, data: Any, table: tuple, workloads: tuple[str, ...]) -> list[Phase]:
+    # partial: a phase whose other keys are wrong still counts (faults and actions name it).
+    t = decode(ctx, data, table, PhaseTable, partial=True)
+    if t is None:
         return []
-    common = dict(workloads=tuple(chosen or ()), expect=expect)
+    chosen = _many(t.workloads) or (() if t.workloads is not None else workloads)
+    for w in chosen:
+        if w not in workloads:
+            ctx.report(table, "workloads", f"no workload named {w!r}; defined: {', '.join(workloads) or 'none'}")
+    expect = None
+    if t.expect is not None:
+        e = decode(ctx, t.expect, table + ("expect",), ExpectTable)
+        expect = e.expectations(phase=True) if e is not None else None
+    name = t.name if t.name is not None else f"phase{table[-1] + 1}"
+    levels = _many(t.concurrency)
     if levels is None or len(levels) == 1:
-        return [Phase(name=name, concurrency=levels[0] if levels else None,
-                      restart_before=restart, **common)]
+        return [Phase(name=name, workloads=chosen, concurrency=levels[0] if levels else None,
+                      restart_before=t.restart_before, expect=expect)]
     # A restart happens once, before the first level.
     return [
-        Phase(name=f"{name}@c{level}", concurrency=level, restart_before=restart and i == 0, **common)
+        Phase(name=f"{name}@c{level}", workloads=chosen, concurrency=level,
+              restart_before=t.restart_before and i == 0, expect=expect)
         for i, level in enumerate(levels)
     ]
 
 
-def _fault(t: Table, phases: list[Phase], phase_names: set[str]) -> list[Fault] | None:
-    kind = t.str("kind", choices=FAULTS)
-    phase = t.str("phase", phases[0].name if phases else "main")
-    at_step = t.int("at_step", None, minimum=1)
-    after_s = t.float("after_s", None, minimum=0.0)
-    above = t.size("above_bytes")
-    error = t.str("error", "injected out-of-memory")
-    disk_keys = ("writes", "after_writes", "stall_s")
-    writes = t.int("writes", None, minimum=1)
-    after_writes = t.int("after_writes", 0, minimum=0)
-    stall_s = t.float("stall_s", 0.0, positive=True)
-    timed = t.get("duration_s", None) is not None  # the old form, refused with its fix
-    t.finish()
-    if timed:
-        t.bad("duration_s", "disk faults strike by count, not for a time: use writes (and "
-                            "after_writes, stall_s)")
-        return None
-    if phase is not None and phase not in phase_names:
-        t.bad("phase", f"no phase named {phase!r}; phases: {', '.join(sorted(phase_names))}")
-        return None
-    if kind in STEP_FAULTS and sum(
-            x is not None for x in (at_step, after_s, above)) != 1:
-        t.bad("kind", f"an {kind} fault needs exactly one of at_step, after_s, above_bytes")
-        return None
-    if kind in ("process_restart", *DISK_FAULTS) and (
-            above is not None or (at_step is None) == (after_s is None)):
-        t.bad("kind", f"a {kind} fault needs exactly one of at_step, after_s")
-        return None
-    if kind is not None and kind not in DISK_FAULTS:
-        for key in disk_keys:
-            if t.has(key):
-                t.bad(key, f"only disk faults (writer_stall, disk_full) take {key}, not {kind}")
-                return None
-    if kind in DISK_FAULTS and writes is None:
-        if not t.has("writes"):  # else its value was reported as bad
-            t.bad("kind", f"a {kind} fault needs writes (how many block writes it strikes)")
-        return None
-    if kind == "writer_stall" and not t.has("stall_s"):
-        t.bad("kind", "a writer_stall fault needs stall_s (how long each struck write hangs)")
-        return None
-    if kind == "disk_full" and t.has("stall_s"):
-        t.bad("stall_s", "a disk_full write fails at once: stall_s is only for writer_stall")
-        return None
-    if kind is None or phase is None:
-        return None
-    # A fault on a swept phase ("sweep") strikes in each of its levels.
-    targets = [p.name for p in phases if p.name == phase or p.name.split("@c")[0] == phase]
+def _targets(phases: list[Phase], phase: str) -> list[str]:
+    """The phases a fault or an action names: a swept phase ("sweep") is each of its levels."""
+    return [p.name for p in phases if p.name == phase or p.name.split("@c")[0] == phase]
+
+
+def _fault(ctx: Context, data: Any, table: tuple, phases: list[Phase], phase_names: set[str],
+           first: str) -> list[Fault]:
+    t = decode(ctx, data, table, FaultTable)
+    if t is None:
+        return []
+    problem = t.problem(phase_names)
+    if problem is not None:
+        ctx.report(table, *problem)
+        return []
     return [
-        Fault(kind=kind, phase=target, at_step=at_step, after_s=after_s, above_bytes=above,
-              error=error, writes=writes, after_writes=after_writes, stall_s=stall_s)
-        for target in targets
+        Fault(kind=t.kind, phase=target, at_step=t.at_step, after_s=t.after_s, above_bytes=t.above_bytes,
+              error=t.error, writes=t.writes, after_writes=t.after_writes or 0, stall_s=t.stall_s or 0.0)
+        for target in _targets(phases, t.phase or first)
     ]
 
 
-def _action(t: Table, phases: list[Phase], phase_names: set[str]) -> list[Action]:
-    kind = t.str("kind", choices=ACTIONS)
-    phase = t.str("phase", phases[0].name if phases else "main")
-    value = t.get("at_s", REQUIRED)
-    t.finish()
-    at_s: tuple[float, ...] | None = None
-    if value is not REQUIRED:
-        items = value if isinstance(value, list) else [value]
-        if items and all(not isinstance(v, bool) and isinstance(v, (int, float)) and v >= 0
-                         for v in items):
-            at_s = tuple(float(v) for v in items)
-        else:
-            t.bad("at_s", f"expected seconds >= 0 or an array of them, got {show(value)}")
-    if phase is not None and phase not in phase_names:
-        t.bad("phase", f"no phase named {phase!r}; phases: {', '.join(sorted(phase_names))}")
+def _action(ctx: Context, data: Any, table: tuple, phases: list[Phase], phase_names: set[str],
+            first: str) -> list[Action]:
+    t = decode(ctx, data, table, ActionTable)
+    if t is None:
         return []
-    if kind is None or phase is None or at_s is None:
+    if t.phase is not None and t.phase not in phase_names:
+        ctx.report(table, "phase", f"no phase named {t.phase!r}; phases: {', '.join(sorted(phase_names))}")
         return []
-    targets = [p.name for p in phases if p.name == phase or p.name.split("@c")[0] == phase]
-    return [Action(kind=kind, phase=target, at_s=at_s) for target in targets]
+    return [Action(kind=t.kind, phase=target, at_s=_many(t.at_s)) for target in _targets(phases, t.phase or first)]

@@ -1,22 +1,34 @@
-"""Reading TOML tables with checked types and located, readable errors.
+"""Reading TOML tables into typed structs, with located, readable errors.
 
-`Table` wraps one parsed table: its typed getters (`int`, `float`, `str`, `ints`, `range`,
-`size`, ...) record a problem - file:line, table, key, what was expected, what was found -
-instead of raising, and `finish()` rejects the keys nobody asked for (suggesting the closest
-known one). `Context` collects the problems in file order and finds a key's line back in
-the source, since `tomllib` does not keep positions. Also byte sizes (`ByteSize`).
+`decode` converts one parsed table to a `msgspec.Struct` (unknown keys rejected, types and
+bounds from the struct's annotations) and records each problem - file:line, table, key, what
+was expected, what was found - in a `Context`, which keeps them in file order and finds a
+key's line back in the source, since `tomllib` does not keep positions. A struct may add
+checks msgspec cannot express in a `problems()` method. Also byte sizes (`ByteSize`).
 
 Pure: no trio, no MLX.
 """
 
 from __future__ import annotations
 
+import abc
 import difflib
 import re
-from collections.abc import Mapping
-from typing import Any
+import types
+from collections.abc import Iterator, Mapping
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 import attrs
+import msgspec
 
 from omlx_actors.units import parse_bytes
 
@@ -58,7 +70,19 @@ def parse_size(value: Any) -> ByteSize:
         raise ValueError(f"a size like 1048576, \"512M\", \"1.5G\" or \"weights + 6M\", got {value!r}") from None
 
 
-REQUIRED = object()  # a getter default: the key must be present
+class Size(abc.ABC):
+    """A struct field holding a `ByteSize`, written as `parse_size` reads it. msgspec would
+    read the attrs class ByteSize as a table; an unknown type goes to `_decode_hook`, and
+    msgspec accepts what it returns because ByteSize is registered as a Size."""
+
+
+Size.register(ByteSize)
+
+
+def _decode_hook(kind: type, value: Any) -> Any:
+    if kind is Size:
+        return parse_size(value)
+    raise NotImplementedError(kind)
 
 
 class Context:
@@ -165,148 +189,102 @@ def show(value: Any) -> str:
     return f"{text} ({kind})"
 
 
-class Table:
-    """Reads one TOML table: typed getters record problems instead of raising, and
-    `finish()` rejects the keys nobody asked for."""
+class Table(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A TOML table's typed form. TOML has no null, so a field whose default is None was
+    not given in the file."""
 
-    def __init__(self, ctx: Context, data: Any, table: tuple):
-        self.ctx = ctx
-        self.table = table
-        self.known: list[str] = []
-        if not isinstance(data, Mapping):
-            ctx.report(table[:-1], str(table[-1]) if table else None,
-                       f"expected a table, got {show(data)}")
-            data = {}
-        self.data = dict(data)
+    def problems(self) -> Iterator[tuple[str, str]]:
+        """(key, message) for what the types cannot say (keys that go together or not)."""
+        return iter(())
 
-    def has(self, key: str) -> bool:
-        return key in self.data
 
-    def get(self, key: str, default: Any) -> Any:
-        """The raw value (marking the key as known); a missing required key is reported."""
-        self.known.append(key)
-        if key not in self.data:
-            if default is REQUIRED:
-                self.ctx.report(self.table, None, f"missing required key {key!r}")
-            return default
-        return self.data[key]
+T = TypeVar("T", bound=Table)
 
-    def bad(self, key: str, message: str) -> None:
-        self.ctx.report(self.table, key, message)
 
-    def str(self, key: str, default: Any = REQUIRED, choices: tuple[str, ...] | None = None):
-        value = self.get(key, default)
-        if value is default:
-            return None if default is REQUIRED else default
-        if not isinstance(value, str):
-            self.bad(key, f"expected a string, got {show(value)}")
-            return None if default is REQUIRED else default
-        if choices is not None and value not in choices:
-            self.bad(key, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
-            return default if default is not REQUIRED else None
-        return value
-
-    def int(self, key: str, default: Any = REQUIRED, minimum: int | None = None):
-        value = self.get(key, default)
-        if value is default:
-            return None if default is REQUIRED else default
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.bad(key, f"expected an integer{_bound(minimum)}, got {show(value)}")
-            return None if default is REQUIRED else default
-        if minimum is not None and value < minimum:
-            self.bad(key, f"expected an integer{_bound(minimum)}, got {value}")
-            return None if default is REQUIRED else default
-        return value
-
-    def float(self, key: str, default: Any = REQUIRED, minimum: float | None = None,
-              maximum: float | None = None, positive: bool = False):
-        value = self.get(key, default)
-        if value is default:
-            return None if default is REQUIRED else default
-        what = "a number" + (" > 0" if positive else _bound(minimum)) + (
-            f" and <= {maximum}" if maximum is not None else "")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.bad(key, f"expected {what}, got {show(value)}")
-            return None if default is REQUIRED else default
-        if ((positive and value <= 0) or (minimum is not None and value < minimum)
-                or (maximum is not None and value > maximum)):
-            self.bad(key, f"expected {what}, got {value}")
-            return None if default is REQUIRED else default
-        return float(value)
-
-    def bool(self, key: str, default: Any = REQUIRED):
-        value = self.get(key, default)
-        if value is default:
-            return default
-        if not isinstance(value, bool):
-            self.bad(key, f"expected true or false, got {show(value)}")
-            return default
-        return value
-
-    def ints(self, key: str, default: Any, minimum: int | None = None) -> Any:
-        """An integer or an array of integers → a tuple."""
-        value = self.get(key, default)
-        if value is default:
-            return default
-        items = value if isinstance(value, list) else [value]
-        if not items or any(isinstance(v, bool) or not isinstance(v, int) for v in items) or (
-            minimum is not None and any(v < minimum for v in items)
-        ):
-            self.bad(key, f"expected an integer{_bound(minimum)} or a non-empty array of them, "
-                          f"got {show(value)}")
-            return default
-        return tuple(items)
-
-    def strs(self, key: str, default: Any) -> Any:
-        value = self.get(key, default)
-        if value is default:
-            return default
-        items = value if isinstance(value, list) else [value]
-        if any(not isinstance(v, str) or not v for v in items):
-            self.bad(key, f"expected a string or an array of non-empty strings, got {show(value)}")
-            return default
-        return tuple(items)
-
-    def range(self, key: str, kind: type, minimum: float) -> Any:
-        """A number, or [low, high] → (low, high)."""
-        value = self.get(key, None)
-        if value is None:
-            return None
-        items = value if isinstance(value, list) else [value, value]
-        name = "an integer" if kind is int else "a number"
-        ok = len(items) == 2 and all(
-            not isinstance(v, bool) and isinstance(v, (int,) if kind is int else (int, float))
-            and v >= minimum for v in items
-        ) and items[0] <= items[1]
-        if not ok:
-            self.bad(key, f"expected {name} >= {minimum} or [low, high] with low <= high, "
-                          f"got {show(value)}")
-            return None
-        return (kind(items[0]), kind(items[1]))
-
-    def size(self, key: str) -> ByteSize | None:
-        value = self.get(key, None)
-        if value is None:
-            return None
+def decode(ctx: Context, data: Any, table: tuple, kind: type[T], *, partial: bool = False) -> T | None:
+    """`data` as a `kind`, or None after reporting every problem found in it. msgspec stops
+    at the first bad key, so each one is reported, set aside, and the rest converted again.
+    `partial`: return what converted even so (the file's top level, so that each section
+    is still checked)."""
+    if not isinstance(data, Mapping):
+        ctx.report(table[:-1], str(table[-1]) if table else None, f"expected a table, got {show(data)}")
+        return None
+    data = dict(data)
+    set_aside: set[str] = set()
+    while True:
         try:
-            return parse_size(value)
-        except ValueError as exc:
-            self.bad(key, f"expected {exc}" if str(exc).startswith("a ") else str(exc))
+            value = msgspec.convert(data, kind, dec_hook=_decode_hook)
+            break
+        except msgspec.ValidationError as exc:
+            key, message = _explain(str(exc), kind, data)
+            if key in data:
+                ctx.report(table, key, message)
+                set_aside.add(key)
+                del data[key]
+                continue
+            # A missing key (said already if its bad value was set aside), or not a table.
+            if not any(message == f"missing required key {k!r}" for k in set_aside):
+                ctx.report(table, key, message)
             return None
-
-    def sub(self, key: str) -> Table | None:
-        value = self.get(key, None)
-        if value is None:
-            return None
-        return Table(self.ctx, value, self.table + (key,))
-
-    def finish(self) -> None:
-        for key in self.data:
-            if key not in self.known:
-                close = difflib.get_close_matches(key, self.known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                self.bad(key, f"unknown key{hint}; expected one of: {', '.join(sorted(self.known))}")
+    if set_aside:
+        return value if partial else None
+    clean = True
+    for key, message in value.problems():
+        ctx.report(table, key, message)
+        clean = False
+    return value if clean else None
 
 
-def _bound(minimum) -> str:
-    return "" if minimum is None else f" >= {minimum}"
+def _explain(error: str, kind: type, data: dict) -> tuple[str | None, str]:
+    """msgspec's message → (the key, what was expected and what was found)."""
+    text, _, path = error.partition(" - at `")
+    hints = get_type_hints(kind, include_extras=True)
+    if m := re.fullmatch(r"Object contains unknown field `(.+)`", text):
+        key = m.group(1)
+        close = difflib.get_close_matches(key, hints, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return key, f"unknown key{hint}; expected one of: {', '.join(sorted(hints))}"
+    if m := re.fullmatch(r"Object missing required field `(.+)`", text):
+        return None, f"missing required key {m.group(1)!r}"
+    m = re.match(r"\$\.(\w+)", path)
+    if m is None:
+        return None, f"expected a table, got {show(data)}"
+    key = m.group(1)
+    if not text.startswith(("Expected `", "Invalid enum value")):  # `_decode_hook`'s own words
+        return key, f"expected {text}" if text.startswith("a ") else text
+    hint, value = _given(hints[key]), data[key]
+    wrong_type = ", got `" in text
+    if wrong_type and get_origin(hint) is Literal:
+        return key, f"expected a string, got {show(value)}"
+    scalar = get_origin(hint) is Literal or (get_origin(hint) is Annotated and get_args(hint)[0] in (int, float))
+    return key, f"expected {describe(hint)}, got {show(value) if wrong_type or not scalar else repr(value)}"
+
+
+def _given(hint: Any) -> Any:
+    """`X | None` → X: None only marks a key that was not given."""
+    if get_origin(hint) in (Union, types.UnionType):
+        kinds = [a for a in get_args(hint) if a is not type(None)]
+        if len(kinds) == 1:
+            return kinds[0]
+    return hint
+
+
+def describe(hint: Any) -> str:
+    """What a field's type accepts, in words: `Annotated[int, Meta(ge=1)]` → "an integer >= 1"
+    (a `Meta(description=...)` says it instead)."""
+    hint = _given(hint)
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Annotated:
+        meta = next((a for a in args[1:] if isinstance(a, msgspec.Meta)), msgspec.Meta())
+        if meta.description:
+            return meta.description
+        bounds = [f"{op} {bound}" for op, bound in ((">=", meta.ge), (">", meta.gt), ("<=", meta.le),
+                                                    ("<", meta.lt)) if bound is not None]
+        return describe(args[0]) + "".join(" " + b for b in bounds[:1]) + "".join(" and " + b for b in bounds[1:])
+    if origin in (Union, types.UnionType):
+        return " or ".join(describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    words = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             dict: "a table", list: "an array", tuple: "an array"}
+    return words.get(origin or hint, "a table")
