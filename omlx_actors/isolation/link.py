@@ -28,6 +28,10 @@ and tells `Recovery` exactly which requests were in the step that died.
 
 Cancellation: `EngineLink.call` cancelled mid-call forgets the call (a late reply is
 dropped); a `Submit` cancelled that way is aborted in the engine, so nothing runs unheard.
+
+Where it lives: this module is the link - calls over the socket, the incarnation's tasks,
+supervision. Starting and reaping an engine process is `incarnation.py`'s; when to give up
+is `restarts.py`'s (pure); which requests to resume or fail is `recovery.py`'s (pure).
 """
 
 from __future__ import annotations
@@ -35,14 +39,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-import os
-import shutil
-import signal
-import socket
-import sys
-import tempfile
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -52,8 +49,7 @@ import attrs
 import trio
 
 from omlx_actors.config import RuntimeConfig
-from omlx_actors.engine.executor import ENGINE_EVENT_BACKLOG, DuplicateRequest, EngineLoadFailed
-from omlx_actors.engine.step_record import read_step_record
+from omlx_actors.engine.executor import ENGINE_EVENT_BACKLOG, DuplicateRequest
 from omlx_actors.engine.messages import (
     Abort,
     EngineEvent,
@@ -64,22 +60,11 @@ from omlx_actors.engine.messages import (
     Submit,
     TokenDelta,
 )
-from omlx_actors.isolation.frames import (
-    ConnectionLost,
-    FrameReader,
-    FrameWriter,
-    Kind,
-    decode_message,
-    encode_message,
-)
-from omlx_actors.isolation.messages import (
-    HostHello,
-    HostLoadFailed,
-    HostReady,
-    HostStop,
-    LookupAndSubmit,
-)
-from omlx_actors.isolation.recovery import Recovery, cooldown_s
+from omlx_actors.isolation.frames import ConnectionLost, Kind, decode_message, encode_message
+from omlx_actors.isolation.incarnation import REAP_TIMEOUT_S, Incarnation, Spawner
+from omlx_actors.isolation.messages import HostReady, HostStop, LookupAndSubmit
+from omlx_actors.isolation.recovery import Recovery
+from omlx_actors.isolation.restarts import RestartPolicy
 from omlx_actors.kernel import ActorError, ActorUnavailable, CallTimeout, wire
 
 log = logging.getLogger(__name__)
@@ -87,8 +72,6 @@ log = logging.getLogger(__name__)
 # Seconds between heartbeats (a `Ping`, answered by the engine's trio loop, not its MLX
 # thread, so a long step does not delay it).
 HEARTBEAT_INTERVAL_S = 1.0
-# How long a dead engine's process may take to be reaped after SIGKILL.
-REAP_TIMEOUT_S = 5.0
 
 
 class EngineState(enum.Enum):
@@ -127,24 +110,6 @@ class RemoteMemory:
     latest: Any = None
 
 
-@attrs.define(eq=False)
-class _Incarnation:
-    process: trio.Process
-    stream: trio.SocketStream
-    writer: FrameWriter
-    reader: FrameReader
-    ready: HostReady
-    record_path: str  # where it records the requests of its current step
-    pending: dict[int, trio.MemorySendChannel] = attrs.field(factory=dict)
-    dead: trio.Event = attrs.field(factory=trio.Event)
-    cause: str | None = None
-
-    def die(self, cause: str) -> None:
-        if self.cause is None:
-            self.cause = cause
-        self.dead.set()
-
-
 class RemoteAddress:
     """An actor in the engine process, addressed like a local one."""
 
@@ -177,10 +142,15 @@ class EngineLink:
         self.recovery = Recovery()
         self.memory = RemoteMemory()
         self._events_send, self.events = trio.open_memory_channel[EngineEvent](ENGINE_EVENT_BACKLOG)
-        self._current: _Incarnation | None = None
+        self._current: Incarnation | None = None
         self._call_ids = itertools.count(1)
         self._sticky_faults: list[InjectFault] = []
-        self._deaths: deque[float] = deque()
+        self._restarts = RestartPolicy(
+            max_restarts=config.engine_max_restarts,
+            window_s=config.engine_restart_window_s,
+            cooldown_base_s=config.engine_restart_cooldown_s,
+            cooldown_max_s=config.engine_restart_cooldown_max_s,
+        )
         self._closing = False
         self._stopped = trio.Event()
         # Resume timing: the death being recovered from, and requests still to resume.
@@ -192,16 +162,9 @@ class EngineLink:
         self.last_resume_s: float | None = None
         self.failed_reason: str | None = None
         self.first_ready: HostReady | None = None
-        # Give-ups since an engine last stayed up a whole restart window (the cool-down's
-        # exponent), when the current engine became ready, and when the next try is.
-        self._give_ups = 0
-        self._ready_since: float | None = None
+        # Failed: when the next engine is tried.
         self._retry_at: float | None = None  # on trio's clock
-        self._starting: trio.Process | None = None
-        self._spawns = itertools.count(1)
-        # Step records live in a directory of our own, made by the first spawn and removed
-        # when the link stops.
-        self._record_dir: str | None = None
+        self._spawner = Spawner(config, model_path)
 
     # -- what the runtime uses ----------------------------------------------------------------
 
@@ -215,7 +178,8 @@ class EngineLink:
     @property
     def starting_pid(self) -> int | None:
         """The engine process being started (not yet ready), if any."""
-        return self._starting.pid if self._starting is not None else None
+        starting = self._spawner.starting
+        return starting.pid if starting is not None else None
 
     def status(self) -> EngineStatus:
         retry_in = None
@@ -292,7 +256,7 @@ class EngineLink:
             self._cast_abort(inc, abort.request_id)
         self._pump_sends()
 
-    def _cast_abort(self, inc: _Incarnation, request_id: str) -> None:
+    def _cast_abort(self, inc: Incarnation, request_id: str) -> None:
         """Tell `inc` to drop a request, never blocking (a background send if the outbox is
         momentarily full: an abort is never dropped while the engine lives)."""
         payload = encode_message(Abort(request_id=request_id))
@@ -308,7 +272,7 @@ class EngineLink:
             self.recovery.mark_sent(request_id)
             self._nursery.start_soon(self._send_continuation, inc, request_id)
 
-    async def _send_continuation(self, inc: _Incarnation, request_id: str) -> None:
+    async def _send_continuation(self, inc: Incarnation, request_id: str) -> None:
         """(Re)submit a tracked request to `inc` as its continuation, with a fresh prefix
         lookup in that engine (the SSD tier makes a long prompt cheap to resume)."""
         if request_id not in self.recovery.tracked:
@@ -342,13 +306,13 @@ class EngineLink:
 
     # -- calls over the socket -----------------------------------------------------------------
 
-    def _live_incarnation(self, target: str) -> _Incarnation:
+    def _live_incarnation(self, target: str) -> Incarnation:
         inc = self._current
         if inc is None or self.state is not EngineState.READY:
             raise EngineDied(target, f"the engine is {self.state.value}")
         return inc
 
-    async def _call(self, inc: _Incarnation, target: str, message: Any, timeout: float | None) -> Any:
+    async def _call(self, inc: Incarnation, target: str, message: Any, timeout: float | None) -> Any:
         """One call on `inc`. Raises `EngineDied` if it dies first, `CallTimeout` after
         `timeout` (the far side may still act on it), or the far side's `ActorError`."""
         if inc.dead.is_set():
@@ -374,57 +338,7 @@ class EngineLink:
 
     # -- incarnations ----------------------------------------------------------------------
 
-    async def _spawn(self) -> _Incarnation:
-        """Start an engine process and wait until it is ready. Raises `EngineLoadFailed`
-        if it reports that, `ActorUnavailable` if it dies, breaks the connection or times
-        out while starting. Cancelled, it kills the process it started and re-raises."""
-        if self._record_dir is None:
-            self._record_dir = tempfile.mkdtemp(prefix="omlx-engine-")
-        record_path = os.path.join(self._record_dir, f"engine-{next(self._spawns)}.step")
-        ours, theirs = socket.socketpair()
-        try:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "omlx_actors.isolation.host", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                # Its own session: a Ctrl-C at the terminal reaches the front, which stops
-                # the engine in order, not the engine directly.
-                start_new_session=True,
-            )
-        finally:
-            theirs.close()
-        self._starting = process
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
-        writer, reader = FrameWriter(stream), FrameReader(stream)
-        hello = HostHello(config_json=self.config.to_json(), model_path=str(self.model_path),
-                          step_record_path=record_path)
-        try:
-            with trio.fail_after(self.config.engine_start_timeout_s):
-                payload = await _handshake(writer, reader, hello)
-            answer = decode_message(payload)
-        except BaseException as exc:  # cancelled too: never leave a half-started engine
-            process.kill()
-            with trio.CancelScope(shield=True), trio.move_on_after(REAP_TIMEOUT_S):
-                await process.wait()
-            _remove(record_path)
-            stream.socket.close()  # a crash loop must not leak a socket per try
-            if not _is_start_failure(exc):
-                raise
-            how = _describe_exit(process.returncode)
-            raise ActorUnavailable("engine", f"the engine process did not start ({how}): "
-                                             f"{_leaf(exc)!r}") from None
-        finally:
-            self._starting = None
-        if isinstance(answer, HostLoadFailed):
-            with trio.move_on_after(REAP_TIMEOUT_S):
-                await process.wait()
-            _remove(record_path)
-            stream.socket.close()
-            raise EngineLoadFailed("executor", answer.error)
-        assert isinstance(answer, HostReady), answer
-        return _Incarnation(process=process, stream=stream, writer=writer, reader=reader,
-                            ready=answer, record_path=record_path)
-
-    async def _run_incarnation(self, inc: _Incarnation) -> None:
+    async def _run_incarnation(self, inc: Incarnation) -> None:
         """Serve `inc` until it dies (or the link stops it); then reap it and fail the calls
         that were waiting on it."""
         async with trio.open_nursery() as nursery:
@@ -434,33 +348,25 @@ class EngineLink:
             nursery.start_soon(self._heartbeat, inc)
             await inc.dead.wait()
             nursery.cancel_scope.cancel()
-        with trio.CancelScope(shield=True):
-            if inc.process.returncode is None and not self._closing:
-                inc.process.kill()
-            with trio.move_on_after(REAP_TIMEOUT_S):
-                await inc.process.wait()
-            if inc.process.returncode is None:
-                inc.process.kill()
-                with trio.move_on_after(REAP_TIMEOUT_S):
-                    await inc.process.wait()
-        self.last_exit = f"{_describe_exit(inc.process.returncode)}: {inc.cause}"
+        await inc.reap(kill=not self._closing)
+        self.last_exit = inc.how_it_ended()
         inc.writer.close()  # a caller waiting for room in the outbox gets ConnectionLost
         inc.stream.socket.close()  # its reader and writer tasks have ended with it
         for send in list(inc.pending.values()):
             send.send_nowait((None, inc.cause))  # capacity 1, one answer each: never blocks
         inc.pending.clear()
 
-    async def _write(self, inc: _Incarnation) -> None:
+    async def _write(self, inc: Incarnation) -> None:
         try:
             await inc.writer.run()
         except ConnectionLost as exc:
             inc.die(f"the connection broke: {exc}")
 
-    async def _watch_process(self, inc: _Incarnation) -> None:
+    async def _watch_process(self, inc: Incarnation) -> None:
         await inc.process.wait()
         inc.die("the process exited")
 
-    async def _heartbeat(self, inc: _Incarnation) -> None:
+    async def _heartbeat(self, inc: Incarnation) -> None:
         timeout = self.config.engine_heartbeat_timeout_s
         while True:
             await trio.sleep(HEARTBEAT_INTERVAL_S)
@@ -472,7 +378,7 @@ class EngineLink:
             except ActorError:
                 pass  # died (noticed elsewhere) or stopping (a drain): not a hang
 
-    async def _read(self, inc: _Incarnation) -> None:
+    async def _read(self, inc: Incarnation) -> None:
         try:
             while True:
                 kind, ident, _, payload = await inc.reader.receive()
@@ -503,14 +409,14 @@ class EngineLink:
 
     # -- supervision -----------------------------------------------------------------------
 
-    async def supervise(self, first: _Incarnation, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def supervise(self, first: Incarnation, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run incarnations one after another until the link stops."""
-        inc: _Incarnation | None = first
+        inc: Incarnation | None = first
         try:
             while inc is not None:
                 self._current = inc
                 self.state = EngineState.READY
-                self._ready_since = time.monotonic()
+                self._restarts.ready(time.monotonic())
                 self._pump_sends()
                 if inc is first:
                     task_status.started()
@@ -525,25 +431,25 @@ class EngineLink:
                     self.state = EngineState.STOPPED
                 await self._fail_all("EngineStopped", self.failed_reason or "the engine stopped")
                 self._events_send.close()
-                self._remove_record_dir()
+                self._spawner.close()
                 self._stopped.set()
 
-    async def _restart(self, dead: _Incarnation) -> _Incarnation:
+    async def _restart(self, dead: Incarnation) -> Incarnation:
         """Replace `dead` with a ready engine: every failed start is one more death, and
         past the restart limit the engine is failed for a cool-down, then tried again. Only
         cancellation (the link stopping) ends it without an engine; an engine it was
-        starting then is killed and reaped (`_spawn`), and the state is left as it was."""
-        in_step = read_step_record(dead.record_path)
-        _remove(dead.record_path)
+        starting then is killed and reaped (`Spawner.spawn`), and the state is left as it
+        was."""
+        in_step = dead.last_step()
         log.error("engine process %d died (%s); starting a new one", dead.ready.pid, self.last_exit)
         await self._on_death(in_step)
         while True:
-            if len(self._deaths) > self.config.engine_max_restarts:
+            if self._restarts.exhausted():
                 await self._cool_down(
-                    f"the engine died {len(self._deaths)} times within "
+                    f"the engine died {self._restarts.deaths} times within "
                     f"{self.config.engine_restart_window_s:g}s (last: {self.last_exit})")
             try:
-                inc = await self._spawn()
+                inc = await self._spawner.spawn()
             except (ActorError, OSError) as exc:
                 self.last_exit = f"a new engine did not start: {exc}"
                 log.error("%s", self.last_exit)
@@ -558,11 +464,6 @@ class EngineLink:
                     self.last_restart_s, inc.ready.pid, len(self.recovery.tracked))
         return inc
 
-    def _remove_record_dir(self) -> None:
-        if self._record_dir is not None:
-            shutil.rmtree(self._record_dir, ignore_errors=True)
-            self._record_dir = None
-
     async def _on_death(self, in_step: frozenset[str]) -> None:
         """Count a death (of a serving or a starting engine) and apply the poison rule to
         the requests that were in the step that died."""
@@ -571,13 +472,7 @@ class EngineLink:
         self.restarts += 1
         self._died_at = now
         self.last_resume_s = None
-        window = self.config.engine_restart_window_s
-        if self._ready_since is not None and now - self._ready_since >= window:
-            self._give_ups = 0  # the last engine held a whole window: the backoff starts over
-        self._ready_since = None
-        self._deaths.append(now)
-        while self._deaths and now - self._deaths[0] > window:
-            self._deaths.popleft()
+        self._restarts.died(now)
         for failure in self.recovery.on_death(in_step):
             log.error("%s", failure.error)
             await self._emit(_error(failure.request_id, failure.error_type, failure.error))
@@ -586,9 +481,7 @@ class EngineLink:
     async def _cool_down(self, reason: str) -> None:
         """Give up for a while: fail what is in flight, refuse new requests (503) while the
         state is failed, then forget the deaths and let the caller try a new engine."""
-        self._give_ups += 1
-        delay = cooldown_s(self._give_ups, self.config.engine_restart_cooldown_s,
-                           self.config.engine_restart_cooldown_max_s)
+        delay = self._restarts.give_up()
         log.error("engine failed: %s; trying a new one in %.0fs", reason, delay)
         self.state = EngineState.FAILED
         self.failed_reason = reason
@@ -597,7 +490,7 @@ class EngineLink:
         self._awaiting_resume.clear()
         await trio.sleep_until(self._retry_at)
         self._retry_at = None
-        self._deaths.clear()
+        self._restarts.cooled_down()
         self.state = EngineState.RESTARTING
 
     async def _fail_all(self, error_type: str, error: str) -> None:
@@ -627,56 +520,9 @@ class EngineLink:
         await self._stopped.wait()
 
 
-async def _handshake(writer: FrameWriter, reader: FrameReader, hello: HostHello) -> Any:
-    """Send `hello`, return the payload of the engine's first answer."""
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer.run)
-        await writer.send(Kind.CAST, 0, "host", encode_message(hello))
-        _, _, _, payload = await reader.receive()
-        nursery.cancel_scope.cancel()
-    return payload
-
-
-# What a starting engine's failure looks like here: it died or broke the connection
-# (`ConnectionLost`, raised in `_handshake`'s nursery, so it arrives in an exception group)
-# or did not answer in time. Anything else - cancellation above all - is not ours to absorb.
-_START_FAILURES = (ConnectionLost, trio.TooSlowError)
-
-
-def _is_start_failure(exc: BaseException) -> bool:
-    if isinstance(exc, BaseExceptionGroup):
-        _, rest = exc.split(_START_FAILURES)
-        return rest is None
-    return isinstance(exc, _START_FAILURES)
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
 def _error(request_id: str, error_type: str, error: str) -> Finished:
     return Finished(request_id=request_id, reason=FinishReason.ERROR, prompt_tokens=0,
                     completion_tokens=0, error=error, error_type=error_type)
-
-
-def _describe_exit(returncode: int | None) -> str:
-    if returncode is None:
-        return "still running"
-    if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit status {returncode}"
 
 
 @asynccontextmanager
@@ -687,9 +533,9 @@ async def open_engine_link(config: RuntimeConfig, model_path: Path) -> AsyncIter
     async with trio.open_nursery() as nursery:
         link = EngineLink(config, model_path, nursery)
         try:
-            first = await link._spawn()
+            first = await link._spawner.spawn()
         except BaseException:
-            link._remove_record_dir()
+            link._spawner.close()
             raise
         link.first_ready = first.ready
         await nursery.start(link.supervise, first)

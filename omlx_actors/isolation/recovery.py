@@ -288,11 +288,3 @@ class Recovery:
             assert t.alone_strikes < self.poison_deaths, f"{rid} should have been failed"
             assert t.alone_strikes <= t.strikes
 
-
-def cooldown_s(give_ups_in_a_row: int, base_s: float, max_s: float) -> float:
-    """How long the engine stays failed after its `give_ups_in_a_row`-th give-up (1, 2, ...)
-    before a new one is tried: `base_s`, doubled at each give-up in a row, never above
-    `max_s`."""
-    if give_ups_in_a_row < 1:
-        raise ValueError("give_ups_in_a_row must be >= 1")
-    return min(max_s, base_s * 2.0 ** min(give_ups_in_a_row - 1, 64))

@@ -22,8 +22,8 @@ from omlx_actors.isolation.recovery import (
     CRASH_LOOP_ERROR_TYPE,
     POISON_DEATHS,
     Recovery,
-    cooldown_s,
 )
+from omlx_actors.isolation.restarts import cooldown_s
 
 
 def submit(rid: str, prompt=(5, 6, 7), max_tokens: int = 8, stop=(1,)) -> Submit:
