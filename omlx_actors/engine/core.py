@@ -11,8 +11,8 @@ without blocking.
 Here: the loop, the commands, the step and what a failed step does. Beside it, on the same
 thread: `sampling.py` (samplers, logprobs), `prefix_blocks.py` (saving, snapshotting and
 restoring prefix blocks), `batch_rows.py` (every read of mlx-lm's private batch state),
-`step_faults.py` (injected faults), `lifetime.py` (when buffers may be freed), and
-`model_load.py` (the model, once, before the loop).
+`step_faults.py` (injected faults), `lifetime.py` (when buffers may be freed),
+`live_rows.py` (the table of admitted requests) and `model_load.py` (the model, once).
 
 Every method here asserts it runs on the MLX thread (`assert_on_mlx_thread`), or is only
 called from one that does.
@@ -23,8 +23,6 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Callable
-
-import attrs
 
 from omlx_actors.mlx_loader import load_mlx
 from omlx_actors.engine import batch_rows, cpu_attention
@@ -48,13 +46,12 @@ from omlx_actors.engine.core_messages import (
     SlotFinished,
     StepOutput,
 )
-from omlx_actors.engine.grammar import GrammarProcessor
 from omlx_actors.engine.lifetime import ClearSchedule, RetiredRefs
+from omlx_actors.engine.live_rows import LiveRequest, LiveRows
 from omlx_actors.engine.messages import (
     EngineInfo,
     FaultKind,
     FinishReason,
-    SamplingParams,
     TokenChoice,
 )
 from omlx_actors.engine.mlx_thread import assert_on_mlx_thread
@@ -65,29 +62,6 @@ from omlx_actors.engine.step_faults import StepFaults
 from omlx_actors.engine.step_record import StepRecorder
 
 mx = load_mlx()
-
-
-@attrs.define
-class _Live:
-    """MLX-thread bookkeeping of one admitted request."""
-
-    slot: int
-    uid: int
-    prompt_tokens: int
-    sampling: SamplingParams
-    command: CoreSubmit | None = None  # kept to re-admit it if a failed step never reached it
-    completion_tokens: int = 0
-    prefill_started: bool = False
-    cached_tokens: int = 0
-    # Block indexes whose end boundary the prefill stops at (hybrid models), in order.
-    boundaries: list[int] = attrs.field(factory=list)
-    # Its matcher (also in its row's logits processors, where mlx-lm moves it with the row).
-    grammar: GrammarProcessor | None = None
-
-    @property
-    def cache_scope(self) -> str:
-        """Who may reuse its blocks from the SSD tier (its `Submit.cache_scope`)."""
-        return self.command.submit.cache_scope if self.command is not None else ""
 
 
 def _set_mlx_limits(limits: CoreSetLimits) -> None:
@@ -115,8 +89,7 @@ class EngineCore:
         self._commands = commands
         self._outputs = outputs
         self._notify = notify
-        self._live: dict[int, _Live] = {}  # slot -> live request
-        self._slot_of_uid: dict[int, int] = {}
+        self._live = LiveRows()
         self._step = 0
         self._clear = ClearSchedule(delay=settings.clear_delay_steps)
         self._retired = RetiredRefs()
@@ -165,6 +138,7 @@ class EngineCore:
             self._emit(CoreStopped())
 
     def _load(self) -> EngineInfo:
+        """The model, its generator and its block store, on a stream of this thread."""
         # A stream of this thread's own: mlx-lm's module-level `generation_stream` belongs to
         # whichever thread imported mlx_lm first.
         self._stream = mx.new_stream(mx.default_device())
@@ -187,10 +161,12 @@ class EngineCore:
         )
 
     def _teardown(self) -> None:
+        """After the loop, however it ended: every live request finishes as ABORT, the
+        model and every block are released, and the buffer cache is cleared."""
         assert_on_mlx_thread("EngineCore._teardown")
         gen = getattr(self, "_gen", None)
-        uids = self._live_uids()
-        finished = tuple(self._finish(live, FinishReason.ABORT) for live in list(self._live.values()))
+        uids = self._live.uids()
+        finished = tuple(self._finish(live, FinishReason.ABORT) for live in self._live)
         if gen is not None and uids:
             gen.remove(uids)
         if finished:
@@ -214,7 +190,7 @@ class EngineCore:
         longer than `GATHER_FRACTION` of the estimated prefill of what is waiting (so a
         lone request's time to first token grows by at most that fraction, and on a fast
         device, where prefill is short, by next to nothing)."""
-        pending = sum(live.prompt_tokens - live.cached_tokens for live in self._live.values())
+        pending = self._live.pending_prompt_tokens()
         window = min(GATHER_MAX_S, self.settings.gather_fraction * pending * self._prefill_s_per_token)
         deadline = time.monotonic() + window
         while (left := min(GATHER_GAP_S, deadline - time.monotonic())) > 0:
@@ -307,7 +283,7 @@ class EngineCore:
             logits_processors=[processors],
             stop_sequences=[stops],
         )
-        self._live[command.slot] = _Live(
+        self._live.add(LiveRequest(
             slot=command.slot,
             uid=uid,
             prompt_tokens=len(tokens),
@@ -316,11 +292,10 @@ class EngineCore:
             cached_tokens=cached,
             boundaries=boundaries,
             grammar=grammar,
-        )
-        self._slot_of_uid[uid] = command.slot
+        ))
         return command.slot, time.monotonic() - command.received_at
 
-    def _abort(self, live: _Live) -> SlotFinished:
+    def _abort(self, live: LiveRequest) -> SlotFinished:
         """Take the request's row out of the batch, keeping the blocks it has computed."""
         caches = self._gen.remove([live.uid], return_prompt_caches=self._blocks.store is not None)
         if live.uid in caches:
@@ -337,8 +312,7 @@ class EngineCore:
         # Before anything of the step runs (an injected abort included), and cleared before
         # its output is emitted (which may wait): only a death inside the step counts
         # against its requests.
-        self._record.working(tuple(live.command.submit.request_id
-                                   for live in self._live.values() if live.command is not None))
+        self._record.working(self._live.request_ids())
         self._fire_fault_if_due(FaultKind.ABORT)
         batch_rows.align_prefill_group(self._gen, self.settings.prefill_batch_size)
         before = batch_rows.prompt_counters(self._gen)
@@ -355,15 +329,14 @@ class EngineCore:
         tokens, finished = self._generated(generation_responses)
         self._generation_tokens += len(tokens)
         if self._blocks.hybrid:
-            self._blocks.snapshot_generation_boundaries(self._gen, self._slot_of_uid)
+            self._blocks.snapshot_generation_boundaries(self._gen, self._live.slots_by_uid)
         if self._clear.due(self._step):
             self._clear_buffer_cache()
         self._record.working(())
         self._emit(self._step_output((), tuple(progress), tuple(tokens), tuple(finished)))
 
     def _fire_fault_if_due(self, kind: FaultKind) -> None:
-        self._faults.fire_if_due(kind, self._step + 1, (
-            live.command.submit.prompt_tokens for live in self._live.values()))
+        self._faults.fire_if_due(kind, self._step + 1, self._live.prompts())
 
     def _prompt_progress(self, responses: list, before: tuple[float, int]) -> list[tuple[int, int, int]]:
         """The step's prompt responses as (slot, done, total); a prompt that reached a
@@ -377,10 +350,10 @@ class EngineCore:
                 self._prefill_s_per_token = (prompt_time - before[0]) / tokens
         progress: list[tuple[int, int, int]] = []
         for r in responses:
-            slot = self._slot_of_uid.get(r.uid)
-            if slot is None:
+            live = self._live.by_uid(r.uid)
+            if live is None:
                 continue
-            live = self._live[slot]
+            slot = live.slot
             done, total = r.progress
             progress.append((slot, int(done), int(total)))
             if r.end_of_prompt:
@@ -396,10 +369,10 @@ class EngineCore:
         tokens: list[tuple[int, TokenChoice]] = []
         finished: list[SlotFinished] = []
         for r in responses:
-            slot = self._slot_of_uid.get(r.uid)
-            if slot is None:
+            live = self._live.by_uid(r.uid)
+            if live is None:
                 continue
-            live = self._live[slot]
+            slot = live.slot
             if live.grammar is not None and live.grammar.error is not None:
                 # Fail closed: the token its matcher refused is withheld, the request ends
                 # as an error, never as output that breaks its schema.
@@ -425,16 +398,13 @@ class EngineCore:
         the prompt or generation batch), release their caches, synchronize, clear, and
         keep serving - requests still waiting for a batch are re-admitted untouched."""
         try:
-            queued = batch_rows.queued_uids(self._gen, self._live_uids())
+            queued = batch_rows.queued_uids(self._gen, self._live.uids())
         except Exception:  # noqa: BLE001 - an inconsistent batch: treat all as in the step
             queued = set()
-        waiting = [
-            live for live in self._live.values()
-            if live.uid in queued and live.command is not None
-        ]
+        waiting = [live for live in self._live if live.uid in queued and live.command is not None]
         failed = tuple(
             self._finish(live, FinishReason.ERROR, type(exc).__name__, str(exc) or repr(exc))
-            for live in list(self._live.values())
+            for live in self._live
             if live not in waiting
         )
         # A fresh generator: a step that raised may have left the batch half-updated. The
@@ -443,21 +413,19 @@ class EngineCore:
         self._gen = self._new_generator()
         self._clear_buffer_cache()
         for live in waiting:
-            del self._live[live.slot]
-            self._slot_of_uid.pop(live.uid, None)
+            self._live.remove(live)
             self._admit(live.command)
         self._record.working(())
         self._emit(self._step_output((), (), (), failed))
 
     def _finish(
         self,
-        live: _Live,
+        live: LiveRequest,
         reason: FinishReason,
         error_type: str | None = None,
         error: str | None = None,
     ) -> SlotFinished:
-        del self._live[live.slot]
-        self._slot_of_uid.pop(live.uid, None)
+        self._live.remove(live)
         self._clear.note_finished(self._step)
         if reason == FinishReason.ERROR:
             self._blocks.forget(live.slot)
@@ -471,9 +439,6 @@ class EngineCore:
             error_type=error_type,
             error=error,
         )
-
-    def _live_uids(self) -> list[int]:
-        return [live.uid for live in self._live.values()]
 
     # -- memory ------------------------------------------------------------------------------
 
@@ -490,11 +455,8 @@ class EngineCore:
     # -- output ------------------------------------------------------------------------------
 
     def _step_output(self, admitted, progress, tokens, finished) -> StepOutput:
-        for slot in [p[0] for p in progress] + [t[0] for t in tokens]:
-            live = self._live.get(slot)
-            if live is not None:
-                live.prefill_started = True
-        waiting = sum(1 for live in self._live.values() if not live.prefill_started)
+        self._live.mark_started([p[0] for p in progress] + [t[0] for t in tokens])
+        waiting = self._live.waiting()
         news = self._blocks.take_news()
         return StepOutput(
             step=self._step,
