@@ -27,6 +27,7 @@ from http_support import anthropic_client, openai_client, serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "structured"))
 from schemas import ALL, ORDER, WEATHER  # noqa: E402
+from stream_support import run_chats  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 CONCURRENCY = 8
@@ -138,40 +139,17 @@ async def test_an_engine_kill_mid_constrained_stream_resumes_and_validates(smoll
     """SIGKILL the engine process while 4 constrained greedy streams are mid-way: each resumes
     (its fresh matcher replays what was delivered), validates, and equals the run without
     the kill."""
-    import os
-    import signal
-
     from omlx_actors.front.runtime import open_runtime
     from omlx_actors.front.structured import response_format_output
 
     names = ["order", "tags", "person", "weather"]
 
     async def run(rt, kill: bool) -> list[tuple[str, object]]:
-        results: dict[int, tuple[str, object]] = {}
-        delivered = [0] * len(names)
-
-        async def one(i: int, name: str) -> None:
-            structured = response_format_output(
-                {"type": "json_schema", "json_schema": {"name": name, "schema": ALL[name]}})
-            session = rt.chat(_user(PROMPTS[name]), max_tokens=128, structured=structured)
-            text = []
-            async with session:
-                async for event in session:
-                    if hasattr(event, "text"):
-                        text.append(event.text)
-                        delivered[i] += 1
-                    elif hasattr(event, "finish_reason"):
-                        results[i] = ("".join(text), event)
-
-        async with trio.open_nursery() as nursery:
-            for i, name in enumerate(names):
-                nursery.start_soon(one, i, name)
-            if kill:
-                with trio.fail_after(120):
-                    while min(delivered) < 3:
-                        await trio.sleep(0.005)
-                os.kill(rt.engine_pid, signal.SIGKILL)
-        return [results[i] for i in range(len(names))]
+        requests = [(_user(PROMPTS[name]), response_format_output(
+            {"type": "json_schema", "json_schema": {"name": name, "schema": ALL[name]}}))
+            for name in names]
+        return await run_chats(rt, requests, max_tokens=128, kill_after_tokens=3 if kill else None,
+                               kill_within_s=120, poll_s=0.005)
 
     async with open_runtime(str(smollm2)) as rt:
         reference = await run(rt, kill=False)

@@ -5,13 +5,11 @@ greedy, says exactly what the uninterrupted run says."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import jsonschema
 import pytest
-import trio
 from schemas import TAGS
+from stream_support import run_chats
 
 from omlx_actors import open_runtime
 from omlx_actors.front.structured import response_format_output
@@ -38,31 +36,9 @@ def _output(i: int):
 
 
 async def _run_all(rt, kill_after_tokens: int | None = None):
-    results: dict[int, tuple[str, object]] = {}
-    delivered = [0] * STREAMS
-
-    async def one(i: int) -> None:
-        _, structured = _output(i)
-        session = rt.chat([{"role": "user", "content": f"list {i}"}], max_tokens=300,
-                          structured=structured)
-        text = []
-        async with session:
-            async for event in session:
-                if hasattr(event, "text"):
-                    text.append(event.text)
-                    delivered[i] += 1
-                elif hasattr(event, "finish_reason"):
-                    results[i] = ("".join(text), event)
-
-    async with trio.open_nursery() as nursery:
-        for i in range(STREAMS):
-            nursery.start_soon(one, i)
-        if kill_after_tokens is not None:
-            with trio.fail_after(60):
-                while min(delivered) < kill_after_tokens:
-                    await trio.sleep(0.002)
-            os.kill(rt.engine_pid, signal.SIGKILL)
-    return [results[i] for i in range(STREAMS)]
+    requests = [([{"role": "user", "content": f"list {i}"}], _output(i)[1]) for i in range(STREAMS)]
+    return await run_chats(rt, requests, max_tokens=300, kill_after_tokens=kill_after_tokens,
+                           kill_within_s=60, poll_s=0.002)
 
 
 async def test_a_killed_engine_resumes_constrained_streams_that_still_validate(tiny_llama):
