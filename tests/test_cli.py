@@ -106,6 +106,19 @@ def test_serve_help_shows_defaults_and_the_new_flags():
     assert "OMLX_OPENBLAS" in top and "nothing below reads the environment" not in top
 
 
+def test_xdg_cache_home_places_the_ssd_tier_the_demo_models_and_downloads(monkeypatch, tmp_path):
+    from omlx_actors.cli import build_parser
+    from omlx_actors.models.demo import default_cache_dir
+    from omlx_actors.models.resolve import cache_root
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert build_parser().parse_args(["serve"]).ssd_cache_dir == tmp_path / "omlx-actors" / "kv"
+    assert default_cache_dir() == tmp_path / "omlx-actors" / "models"
+    assert cache_root() == tmp_path / "omlx-actors"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")  # empty counts as unset
+    assert cache_root() == Path.home() / ".cache" / "omlx-actors"
+
+
 def test_replay_and_serve_name_the_served_model_alike():
     assert "--served-model-name" in help_entries(cli("replay", "--help").stdout)
     assert "--served-model-name" in help_entries(cli("serve", "--help").stdout)
