@@ -5,4 +5,6 @@
   and `bench-cache` (a second turn's TTFT against the first's, or across a restart).
 - `servers`: `bench-servers` ((a), (b), (c) this server over HTTP, (d) `mlx_lm.server`).
 - `resume`: `bench-resume` (what an engine death costs a client).
+- `ssd_window`: `python -m omlx_actors.bench.ssd_window` (how long after a prefill its
+  blocks are durable on the SSD tier).
 """
