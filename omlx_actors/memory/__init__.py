@@ -1,5 +1,7 @@
-"""Memory: what a request will cost (`estimator`: pure, imports neither trio nor MLX) and
-what the process uses against its budget (`enforcer`: an actor).
+"""Memory: what a request will cost (`estimator`), who holds how much and who waits
+(`admission`: the ledger), what the executor does about it (`policy`) - all three pure,
+importing neither trio nor MLX - and what the process uses against its budget (`enforcer`:
+an actor).
 
 The enforcer's names are imported lazily, so `import omlx_actors.memory` (or its estimator)
 stays free of trio, like the estimator itself.
@@ -11,14 +13,9 @@ from typing import Any
 
 from .estimator import (
     KV_CACHE_STEP,
-    Admit,
-    AdmissionDecision,
     LayerKind,
     ModelMemoryFacts,
-    Reject,
     RequestEstimate,
-    Wait,
-    decide_admission,
     estimate_request_bytes,
     format_bytes,
     kv_bytes_per_token,
@@ -45,23 +42,34 @@ _ENFORCER_NAMES = frozenset({
     "snapshot_from",
 })
 
-__all__ = sorted({
+__all__ = [  # the estimator's names, then the enforcer's (lazy: `_ENFORCER_NAMES`)
     "KV_CACHE_STEP",
-    "Admit",
-    "AdmissionDecision",
+    "BudgetMode",
+    "EnforcerHandle",
+    "EnforcerMessage",
+    "GetSnapshot",
     "LayerKind",
+    "MemoryBudget",
+    "MemoryLevel",
+    "MemorySnapshot",
+    "MlxLimits",
+    "MlxReading",
     "ModelMemoryFacts",
-    "Reject",
     "RequestEstimate",
-    "Wait",
-    "decide_admission",
+    "SnapshotBoard",
+    "SnapshotSubscription",
+    "SystemReading",
     "estimate_request_bytes",
     "format_bytes",
     "kv_bytes_per_token",
     "kv_cache_capacity",
+    "level_for",
+    "mlx_limits_for",
     "padded_batch_kv_bytes",
+    "read_system_psutil",
     "run_enforcer",
-} | _ENFORCER_NAMES)
+    "snapshot_from",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -20,6 +20,9 @@ reaches MLX; the ledger admits it, queues it, or refuses it:
   refused. Issue #15: a request waited 130 s, with nothing running, for the 32 KB of cache
   it had pinned itself.
 
+The executor's policy on top of this ledger (pricing, what to do with a new request, a
+blocked head, a pressure reading) is in `memory/policy.py`.
+
 Sizes are what the estimator says, not what MLX reports: MLX's limits are only guidelines
 and a failed allocation on the CPU build is an uncatchable SIGSEGV, so the decision has to be
 made from sizes known before anything is evaluated.
@@ -38,10 +41,10 @@ import attrs
 class RequestCost:
     """What one admitted request costs: `context_tokens` of KV it may grow to (padded to
     the batch's longest row when batched) and `other_bytes` that do not pad (prefill
-    scratch, recurrent state)."""
+    scratch, recurrent state). Neither is negative (ValueError)."""
 
-    context_tokens: int
-    other_bytes: int
+    context_tokens: int = attrs.field(validator=attrs.validators.ge(0))
+    other_bytes: int = attrs.field(validator=attrs.validators.ge(0))
 
 
 def unpadded_batch_cost(kv_bytes_per_token: int) -> Callable[[Sequence[RequestCost]], int]:
@@ -54,7 +57,9 @@ def unpadded_batch_cost(kv_bytes_per_token: int) -> Callable[[Sequence[RequestCo
 
 
 @attrs.frozen(kw_only=True)
-class Admitted:
+class Granted:
+    """The ledger granted the request its memory: it runs now."""
+
     request_id: str
 
 
@@ -140,13 +145,13 @@ class AdmissionLedger:
     def available_bytes(self) -> int:
         return self.budget_bytes - self.weights_bytes - self.reserved_bytes
 
-    def submit(self, request_id: str, cost: RequestCost) -> Admitted | Queued | Refused | QueueFullRefusal:
+    def submit(self, request_id: str, cost: RequestCost) -> Granted | Queued | Refused | QueueFullRefusal:
         refusal = self.refusal(request_id, cost)
         if refusal is not None:
             return refusal
         if not self.waiting and self._fits_now(cost):
             self.admitted[request_id] = cost
-            return Admitted(request_id=request_id)
+            return Granted(request_id=request_id)
         if len(self.waiting) >= self.max_waiting:
             return QueueFullRefusal(request_id=request_id, waiting=len(self.waiting))
         self.waiting.append((request_id, cost))
@@ -239,3 +244,4 @@ class AdmissionLedger:
         assert not set(ids) & set(self.admitted), "a request both waits and runs"
         assert all(c.context_tokens >= 0 and c.other_bytes >= 0 for c in self.admitted.values())
         assert len(self.waiting) <= self.max_waiting
+

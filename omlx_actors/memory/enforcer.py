@@ -316,8 +316,7 @@ class MlxLimits:
     - `memory_limit` → `mx.set_memory_limit`: a guideline only (allocating past it raises
       nothing), but MLX releases cached buffers before growing beyond it.
     - `cache_limit` → `mx.set_cache_limit`: freed buffers MLX may keep for reuse. They count
-      against the budget, so admission should hold them back (`decide_admission(...,
-      reserved_bytes=cache_limit)`).
+      against the budget, so admission holds them back (the ledger's `reserved_bytes`).
     - `wired_limit` → `mx.set_wired_limit` on Metal only; 0 means "do not set" (no device
       limit was given: not Metal).
     """
@@ -456,6 +455,19 @@ def _no_mlx() -> MlxReading:
     return (0, 0, 0)
 
 
+def _log_level(snapshot: MemorySnapshot, budget_bytes: int) -> None:
+    """A new memory level: info when back to ok, a warning otherwise."""
+    log = logger.info if snapshot.level is MemoryLevel.OK else logger.warning
+    log(
+        "memory level %s: %s of %s budget in use (process %s, %s free on the machine)",
+        snapshot.level.value,
+        format_bytes(snapshot.pressure_bytes),
+        format_bytes(budget_bytes),
+        format_bytes(snapshot.used_bytes),
+        format_bytes(snapshot.system_available),
+    )
+
+
 async def run(
     inbox: Inbox,
     budget: MemoryBudget,
@@ -503,15 +515,7 @@ async def run(
             taken_at=trio.current_time(),
         )
         if previous is None or previous.level is not snapshot.level:
-            log = logger.info if snapshot.level is MemoryLevel.OK else logger.warning
-            log(
-                "memory level %s: %s of %s budget in use (process %s, %s free on the machine)",
-                snapshot.level.value,
-                format_bytes(snapshot.pressure_bytes),
-                format_bytes(budget_bytes),
-                format_bytes(snapshot.used_bytes),
-                format_bytes(snapshot.system_available),
-            )
+            _log_level(snapshot, budget_bytes)
         board.publish(snapshot)
         return snapshot
 

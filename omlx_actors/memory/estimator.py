@@ -5,7 +5,7 @@ Linux's CPU build a failed allocation is an uncatchable SIGSEGV and on Metal a f
 command buffer aborts the process, and MLX's memory limit is only a guideline: whatever does
 not fit has to be refused here, from the model's config and the request's token counts.
 
-Three steps, each a plain function of plain data:
+Two steps, each a plain function of plain data:
 
 1. `ModelMemoryFacts.from_config(config)` reads the sizes that matter from an HF/mlx-lm
    `config.json` (nested language-model sub-configs of VLMs included) and fails loudly when
@@ -13,10 +13,10 @@ Three steps, each a plain function of plain data:
 2. `estimate_request_bytes(facts, ...)` prices one request: its KV cache (mlx-lm's growth
    in 256-position steps included), the copy made when that cache grows, the fixed-size
    state of recurrent layers, and the scratch of its largest prefill chunk.
-3. `decide_admission(...)` compares the price with a budget: Admit, Wait, or Reject.
 
 `padded_batch_kv_bytes` bounds a whole mlx-lm decode batch, whose rows are padded to the
-longest: per-request prices do not add up to it when lengths differ.
+longest: per-request prices do not add up to it when lengths differ. Comparing prices with
+a budget is the admission ledger's (`memory/admission.py`).
 """
 
 from __future__ import annotations
@@ -24,20 +24,15 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 import attrs
 
 __all__ = [
     "KV_CACHE_STEP",
-    "Admit",
-    "AdmissionDecision",
     "LayerKind",
     "ModelMemoryFacts",
-    "Reject",
     "RequestEstimate",
-    "Wait",
-    "decide_admission",
     "estimate_request_bytes",
     "format_bytes",
     "kv_bytes_per_token",
@@ -391,6 +386,34 @@ class RequestEstimate:
         )
 
 
+def _check_request_counts(prompt_tokens: int, cached_tokens: int, max_tokens: int,
+                          prefill_chunk: int, batch_size_hint: int) -> None:
+    if prompt_tokens < 1:
+        raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens!r}")
+    if not 0 <= cached_tokens <= prompt_tokens:
+        raise ValueError(
+            f"cached_tokens must be within 0..prompt_tokens={prompt_tokens}, got {cached_tokens!r}"
+        )
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens!r}")
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk!r}")
+    if batch_size_hint < 1:
+        raise ValueError(f"batch_size_hint must be >= 1, got {batch_size_hint!r}")
+
+
+def _chunk_scratch_bytes(facts: ModelMemoryFacts, chunk: int, prompt_tokens: int,
+                         end: int) -> int:
+    """The temporaries of one `chunk`-token prefill chunk (see `estimate_request_bytes`):
+    attention scores over the larger context, logits, MLP activations."""
+    scores = 0
+    if facts.attention_layers or facts.sliding_layers:
+        scores = max(chunk * prompt_tokens, end) * facts.num_attention_heads * SCORES_DTYPE_BYTES
+    logits = chunk * facts.vocab_size * LOGITS_DTYPE_BYTES
+    activations = chunk * (3 * facts.mlp_width + 4 * facts.hidden_size) * facts.kv_dtype_bytes
+    return scores + logits + activations
+
+
 def estimate_request_bytes(
     facts: ModelMemoryFacts,
     *,
@@ -436,19 +459,8 @@ def estimate_request_bytes(
     Raises ValueError on negative counts, `cached_tokens > prompt_tokens`, an empty prompt,
     or a non-positive chunk or batch hint.
     """
-    if prompt_tokens < 1:
-        raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens!r}")
-    if not 0 <= cached_tokens <= prompt_tokens:
-        raise ValueError(
-            f"cached_tokens must be within 0..prompt_tokens={prompt_tokens}, got {cached_tokens!r}"
-        )
-    if max_tokens < 0:
-        raise ValueError(f"max_tokens must be >= 0, got {max_tokens!r}")
-    if prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk!r}")
-    if batch_size_hint < 1:
-        raise ValueError(f"batch_size_hint must be >= 1, got {batch_size_hint!r}")
-
+    _check_request_counts(prompt_tokens, cached_tokens, max_tokens, prefill_chunk,
+                          batch_size_hint)
     uncached = prompt_tokens - cached_tokens
     per_layer_token = 2 * facts.num_kv_heads * facts.head_dim * facts.kv_dtype_bytes
 
@@ -472,18 +484,12 @@ def estimate_request_bytes(
         window_prefix = min(prefix, facts.sliding_window)
         kv_tokens += facts.sliding_layers * (window_cap - window_prefix)
         copy_tokens += facts.sliding_layers * min(replaced, window_cap)
-
-    scores = 0
-    if facts.attention_layers or facts.sliding_layers:
-        scores = max(chunk * prompt_tokens, end) * facts.num_attention_heads * SCORES_DTYPE_BYTES
-    logits = chunk * facts.vocab_size * LOGITS_DTYPE_BYTES
-    activations = chunk * (3 * facts.mlp_width + 4 * facts.hidden_size) * facts.kv_dtype_bytes
     return RequestEstimate(
         kv_capacity_tokens=capacity,
         kv_bytes=kv_tokens * per_layer_token,
         growth_copy_bytes=copy_tokens * per_layer_token,
         recurrent_state_bytes=facts.recurrent_layers * facts.recurrent_state_bytes_per_layer,
-        scratch_bytes=(scores + logits + activations) * batch_size_hint,
+        scratch_bytes=_chunk_scratch_bytes(facts, chunk, prompt_tokens, end) * batch_size_hint,
     )
 
 
@@ -509,77 +515,3 @@ def padded_batch_kv_bytes(facts: ModelMemoryFacts, *, rows: int, longest_context
         tokens += facts.sliding_layers * min(width, facts.sliding_window + KV_CACHE_STEP - 1)
     per_layer_token = 2 * facts.num_kv_heads * facts.head_dim * facts.kv_dtype_bytes
     return rows * tokens * per_layer_token
-
-
-# ---------------------------------------------------------------------------------------
-# Admission
-
-
-@attrs.frozen(kw_only=True)
-class Admit:
-    """The request fits now."""
-
-
-@attrs.frozen(kw_only=True)
-class Wait:
-    """The request fits the budget, but not beside what is committed now. Freeing
-    `shortfall_bytes` (finished requests, evicted prompt cache) would let it in."""
-
-    shortfall_bytes: int
-
-
-@attrs.frozen(kw_only=True)
-class Reject:
-    """The request can never fit: even alone it needs more than the budget leaves."""
-
-    reason: str
-    needed_bytes: int
-    available_bytes: int
-
-
-AdmissionDecision = Union[Admit, Wait, Reject]
-
-
-def decide_admission(
-    estimate_total: int,
-    *,
-    budget_bytes: int,
-    committed_bytes: int,
-    weights_bytes: int,
-    reserved_bytes: int = 0,
-) -> AdmissionDecision:
-    """Admit, Wait or Reject a request costing `estimate_total` bytes.
-
-    `committed_bytes` is what admitted requests (and the prompt cache) already hold;
-    `reserved_bytes` is held back from requests on top of the weights (e.g. MLX's buffer
-    cache limit, `MlxLimits.cache_limit`). Exactly filling the budget fits.
-
-    - Reject when `weights + reserved + estimate > budget`: it would not fit even alone.
-    - Wait when `committed + estimate > budget - weights - reserved`.
-    - Admit otherwise.
-    """
-    for name, value in (
-        ("estimate_total", estimate_total),
-        ("budget_bytes", budget_bytes),
-        ("committed_bytes", committed_bytes),
-        ("weights_bytes", weights_bytes),
-        ("reserved_bytes", reserved_bytes),
-    ):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value!r}")
-    available = budget_bytes - weights_bytes - reserved_bytes
-    if estimate_total > available:
-        return Reject(
-            reason=(
-                f"request needs {format_bytes(estimate_total)} but the memory budget of "
-                f"{format_bytes(budget_bytes)} leaves {format_bytes(max(available, 0))} "
-                f"beside the weights ({format_bytes(weights_bytes)})"
-                + (f" and {format_bytes(reserved_bytes)} reserved" if reserved_bytes else "")
-            ),
-            needed_bytes=estimate_total,
-            available_bytes=max(available, 0),
-        )
-    shortfall = committed_bytes + estimate_total - available
-    if shortfall > 0:
-        return Wait(shortfall_bytes=shortfall)
-    return Admit()

@@ -1,12 +1,13 @@
 """The admission ledger on plain numbers."""
 
+import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from omlx_actors.memory.admission import (
     AdmissionLedger,
-    Admitted,
     BlockedHead,
+    Granted,
     HeadAction,
     Queued,
     QueueFullRefusal,
@@ -35,9 +36,9 @@ def padded(requests):
 
 def test_a_batch_is_priced_padded_to_its_longest_row():
     book = ledger(batch_cost=padded, max_waiting=5)
-    assert book.submit("long", cost(400)) == Admitted(request_id="long")
+    assert book.submit("long", cost(400)) == Granted(request_id="long")
     # Alone it would fit (10 bytes); beside the long row it costs 400.
-    assert book.submit("short", cost(10)) == Admitted(request_id="short")
+    assert book.submit("short", cost(10)) == Granted(request_id="short")
     assert book.committed_bytes == 800
     assert isinstance(book.submit("third", cost(10)), Queued)
 
@@ -50,7 +51,7 @@ def test_what_can_never_fit_is_refused_with_the_numbers():
 
 def test_what_fits_the_budget_but_not_now_waits_then_runs_when_room_frees():
     book = ledger()
-    assert book.submit("a", cost(600)) == Admitted(request_id="a")
+    assert book.submit("a", cost(600)) == Granted(request_id="a")
     assert book.submit("b", cost(600)) == Queued(request_id="b", position=1)
     assert book.finish("a") == ["b"]
     assert book.admitted == {"b": cost(600)}
@@ -75,7 +76,7 @@ def test_fifo_head_blocks_smaller_requests_behind_it():
 def test_pause_holds_new_work_while_requests_run_but_never_deadlocks_when_idle():
     book = ledger(max_waiting=5)
     book.update(paused=True)
-    assert book.submit("a", cost(10)) == Admitted(request_id="a")  # nothing running: admit
+    assert book.submit("a", cost(10)) == Granted(request_id="a")  # nothing running: admit
     assert isinstance(book.submit("b", cost(10)), Queued)
     assert book.finish("a") == ["b"]
 
@@ -134,6 +135,67 @@ def test_only_a_pause_holding_the_head_is_no_memory_block():
     assert isinstance(book.submit("b", cost(10)), Queued)
     assert book.blocked_head() is None  # it waits for "a", which will finish
     assert book.finish("a") == ["b"]
+
+
+# Moved from the estimator's tests when its second admission API (`decide_admission`) was
+# removed (#17): the same edges, asked of the one ledger.
+
+
+@pytest.mark.parametrize(
+    ("estimate", "committed", "shortfall"),
+    [
+        (0, 0, None),
+        (600, 0, None),  # weights 400 + 600 = budget exactly: fits
+        (300, 300, None),  # committed + estimate = budget - weights exactly
+        (301, 300, 1),
+        (600, 1, 1),
+        (600, 600, 600),
+    ],
+)
+def test_admission_at_the_edges(estimate, committed, shortfall):
+    book = ledger(weights_bytes=400, budget_bytes=1000)
+    if committed:
+        assert book.submit("running", cost(committed)) == Granted(request_id="running")
+    decision = book.submit("new", cost(estimate))
+    if shortfall is None:
+        assert decision == Granted(request_id="new")
+    else:
+        assert decision == Queued(request_id="new", position=1)
+        assert book.shortfall_bytes() == shortfall
+
+
+def test_a_request_that_can_never_fit_is_refused_with_the_budget_weights_and_reserve():
+    book = ledger(weights_bytes=400 << 20, budget_bytes=1000 << 20)
+    assert book.submit("big", cost(601 << 20)) == Refused(
+        request_id="big",
+        reason="request needs 630194176 bytes but the memory budget of 1048576000 bytes "
+        "leaves 629145600 beside the weights (419430400) and the reserve (0)",
+        needed_bytes=601 << 20,
+        available_bytes=600 << 20,
+    )
+
+
+def test_reserved_bytes_are_held_back_from_requests():
+    book = ledger(weights_bytes=400, budget_bytes=1000, reserved_bytes=100)
+    assert book.submit("fits", cost(500)) == Granted(request_id="fits")
+    refused = ledger(weights_bytes=400, budget_bytes=1000, reserved_bytes=100).submit(
+        "over", cost(501))
+    assert isinstance(refused, Refused)
+    assert refused.available_bytes == 500
+    assert refused.reason.endswith("and the reserve (100)")
+
+
+def test_weights_larger_than_the_budget_refuse_everything():
+    decision = ledger(weights_bytes=200, budget_bytes=100).submit("empty", cost(0))
+    assert isinstance(decision, Refused)
+    assert decision.available_bytes == 0
+
+
+def test_a_negative_cost_is_refused():
+    with pytest.raises(ValueError, match="'context_tokens' must be >= 0: -1"):
+        RequestCost(context_tokens=-1, other_bytes=0)
+    with pytest.raises(ValueError, match="'other_bytes' must be >= 0: -1"):
+        RequestCost(context_tokens=0, other_bytes=-1)
 
 
 class LedgerMachine(RuleBasedStateMachine):

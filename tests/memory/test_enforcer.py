@@ -11,7 +11,22 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
+from omlx_actors.kernel import (
+    ActorCrashed,
+    assert_plain_data,
+    decode,
+    encode,
+    open_inbox,
+    open_supervisor,
+)
 from omlx_actors.memory import enforcer
+from omlx_actors.memory.admission import (
+    Granted,
+    Queued,
+    QueueFullRefusal,
+    Refused,
+    RequestCost,
+)
 from omlx_actors.memory.enforcer import (
     ENFORCER_INBOX_CAPACITY,
     BudgetMode,
@@ -27,21 +42,7 @@ from omlx_actors.memory.enforcer import (
     read_system_psutil,
     snapshot_from,
 )
-from omlx_actors.memory.estimator import (
-    Admit,
-    ModelMemoryFacts,
-    Reject,
-    RequestEstimate,
-    Wait,
-)
-from omlx_actors.kernel import (
-    ActorCrashed,
-    assert_plain_data,
-    decode,
-    encode,
-    open_inbox,
-    open_supervisor,
-)
+from omlx_actors.memory.estimator import ModelMemoryFacts, RequestEstimate
 
 from .configs import GEMMA3_LIKE
 
@@ -364,9 +365,11 @@ WIRE_EXAMPLES = [
     MemoryBudget.auto(device_limit_bytes=36 * GiB),
     RequestEstimate(kv_capacity_tokens=512, kv_bytes=1, growth_copy_bytes=2,
                     recurrent_state_bytes=3, scratch_bytes=4),
-    Admit(),
-    Wait(shortfall_bytes=10),
-    Reject(reason="too big", needed_bytes=3, available_bytes=2),
+    RequestCost(context_tokens=512, other_bytes=7),
+    Granted(request_id="a"),
+    Queued(request_id="b", position=1),
+    Refused(request_id="c", reason="too big", needed_bytes=3, available_bytes=2),
+    QueueFullRefusal(request_id="d", waiting=4),
     ModelMemoryFacts.from_config(GEMMA3_LIKE, weights_bytes=8 * GiB),
 ]
 

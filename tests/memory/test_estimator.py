@@ -13,12 +13,8 @@ from hypothesis import strategies as st
 
 from omlx_actors.memory.estimator import (
     KV_CACHE_STEP,
-    Admit,
     LayerKind,
     ModelMemoryFacts,
-    Reject,
-    Wait,
-    decide_admission,
     estimate_request_bytes,
     kv_bytes_per_token,
     kv_cache_capacity,
@@ -41,8 +37,10 @@ def llama_facts(tiny_llama) -> ModelMemoryFacts:
 
 
 def test_importing_the_estimator_imports_neither_trio_nor_mlx():
+    # The ledger and the executor's policy are pure too: the estimator's and theirs.
     probe = (
         "import sys, omlx_actors.memory.estimator, omlx_actors.memory; "
+        "import omlx_actors.memory.admission, omlx_actors.memory.policy; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('trio', 'mlx', 'mlx_lm')))"
     )
     result = subprocess.run(
@@ -312,55 +310,3 @@ def test_a_padded_batch_costs_every_row_the_longest_context(llama_facts):
         2 * (4000 + 255) * per_token
     )
     assert padded_batch_kv_bytes(llama_facts, rows=0, longest_context=4000) == 0
-
-
-# ---------------------------------------------------------------------------------------
-# Admission
-
-
-@pytest.mark.parametrize(
-    ("estimate", "committed", "expected"),
-    [
-        (0, 0, Admit()),
-        (600, 0, Admit()),  # weights 400 + 600 = budget exactly: fits
-        (300, 300, Admit()),  # committed + estimate = budget - weights exactly
-        (301, 300, Wait(shortfall_bytes=1)),
-        (600, 1, Wait(shortfall_bytes=1)),
-        (600, 600, Wait(shortfall_bytes=600)),
-    ],
-)
-def test_admission_at_the_edges(estimate, committed, expected):
-    decision = decide_admission(estimate, budget_bytes=1000, committed_bytes=committed,
-                                weights_bytes=400)
-    assert decision == expected
-
-
-def test_a_request_that_can_never_fit_is_rejected_with_numbers():
-    decision = decide_admission(601 << 20, budget_bytes=1000 << 20, committed_bytes=0,
-                                weights_bytes=400 << 20)
-    assert decision == Reject(
-        reason="request needs 601.00 MiB but the memory budget of 1000.00 MiB leaves "
-        "600.00 MiB beside the weights (400.00 MiB)",
-        needed_bytes=601 << 20,
-        available_bytes=600 << 20,
-    )
-
-
-def test_reserved_bytes_are_held_back_from_requests():
-    kwargs = dict(budget_bytes=1000, committed_bytes=0, weights_bytes=400, reserved_bytes=100)
-    assert decide_admission(500, **kwargs) == Admit()
-    rejected = decide_admission(501, **kwargs)
-    assert isinstance(rejected, Reject)
-    assert rejected.available_bytes == 500
-    assert rejected.reason.endswith("and 100 B reserved")
-
-
-def test_weights_larger_than_the_budget_reject_everything():
-    decision = decide_admission(0, budget_bytes=100, committed_bytes=0, weights_bytes=200)
-    assert isinstance(decision, Reject)
-    assert decision.available_bytes == 0
-
-
-def test_negative_admission_inputs_are_refused():
-    with pytest.raises(ValueError, match="committed_bytes must be >= 0, got -1"):
-        decide_admission(1, budget_bytes=10, committed_bytes=-1, weights_bytes=0)
