@@ -1,11 +1,12 @@
 """The GPU executor actor: the trio face of the engine core.
 
 It owns the request table (request id → slot) and one `EngineCore` running on an MLX worker
-thread. Its inbox takes `Submit`, `Abort`, `Ping` and `EngineStatsQuery`; its output is a
-stream of `EngineEvent`s on the `events` channel, which the front's dispatcher routes to
-sessions by request id. The trio loop never waits on MLX: commands go to the MLX thread
-through a queue, and step outputs come back through a bounded queue plus a doorbell rung
-with `TrioToken.run_sync_soon` (non-blocking for the MLX thread).
+thread. Its inbox takes the closed `ExecutorMessage` union (the front's `EngineCommand`s
+and the cache index's `DropBlocks`); its output is a stream of `EngineEvent`s on the
+`events` channel, which the front's dispatcher routes to sessions by request id. The trio
+loop never waits on MLX: commands go to the MLX thread through a queue, and step outputs
+come back through a bounded queue plus a doorbell rung with `TrioToken.run_sync_soon`
+(non-blocking for the MLX thread).
 
 Ordering contract: an `Abort` handled by this actor takes effect for every step output the
 pump has not yet delivered - tokens of the step in flight are dropped for the aborted
@@ -22,29 +23,47 @@ import itertools
 import logging
 import queue
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import trio
 
 from omlx_actors.cache.actor import DropBlocks, Release, Stored
-from omlx_actors.engine.core import (
+from omlx_actors.engine.core import EngineCore
+from omlx_actors.engine.core_messages import (
     CoreAbort,
     CoreDropBlocks,
-    CoreRestoreBlocks,
     CoreFault,
     CoreLoadFailed,
     CoreReady,
+    CoreRestoreBlocks,
     CoreStop,
     CoreStopped,
     CoreSubmit,
-    EngineCore,
     EngineSettings,
     StepOutput,
 )
-from omlx_actors.engine.messages import (
+from omlx_actors.engine.memory_queue import (  # MlxGauge, MemoryWiring: assembly's wiring
+    QUEUE_DOORBELL_CAPACITY,
+    BudgetBelowWeights,
+    MemoryWiring,
+    MlxGauge,
+    admit,
+    admit_now,
+    expire_waiting,
+    forget_dropped_prefixes,
+    leave_queue,
+    restore_prefill_step,
+    settle,
+    start_admission,
+    watch_memory,
+)
+from omlx_actors.engine.messages import (  # the refusals are wire values: see messages.py
     Abort,
     Admitted,
+    DuplicateRequest,
+    EngineCommand,
     EngineEvent,
     EngineInfo,
     EngineStats,
@@ -53,37 +72,16 @@ from omlx_actors.engine.messages import (
     FinishReason,
     InjectFault,
     Ping,
-    RestoreBlocks,
-    PrefillProgress,
     Pong,
+    PrefillProgress,
+    RestoreBlocks,
     Submit,
     TokenDelta,
 )
 from omlx_actors.engine.mlx_thread import acquire_worker
-from omlx_actors.engine.memory_queue import (  # MlxGauge, MemoryWiring: assembly's wiring
-    QUEUE_DOORBELL_CAPACITY,
-    MemoryWiring,
-    MlxGauge,
-    admit_now,
-    expire_waiting,
-    forget_dropped_prefixes,
-    leave_queue,
-    price,
-    restore_prefill_step,
-    settle,
-    start_admission,
-    use_chunk,
-    watch_memory,
-)
-from omlx_actors.memory.admission import (
-    AdmissionLedger,
-    Admitted as LedgerAdmitted,
-    Queued,
-    QueueFullRefusal,
-    Refused,
-)
-from omlx_actors.memory.estimator import ModelMemoryFacts
 from omlx_actors.kernel import ActorError, Address, Inbox, unknown_message
+from omlx_actors.memory.admission import AdmissionLedger
+from omlx_actors.memory.estimator import ModelMemoryFacts
 from omlx_actors.ssd.messages import Save
 
 log = logging.getLogger(__name__)
@@ -102,40 +100,23 @@ ENGINE_EVENT_BACKLOG = 4096
 # model before giving up on it (the thread keeps going and parks; only the wait is bounded).
 CORE_STOP_TIMEOUT = 30.0
 
-# A draining executor checks this often whether its last request has finished.
-DRAIN_POLL_INTERVAL = 0.01
-
 # Saves in flight from the engine to the SSD writer (see `run`), counted in tokens so that
 # the bound means the same bytes and the same burst whatever the block size (32 blocks of
 # 256 tokens; 128 of the 64-token blocks attention-only models default to).
 SSD_FORWARD_BACKLOG_TOKENS = 8192
 
+# What the executor's inbox accepts, closed: the engine's commands (from the front) and the
+# cache index's evictions. `_handle` matches every member; anything else is a bug
+# (`unknown_message`).
+ExecutorMessage = EngineCommand | DropBlocks
+
+
 class EngineLoadFailed(ActorError):
     """The model could not be loaded; the executor never became ready."""
 
 
-class DuplicateRequest(ActorError):
-    """A `Submit` reused the id of a request that is still running."""
-
-
 class EngineStopping(ActorError):
     """The executor is shutting down and admits nothing new."""
-
-
-class MemoryRefused(ActorError):
-    """The request can never fit the memory budget (refused before any work)."""
-
-    wire_fields = ("actor", "message", "needed_bytes", "available_bytes")
-
-    def __init__(self, actor: str, message: str = "", needed_bytes: int = 0,
-                 available_bytes: int = 0) -> None:
-        super().__init__(actor, message)
-        self.needed_bytes = needed_bytes
-        self.available_bytes = available_bytes
-
-
-class AdmissionQueueFull(ActorError):
-    """Too many requests already wait for memory."""
 
 
 @attrs.define
@@ -173,6 +154,9 @@ class ExecutorState:
     floor_priced: set[str] = attrs.field(factory=set)  # admitted only with floor-sized chunks
     restores: dict[int, Any] = attrs.field(factory=dict)  # RestoreBlocks callers by tag
     ssd_saves_dropped: int = 0
+    # Called once the last request has left (see `remove`): how a draining executor
+    # learns that it may stop the core.
+    on_empty: Callable[[], None] | None = None
 
     def add(self, submit: Submit) -> _Request:
         request = _Request(submit.request_id, next(self.slots), len(submit.prompt_tokens))
@@ -184,6 +168,79 @@ class ExecutorState:
         self.by_slot.pop(request.slot, None)
         if self.by_id.get(request.request_id) is request:
             del self.by_id[request.request_id]
+        if not self.by_slot and self.on_empty is not None:
+            self.on_empty()
+
+
+@attrs.define
+class _CoreLink:
+    """The trio side's ends of one `EngineCore` on an MLX thread: the command queue, the
+    bounded output queue and its doorbell, and whether the core has said it stopped."""
+
+    commands: queue.SimpleQueue
+    outputs: queue.Queue
+    doorbell_send: Any
+    doorbell_recv: Any
+    core_stopped: trio.Event = attrs.field(factory=trio.Event)
+
+    @classmethod
+    def open(cls) -> _CoreLink:
+        doorbell_send, doorbell_recv = trio.open_memory_channel[None](1)
+        return cls(queue.SimpleQueue(), queue.Queue(maxsize=STEP_BACKLOG), doorbell_send,
+                   doorbell_recv)
+
+    def notifier(self) -> Callable[[], None]:
+        """The core's `notify`: runs on the MLX thread and never blocks it."""
+        token = trio.lowlevel.current_trio_token()
+
+        def ring() -> None:  # runs on the trio thread, scheduled by the MLX thread
+            try:
+                self.doorbell_send.send_nowait(None)
+            except (trio.WouldBlock, trio.ClosedResourceError):
+                pass  # already ringing, or we are gone: either way nothing to add
+
+        def notify() -> None:
+            try:
+                token.run_sync_soon(ring)
+            except trio.RunFinishedError:
+                pass
+
+        return notify
+
+    def next_outputs(self):
+        while True:
+            try:
+                yield self.outputs.get_nowait()
+            except queue.Empty:
+                return
+
+    async def ready(self, settings: EngineSettings) -> EngineInfo:
+        """Wait for the model to load; raises `EngineLoadFailed` if it does not."""
+        info: EngineInfo | None = None
+        while info is None:
+            await self.doorbell_recv.receive()
+            for output in self.next_outputs():
+                match output:
+                    case CoreReady(info=ready):
+                        info = ready
+                    case CoreLoadFailed(error_type=error_type, error=error):
+                        self.core_stopped.set()  # the core returned without a CoreStopped
+                        raise EngineLoadFailed(
+                            "executor", f"{settings.model_path}: {error_type}: {error}"
+                        )
+        return info
+
+    async def wait_stopped(self) -> None:
+        """Keep draining the outputs until the core says it stopped (the MLX thread blocks
+        on a full output queue), so its thread can park for reuse. Bounded by
+        CORE_STOP_TIMEOUT, then given up. Call shielded."""
+        with trio.move_on_after(CORE_STOP_TIMEOUT):
+            while not self.core_stopped.is_set():
+                for output in self.next_outputs():
+                    if isinstance(output, CoreStopped):
+                        self.core_stopped.set()
+                if not self.core_stopped.is_set():
+                    await self.doorbell_recv.receive()
 
 
 async def run(
@@ -205,23 +262,7 @@ async def run(
     passed on to the core. Those casts wait for room (never dropped): the index never
     blocks on us, so the wait is bounded by its own work.
     """
-    commands: queue.SimpleQueue = queue.SimpleQueue()
-    outputs: queue.Queue = queue.Queue(maxsize=STEP_BACKLOG)
-    doorbell_send, doorbell_recv = trio.open_memory_channel[None](1)
-    token = trio.lowlevel.current_trio_token()
-
-    def ring() -> None:  # runs on the trio thread, scheduled by the MLX thread
-        try:
-            doorbell_send.send_nowait(None)
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            pass  # already ringing, or we are gone: either way nothing to add
-
-    def notify() -> None:  # runs on the MLX thread; never blocks it
-        try:
-            token.run_sync_soon(ring)
-        except trio.RunFinishedError:
-            pass
-
+    link = _CoreLink.open()
     # New blocks on their way to the SSD writer. The writer takes a save within SAVE_WAIT_S
     # or drops it (counted); this buffer only smooths bursts, and past it saves are dropped
     # here, counted in `ssd_saves_dropped` and logged - inference never waits for the disk.
@@ -229,122 +270,116 @@ async def run(
     # applies the real one, in tokens.
     to_ssd, from_engine = trio.open_memory_channel[Any](SSD_FORWARD_BACKLOG_TOKENS)
     forwarded = trio.Event()
-    core = EngineCore(settings, commands, outputs, notify)
+    core = EngineCore(settings, link.commands, link.outputs, link.notifier())
     acquire_worker().run_job(core.run)
     state = ExecutorState()
-    core_stopped = trio.Event()
-
-    def next_outputs():
-        while True:
-            try:
-                yield outputs.get_nowait()
-            except queue.Empty:
-                return
-
-    async def pump() -> None:
-        async for _ in doorbell_recv:
-            for output in next_outputs():
-                match output:
-                    case StepOutput():
-                        await _deliver(state, output, events, cache_index, commands)
-                        if ssd_writer is not None:
-                            _forward_saves(state, output, to_ssd)
-                    case CoreStopped():
-                        core_stopped.set()
-                        return
-
     try:
-        # Readiness: wait for the model to load (or fail) before accepting work.
-        info: EngineInfo | None = None
-        while info is None:
-            await doorbell_recv.receive()
-            for output in next_outputs():
-                match output:
-                    case CoreReady(info=ready):
-                        info = ready
-                    case CoreLoadFailed(error_type=error_type, error=error):
-                        core_stopped.set()  # the core returned without a CoreStopped
-                        raise EngineLoadFailed(
-                            "executor", f"{settings.model_path}: {error_type}: {error}"
-                        )
-        state.prefill_step_size = settings.prefill_step_size
-        state.normal_prefill_step = settings.prefill_step_size
-        state.block_size = info.block_size
-        state.max_requests = settings.max_requests
-        if memory is not None:
-            state.gauge = memory.gauge
-            await start_admission(state, info, memory, commands)
+        info = await link.ready(settings)
+        await _configure(state, info, settings, memory, link.commands)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump)
+            nursery.start_soon(_pump, link, state, events, cache_index, ssd_writer, to_ssd)
             if ssd_writer is not None:
                 nursery.start_soon(_forward_to_ssd, from_engine, ssd_writer, forwarded)
             else:
                 forwarded.set()
             if memory is not None and state.ledger is not None:
-                nursery.start_soon(watch_memory, state, info, memory, commands, cache_index,
-                                   events)
+                nursery.start_soon(watch_memory, state, info, memory, link.commands,
+                                   cache_index, events)
                 queued_send, queued_recv = trio.open_memory_channel[None](QUEUE_DOORBELL_CAPACITY)
                 state.queued = queued_send
                 nursery.start_soon(expire_waiting, state, memory.max_queue_wait_s, queued_recv,
-                                   commands, events, cache_index)
+                                   link.commands, events, cache_index)
             task_status.started(info)
             async for envelope in inbox:
-                await _handle(envelope, state, commands, events, cache_index)
-            # Drain: the inbox was closed. Let running requests finish, then stop the core.
-            state.stopping = True
-            while state.by_slot:
-                await trio.sleep(DRAIN_POLL_INTERVAL)
-            commands.put(CoreStop())
-            await core_stopped.wait()
-            # The engine's last blocks go to the SSD writer before we stop forwarding.
-            to_ssd.close()
-            with trio.move_on_after(CORE_STOP_TIMEOUT):
-                await forwarded.wait()
+                await _handle(envelope, state, link.commands, events, cache_index)
+            await _drain(state, link, to_ssd, forwarded)
             nursery.cancel_scope.cancel()  # the memory watcher runs until told to stop
     finally:
-        commands.put(CoreStop())
+        link.commands.put(CoreStop())
         with trio.CancelScope(shield=True):
-            # The MLX thread blocks on a full output queue: keep draining it until the core
-            # says it stopped, so its thread can park for reuse. Bounded, then given up.
-            with trio.move_on_after(CORE_STOP_TIMEOUT):
-                while not core_stopped.is_set():
-                    for output in next_outputs():
-                        if isinstance(output, CoreStopped):
-                            core_stopped.set()
-                    if not core_stopped.is_set():
-                        await doorbell_recv.receive()
-            for request in list(state.by_slot.values()):
-                if cache_index is not None:
-                    cache_index.cast_nowait(Release(request_id=request.request_id))
-                _finish_nowait(
-                    events,
-                    request,
-                    FinishReason.ERROR,
-                    "EngineStopped",
-                    "the engine stopped before the request finished",
-                )
-            state.by_slot.clear()
-            state.by_id.clear()
-            for envelope in state.restores.values():
-                if not envelope.answered:
-                    envelope.reply(())  # nothing restored: the caller prefills instead
-            state.restores.clear()
+            await link.wait_stopped()
+            _fail_the_rest(state, events, cache_index)
+
+
+async def _configure(state: ExecutorState, info: EngineInfo, settings: EngineSettings,
+                     memory: MemoryWiring | None, commands: queue.SimpleQueue) -> None:
+    """The loaded engine's facts into the state; with `memory`, admission by memory starts
+    (raises `EngineLoadFailed` if the weights alone do not fit the budget)."""
+    state.prefill_step_size = settings.prefill_step_size
+    state.normal_prefill_step = settings.prefill_step_size
+    state.block_size = info.block_size
+    state.max_requests = settings.max_requests
+    if memory is not None:
+        state.gauge = memory.gauge
+        try:
+            await start_admission(state, info, memory, commands)
+        except BudgetBelowWeights as exc:
+            raise EngineLoadFailed("executor", str(exc)) from None
+
+
+async def _pump(link: _CoreLink, state: ExecutorState, events, cache_index: Address | None,
+                ssd_writer: Any, to_ssd) -> None:
+    """Deliver the core's step outputs, in order, until it says it stopped."""
+    async for _ in link.doorbell_recv:
+        for output in link.next_outputs():
+            match output:
+                case StepOutput():
+                    await _deliver(state, output, events, cache_index, link.commands)
+                    if ssd_writer is not None:
+                        _forward_saves(state, output, to_ssd)
+                case CoreStopped():
+                    link.core_stopped.set()
+                    return
+
+
+async def _drain(state: ExecutorState, link: _CoreLink, to_ssd, forwarded: trio.Event) -> None:
+    """The inbox was closed: admit nothing new, let running (and queued) requests finish -
+    woken when the last one leaves, not polling - then stop the core and let its last
+    blocks reach the SSD writer (bounded by CORE_STOP_TIMEOUT). Cancelled while waiting,
+    nothing is half done: the caller's finally stops the core and fails what is left."""
+    state.stopping = True
+    emptied = trio.Event()
+    state.on_empty = emptied.set
+    if state.by_slot:
+        await emptied.wait()
+    link.commands.put(CoreStop())
+    await link.core_stopped.wait()
+    # The engine's last blocks go to the SSD writer before we stop forwarding.
+    to_ssd.close()
+    with trio.move_on_after(CORE_STOP_TIMEOUT):
+        await forwarded.wait()
+
+
+def _fail_the_rest(state: ExecutorState, events, cache_index: Address | None) -> None:
+    """Every request still known gets `Finished(ERROR, EngineStopped)` and is unpinned, and
+    every `RestoreBlocks` caller an empty answer (it prefills instead). Never blocks."""
+    for request in list(state.by_slot.values()):
+        if cache_index is not None:
+            cache_index.cast_nowait(Release(request_id=request.request_id))
+        _finish_nowait(
+            events,
+            request,
+            FinishReason.ERROR,
+            "EngineStopped",
+            "the engine stopped before the request finished",
+        )
+    state.by_slot.clear()
+    state.by_id.clear()
+    for envelope in state.restores.values():
+        if not envelope.answered:
+            envelope.reply(())  # nothing restored: the caller prefills instead
+    state.restores.clear()
 
 
 async def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue, events,
                   cache_index: Address | None = None) -> None:
-    """One inbox message. Awaits only casts to the cache index (its handler never waits on
-    us) and events for requests that leave the memory queue (the event channel has room in
-    practice), so the inbox is served at once. A `Submit` is answered before anything is
+    """One `ExecutorMessage`. Awaits only casts to the cache index (its handler never waits
+    on us) and events for requests that leave the memory queue (the event channel has room
+    in practice), both through `settle` / `leave_queue`; never MLX, never a reply. So the
+    inbox is served at once. A `Submit` is answered before anything is
     awaited. Cancelled in between, the executor is stopping with its engine side (the
     index included): a request already forgotten here is not released there, and need
     not be."""
-    if isinstance(envelope.message, RestoreBlocks):
-        tag = next(state.slots)
-        state.restores[tag] = envelope
-        commands.put(CoreRestoreBlocks(
-            tag, tuple((b.hash, b.parent, b.tensors) for b in envelope.message.blocks)))
-        return
     match envelope.message:
         case Submit() as submit:
             if state.stopping:
@@ -354,7 +389,7 @@ async def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue, e
                     DuplicateRequest("executor", f"request {submit.request_id!r} is still running")
                 )
             else:
-                unpinned = _admit(envelope, state, submit, commands)
+                unpinned = admit(envelope, state, submit, commands)
                 if unpinned and cache_index is not None:
                     await cache_index.cast(Release(request_id=submit.request_id))
                 await settle(state, commands, events, cache_index)
@@ -373,6 +408,10 @@ async def _handle(envelope, state: ExecutorState, commands: queue.SimpleQueue, e
             envelope.reply(_pong(state))
         case EngineStatsQuery():
             envelope.reply(_stats(state))
+        case RestoreBlocks(blocks=blocks):
+            tag = next(state.slots)
+            state.restores[tag] = envelope
+            commands.put(CoreRestoreBlocks(tag, tuple((b.hash, b.parent, b.tensors) for b in blocks)))
         case InjectFault() as fault:
             commands.put(CoreFault(fault.error, fault.at_step, fault.above_bytes, fault.kind,
                                    fault.prompt_token))
@@ -406,71 +445,6 @@ async def _forward_to_ssd(from_engine, writer, forwarded: trio.Event) -> None:
     async for save in from_engine:
         await writer.save(save)  # waits at most SAVE_WAIT_S, then the writer counts a drop
     forwarded.set()
-
-
-def _admit(envelope, state: ExecutorState, submit: Submit, commands: queue.SimpleQueue) -> bool:
-    """Price the request and admit, queue or refuse it (see memory/admission.py). Returns
-    whether the request gave up its cached prefix (the caller unpins it in the index).
-
-    A cached prefix is restored into a buffer of exactly its length, which the prefill
-    then grows by a whole 256-position step: with a prefix the same prompt may cost more
-    than without. A request that fits only without its prefix runs without it (issue #15:
-    the same request got 200, then 413 once its blocks were cached).
-
-    Order of refusals: one that can never fit (413) before a full queue (429) - a client
-    retrying a request that can never run would retry forever. The count bound (batch +
-    waiting) holds whether or not requests are priced."""
-    full = len(state.by_slot) >= state.max_requests
-
-    def queue_full() -> None:
-        envelope.fail(AdmissionQueueFull(
-            "executor", f"{len(state.by_slot)} requests are queued or running; retry shortly"))
-
-    if state.ledger is None:
-        if full:
-            queue_full()
-            return False
-        request = state.add(submit)
-        commands.put(CoreSubmit(request.slot, submit, time.monotonic()))
-        envelope.reply(None)
-        return False
-    unpinned = False
-    priced = price(state, submit)
-    if isinstance(priced, Refused) and submit.cached_blocks:
-        plain = attrs.evolve(submit, cached_blocks=())
-        plain_priced = price(state, plain)
-        if not isinstance(plain_priced, Refused):
-            submit, priced, unpinned = plain, plain_priced, True
-    if isinstance(priced, Refused):
-        envelope.fail(MemoryRefused("executor", priced.reason, priced.needed_bytes,
-                                    priced.available_bytes))
-        return False
-    if full:
-        queue_full()
-        return unpinned
-    cost, chunk = priced
-    match state.ledger.submit(submit.request_id, cost):
-        case LedgerAdmitted():
-            use_chunk(state, submit.request_id, chunk, commands)
-            request = state.add(submit)
-            commands.put(CoreSubmit(request.slot, submit, time.monotonic()))
-            envelope.reply(None)
-        case Queued():
-            use_chunk(state, submit.request_id, chunk, commands)
-            request = state.add(submit)
-            state.waiting[submit.request_id] = CoreSubmit(request.slot, submit, time.monotonic())
-            if state.queued is not None:
-                try:
-                    state.queued.send_nowait(None)
-                except trio.WouldBlock:
-                    pass  # a ring is pending: the expiry task will see this request too
-            envelope.reply(None)
-        case Refused(reason=reason, needed_bytes=needed, available_bytes=available):
-            envelope.fail(MemoryRefused("executor", reason, needed, available))
-        case QueueFullRefusal(waiting=waiting):
-            envelope.fail(AdmissionQueueFull(
-                "executor", f"{waiting} requests already wait for memory; retry shortly"))
-    return unpinned
 
 
 async def _deliver(
@@ -602,6 +576,7 @@ __all__ = [
     "DuplicateRequest",
     "EngineLoadFailed",
     "EngineStopping",
+    "ExecutorMessage",
     "ExecutorState",
     "run",
 ]

@@ -1,12 +1,13 @@
-"""The executor's admission by memory: the effectful shell around `memory/admission.py`.
+"""The executor's admission by memory: the effectful shell around `memory/policy.py`.
 
 The executor (`engine/executor.py`) owns the state (`ExecutorState`: the ledger, the
-requests waiting for memory) and calls in here: `price` a `Submit` (with and without its
-cached prefix, at the current and the floor prefill chunk), `admit_now` what the ledger
-admitted, `settle` the queue after every change of the ledger so that no request waits on
-memory that nothing will free (`admission.unblock`), `leave_queue` for a request that goes
-without running (aborted, refused, expired), `expire_waiting` (the task that bounds the
-time in the queue), `watch_memory` (the task that follows the enforcer's snapshots).
+requests waiting for memory) and calls in here: `admit` a `Submit` (the policy's
+`decide_submit`, applied), `settle` the queue after every change of the ledger so that no
+request waits on memory that nothing will free (the policy's `settle_step`, applied until
+the head waits), `leave_queue` for a request that goes without running (aborted, refused,
+expired), `expire_waiting` (the task that bounds the time in the queue), `watch_memory`
+(the task that follows the enforcer's snapshots: `pressure_actions`, applied). Every
+decision is made by the pure policy; this module reads its inputs and applies its answers.
 
 Everything here runs on the executor's trio thread and shares its state; a function that
 awaits says what it has already done by then, so a concurrent one finds the state whole.
@@ -25,37 +26,53 @@ import attrs
 import trio
 
 from omlx_actors.cache.actor import Release, SetCacheBudget
-from omlx_actors.engine.core import CoreSetLimits, CoreSetPrefillStep
-from omlx_actors.engine.messages import EngineInfo, Finished, FinishReason, Submit
-from omlx_actors.memory.admission import (
-    AdmissionLedger,
-    HeadAction,
-    Refused,
-    RequestCost,
-    unblock,
+from omlx_actors.engine.core_messages import (
+    CoreSetLimits,
+    CoreSetPrefillStep,
+    CoreSubmit,
 )
-from omlx_actors.memory.enforcer import MemoryLevel
-from omlx_actors.memory.estimator import (
-    ModelMemoryFacts,
-    estimate_request_bytes,
-    padded_batch_kv_bytes,
+from omlx_actors.engine.messages import (
+    AdmissionQueueFull,
+    EngineInfo,
+    Finished,
+    FinishReason,
+    MemoryRefused,
+    Submit,
 )
 from omlx_actors.kernel import Address
+from omlx_actors.memory.admission import AdmissionLedger, Refused
+from omlx_actors.memory.enforcer import MemoryLevel
+from omlx_actors.memory.estimator import ModelMemoryFacts
+from omlx_actors.memory.policy import (
+    PREFILL_STEP_FLOOR,
+    DropPrefix,
+    ForgetCacheCut,
+    KeepWaiting,
+    PressureReading,
+    RefuseHead,
+    RefuseQueueFull,
+    RefuseTooLarge,
+    RequestShape,
+    RunNow,
+    SendCacheBudget,
+    SetPrefillStep,
+    SetUnderPressure,
+    ShrinkCache,
+    UpdateLedger,
+    WaitForMemory,
+    decide_submit,
+    next_expiry,
+    overdue,
+    padded_batch_cost,
+    pressure_actions,
+    price,
+    settle_step,
+)
 
 if TYPE_CHECKING:
     from omlx_actors.engine.executor import ExecutorState
 
 log = logging.getLogger(__name__)
-
-# A decode batch holds one KV buffer padded to its longest row; it admits rows by
-# concatenating the prefilled batch's buffer onto it, so for a moment the old buffer, the
-# joining one and the result coexist: the batch's KV is priced three times. (Priced once or
-# twice, the 200-request replay test's MLX peak overshot its budget by 3-6%.)
-BATCH_KV_COPIES = 3
-
-# Under memory pressure prefill chunks shrink, but not below this many tokens (smaller
-# chunks cost more per token than the scratch they save).
-PREFILL_STEP_FLOOR = 64
 
 # How long a request may wait in the memory queue by default before it is refused
 # (`RuntimeConfig.max_queue_wait_s`); see `expire_waiting`.
@@ -65,6 +82,11 @@ MAX_QUEUE_WAIT_S = 120.0
 # One pending ring says it all; further rings while it is unread are dropped (send_nowait
 # finds it full), never waited for.
 QUEUE_DOORBELL_CAPACITY = 1
+
+
+class BudgetBelowWeights(Exception):
+    """The weights alone do not fit the memory budget: this engine cannot start (the
+    executor reports it as its `EngineLoadFailed`)."""
 
 
 @attrs.define
@@ -95,40 +117,54 @@ class MemoryWiring:
     max_queue_wait_s: float = MAX_QUEUE_WAIT_S
 
 
-def request_cost(state: ExecutorState, submit: Submit, prefill_chunk: int) -> RequestCost:
-    """What `submit` costs run as it is (its cached prefix copied into its own cache),
-    prefilled in `prefill_chunk`-token chunks."""
-    cached = len(submit.cached_blocks) * state.block_size
-    estimate = estimate_request_bytes(
-        state.facts,
-        prompt_tokens=len(submit.prompt_tokens),
-        cached_tokens=min(cached, len(submit.prompt_tokens) - 1),
-        max_tokens=submit.max_tokens,
-        prefill_chunk=prefill_chunk,
-        prefix_shared=False,  # the restored prefix is copied into the batch
-    )
-    return RequestCost(
-        context_tokens=estimate.kv_capacity_tokens,
-        other_bytes=estimate.scratch_bytes + estimate.recurrent_state_bytes,
-    )
+def shape_of(state: ExecutorState, submit: Submit) -> RequestShape:
+    """What the policy prices of `submit`."""
+    return RequestShape(prompt_tokens=len(submit.prompt_tokens), max_tokens=submit.max_tokens,
+                        prefix_blocks=len(submit.cached_blocks), block_size=state.block_size)
 
 
-def price(state: ExecutorState, submit: Submit) -> tuple[RequestCost, int] | Refused:
-    """The cost of `submit` as it would run, and the prefill chunk it is priced at; or the
-    ledger's `Refused` if it can never fit, even alone.
+def admit(envelope, state: ExecutorState, submit: Submit, commands: queue.SimpleQueue) -> bool:
+    """Admit, queue or refuse a new request (answering `envelope`); with a ledger, as the
+    policy's `decide_submit` says. Returns whether the request gave up its cached prefix
+    (the caller unpins it in the index). Never awaits.
 
-    "Never fits" is judged at the smallest prefill chunk we would use: a request that fits
-    with chunks at the floor is not refused - chunks shrink to the floor while it is
-    admitted, and grow back once it has finished (see `restore_prefill_step`)."""
-    floor = min(state.prefill_step_size, PREFILL_STEP_FLOOR)
-    refusal = None
-    for chunk in dict.fromkeys((state.prefill_step_size, floor)):
-        cost = request_cost(state, submit, chunk)
-        refusal = state.ledger.refusal(submit.request_id, cost)
-        if refusal is None:
-            return cost, chunk
-    assert refusal is not None
-    return refusal
+    The count bound (batch + waiting) holds whether or not requests are priced."""
+    if state.ledger is None:
+        if len(state.by_slot) >= state.max_requests:
+            envelope.fail(AdmissionQueueFull(
+                "executor", f"{len(state.by_slot)} requests are queued or running; retry shortly"))
+            return False
+        request = state.add(submit)
+        commands.put(CoreSubmit(request.slot, submit, time.monotonic()))
+        envelope.reply(None)
+        return False
+    decision = decide_submit(state.ledger, state.facts, submit.request_id, shape_of(state, submit),
+                             prefill_step=state.prefill_step_size,
+                             requests=len(state.by_slot), max_requests=state.max_requests)
+    if decision.unpinned:
+        submit = attrs.evolve(submit, cached_blocks=())
+    match decision:
+        case RunNow(priced=priced):
+            use_chunk(state, submit.request_id, priced.chunk, commands)
+            request = state.add(submit)
+            commands.put(CoreSubmit(request.slot, submit, time.monotonic()))
+            envelope.reply(None)
+        case WaitForMemory(priced=priced):
+            use_chunk(state, submit.request_id, priced.chunk, commands)
+            request = state.add(submit)
+            state.waiting[submit.request_id] = CoreSubmit(request.slot, submit, time.monotonic())
+            if state.queued is not None:
+                try:
+                    state.queued.send_nowait(None)
+                except trio.WouldBlock:
+                    pass  # a ring is pending: the expiry task will see this request too
+            envelope.reply(None)
+        case RefuseTooLarge(refusal=refusal):
+            envelope.fail(MemoryRefused("executor", refusal.reason, refusal.needed_bytes,
+                                        refusal.available_bytes))
+        case RefuseQueueFull(message=message):
+            envelope.fail(AdmissionQueueFull("executor", message))
+    return decision.unpinned
 
 
 def use_chunk(state: ExecutorState, request_id: str, chunk: int, commands: queue.SimpleQueue) -> None:
@@ -185,56 +221,51 @@ def forget_dropped_prefixes(state: ExecutorState, dropped: set[str],
             continue
         submit = attrs.evolve(command.submit, cached_blocks=blocks[:kept])
         state.waiting[request_id] = attrs.evolve(command, submit=submit)
-        priced = price(state, submit)
+        priced = price(state.ledger, state.facts, request_id, shape_of(state, submit),
+                       prefill_step=state.prefill_step_size)
         if not isinstance(priced, Refused):  # else `settle` refuses it when it is the head
-            use_chunk(state, request_id, priced[1], commands)
-            admit_now(state, state.ledger.reprice(request_id, priced[0]), commands)
+            use_chunk(state, request_id, priced.chunk, commands)
+            admit_now(state, state.ledger.reprice(request_id, priced.cost), commands)
 
 
 async def settle(state: ExecutorState, commands: queue.SimpleQueue, events,
                   cache_index: Address | None) -> None:
     """Make sure the head of the memory queue waits only for what will come: running
-    requests finishing, or the prefix cache giving memory back (`admission.unblock`).
-    Called after every change of the ledger.
+    requests finishing, or the prefix cache giving memory back (the policy's
+    `settle_step`, applied until the head waits or nothing is blocked). Called after
+    every change of the ledger.
 
     The head gives up its cached prefix first (unpinned in the index), then the cache is
     cut by what the head lacks (the index evicts pinned blocks too if it must: it never
     holds more than its budget); a head that nothing will make room for is refused with
-    `Finished(error, MemoryRefused)` - 413 before the first byte, an error event after."""
+    `Finished(error, MemoryRefused)` - 413 before the first byte, an error event after.
+    Each step's bookkeeping is done before its cast is awaited; the next step reads the
+    ledger afresh."""
     ledger = state.ledger
     if ledger is None:
         return
     while (head := ledger.blocked_head()) is not None:
         command = state.waiting[head.request_id]
-        action = unblock(head, has_prefix=bool(command.submit.cached_blocks))
-        if action is HeadAction.DROP_PREFIX:
-            plain = attrs.evolve(command.submit, cached_blocks=())
-            priced = price(state, plain)
-            if isinstance(priced, Refused):
-                action = HeadAction.REFUSE
-            else:
-                state.waiting[head.request_id] = attrs.evolve(command, submit=plain)
-                use_chunk(state, head.request_id, priced[1], commands)
-                admit_now(state, ledger.reprice(head.request_id, priced[0]), commands)
+        match settle_step(ledger, state.facts, head, shape_of(state, command.submit),
+                          prefill_step=state.prefill_step_size, cache_target=state.cache_target,
+                          has_cache_index=cache_index is not None):
+            case DropPrefix(request_id=request_id, priced=priced):
+                plain = attrs.evolve(command.submit, cached_blocks=())
+                state.waiting[request_id] = attrs.evolve(command, submit=plain)
+                use_chunk(state, request_id, priced.chunk, commands)
+                admit_now(state, ledger.reprice(request_id, priced.cost), commands)
                 if cache_index is not None:
-                    await cache_index.cast(Release(request_id=head.request_id))
-                continue
-        if action is HeadAction.SHRINK_CACHE and cache_index is not None:
-            target = max(0, head.cache_bytes - head.shortfall_bytes)
-            if state.cache_target is None or target < state.cache_target:
+                    await cache_index.cast(Release(request_id=request_id))
+            case ShrinkCache(budget_bytes=target):
                 state.cache_target = target
                 state.cache_shrunk = True
                 await cache_index.cast(SetCacheBudget(budget_bytes=target))
-            return  # the engine's next report of its block store's bytes decides again
-        if action is HeadAction.WAIT:
-            return
-        refusal = ledger.refusal(head.request_id, ledger.waiting[0][1])
-        await leave_queue(
-            state, head.request_id, commands, events, cache_index, FinishReason.ERROR,
-            "MemoryRefused",
-            f"{refusal.reason} (the budget moved while it waited)" if refusal is not None else
-            f"it lacks {head.shortfall_bytes} bytes and nothing running will free them",
-        )
+                return  # the engine's next report of its block store's bytes decides again
+            case KeepWaiting():
+                return
+            case RefuseHead(request_id=request_id, message=message):
+                await leave_queue(state, request_id, commands, events, cache_index,
+                                  FinishReason.ERROR, "MemoryRefused", message)
 
 
 async def expire_waiting(state: ExecutorState, max_wait_s: float, queued,
@@ -247,7 +278,8 @@ async def expire_waiting(state: ExecutorState, max_wait_s: float, queued,
     half done (a request is forgotten before anything is awaited for it)."""
     while True:
         now = time.monotonic()
-        expired = [r for r, c in state.waiting.items() if c.received_at + max_wait_s <= now]
+        arrivals = {r: c.received_at for r, c in state.waiting.items()}
+        expired = overdue(arrivals, now=now, max_wait_s=max_wait_s)
         for request_id in expired:
             command = state.waiting.get(request_id)
             if command is not None:
@@ -258,13 +290,15 @@ async def expire_waiting(state: ExecutorState, max_wait_s: float, queued,
                     f"{max_wait_s:g} s); retry later")
         if expired:
             await settle(state, commands, events, cache_index)
-        oldest = min((c.received_at for c in state.waiting.values()), default=None)
-        timeout = math.inf if oldest is None else oldest + max_wait_s - time.monotonic()
+        expiry = next_expiry((c.received_at for c in state.waiting.values()),
+                             max_wait_s=max_wait_s)
+        timeout = math.inf if expiry is None else expiry - time.monotonic()
         with trio.move_on_after(max(timeout, 0)):
             await queued.receive()
 
 
 def admit_now(state: ExecutorState, request_ids: list[str], commands: queue.SimpleQueue) -> None:
+    """Send the engine the waiting requests the ledger just admitted."""
     for request_id in request_ids:
         command = state.waiting.pop(request_id, None)
         if command is not None:
@@ -273,7 +307,8 @@ def admit_now(state: ExecutorState, request_ids: list[str], commands: queue.Simp
 
 async def start_admission(state: ExecutorState, info: EngineInfo, memory: MemoryWiring,
                            commands: queue.SimpleQueue) -> None:
-    """Read the model's memory facts and the first snapshot; apply MLX's limits."""
+    """Read the model's memory facts and the first snapshot; apply MLX's limits. Raises
+    `BudgetBelowWeights` when the weights alone do not fit that snapshot's budget."""
     if info.memory_config is None:
         return
     config = {k: json.loads(v) for k, v in info.memory_config}
@@ -285,25 +320,13 @@ async def start_admission(state: ExecutorState, info: EngineInfo, memory: Memory
     snapshot = await memory.snapshots.receive()
     try:
         limits = memory.limits_for(snapshot.budget_bytes, info.weights_bytes)
-    except ValueError as exc:  # the weights do not fit the budget: this engine cannot start
-        raise EngineLoadFailed("executor", str(exc)) from None
+    except ValueError as exc:
+        raise BudgetBelowWeights(str(exc)) from None
     commands.put(CoreSetLimits(limits.memory_limit, limits.cache_limit, limits.wired_limit))
-    facts = state.facts
-
-    prefill_rows = memory.prefill_batch_size
-
-    def batch_cost(requests) -> int:
-        # KV: every row padded to the longest. Scratch: prompts prefilled together are
-        # padded to the longest too, and at most `prefill_rows` prefill at once.
-        longest = max((r.context_tokens for r in requests), default=0)
-        kv = padded_batch_kv_bytes(facts, rows=len(requests), longest_context=longest)
-        scratch = min(len(requests), prefill_rows) * max((r.other_bytes for r in requests), default=0)
-        return BATCH_KV_COPIES * kv + scratch
-
     state.ledger = AdmissionLedger(
         weights_bytes=info.weights_bytes,
         budget_bytes=snapshot.budget_bytes,
-        batch_cost=batch_cost,
+        batch_cost=padded_batch_cost(state.facts, memory.prefill_batch_size),
         reserved_bytes=limits.cache_limit,
         max_waiting=memory.max_waiting,
     )
@@ -312,57 +335,69 @@ async def start_admission(state: ExecutorState, info: EngineInfo, memory: Memory
 async def watch_memory(state: ExecutorState, info: EngineInfo, memory: MemoryWiring,
                         commands: queue.SimpleQueue, cache_index: Address | None,
                         events) -> None:
-    """Follow the enforcer's snapshots: new budget or pressure → admit, degrade, recover.
+    """Follow the enforcer's snapshots: new budget or pressure → admit, degrade, recover,
+    as the policy's `pressure_actions` says (shrink the prefix cache, shrink prefill
+    chunks, pause admission; never kill a running request; undo all three when calm).
 
-    Under pressure, in order: shrink the prefix cache (to a quarter of its budget), shrink
-    prefill chunks (halving, down to a floor), pause admission (hard level). Never a
-    running request is killed. When the level is back to ok, all three are undone."""
-    degraded = False
+    Each snapshot's state changes are made before its cast to the cache index is awaited;
+    then the ledger reads the new budget and the queue is settled."""
     async for snapshot in memory.snapshots:
-        pressure = snapshot.level is not MemoryLevel.OK
-        if pressure and not degraded and cache_index is not None:
-            quarter = memory.prefix_cache_bytes // 4
-            if state.cache_target is not None:
-                quarter = min(quarter, state.cache_target)  # never undo a cut for the queue
-            await cache_index.cast(SetCacheBudget(budget_bytes=quarter))
-        if pressure:
-            step = max(memory.prefill_step_floor, state.prefill_step_size // 2)
-            if step != state.prefill_step_size:
-                state.prefill_step_size = step
-                commands.put(CoreSetPrefillStep(step))
-        elif degraded and not state.floor_priced:
-            state.prefill_step_size = memory.prefill_step_size
-            commands.put(CoreSetPrefillStep(memory.prefill_step_size))
-        if not pressure and (degraded or state.cache_shrunk) and not state.waiting:
+        reading = PressureReading(
+            pressure=snapshot.level is not MemoryLevel.OK,
+            hard=snapshot.level is MemoryLevel.HARD,
+            budget_bytes=snapshot.budget_bytes,
+            under_pressure=state.under_pressure,
+            prefill_step=state.prefill_step_size,
+            normal_prefill_step=memory.prefill_step_size,
+            prefill_step_floor=memory.prefill_step_floor,
+            prefix_cache_bytes=memory.prefix_cache_bytes,
+            cache_target=state.cache_target,
+            cache_shrunk=state.cache_shrunk,
+            floor_priced=bool(state.floor_priced),
+            waiting=bool(state.waiting),
+            has_cache_index=cache_index is not None,
+        )
+        for action in pressure_actions(reading):
+            await _apply_pressure(action, state, info, memory, commands, cache_index, events)
+
+
+async def _apply_pressure(action, state: ExecutorState, info: EngineInfo, memory: MemoryWiring,
+                          commands: queue.SimpleQueue, cache_index: Address | None,
+                          events) -> None:
+    match action:
+        case SetPrefillStep(tokens=tokens):
+            state.prefill_step_size = tokens
+            commands.put(CoreSetPrefillStep(tokens))
+        case ForgetCacheCut():
             state.cache_shrunk = False
             state.cache_target = None
-            if cache_index is not None:
-                await cache_index.cast(SetCacheBudget(budget_bytes=memory.prefix_cache_bytes))
-        degraded = state.under_pressure = pressure
-        limits = memory.limits_for(snapshot.budget_bytes, info.weights_bytes)
-        admit_now(state, state.ledger.update(
-            budget_bytes=snapshot.budget_bytes,
-            reserved_bytes=limits.cache_limit,
-            paused=snapshot.level is MemoryLevel.HARD,
-        ), commands)
-        await settle(state, commands, events, cache_index)  # the budget may have moved
+        case SetUnderPressure(pressure=pressure):
+            state.under_pressure = pressure
+        case SendCacheBudget(budget_bytes=budget):
+            await cache_index.cast(SetCacheBudget(budget_bytes=budget))
+        case UpdateLedger(budget_bytes=budget, paused=paused):
+            # MLX's limits for the new budget: raises (crashing the executor) if the
+            # weights no longer fit it.
+            limits = memory.limits_for(budget, info.weights_bytes)
+            admit_now(state, state.ledger.update(
+                budget_bytes=budget, reserved_bytes=limits.cache_limit, paused=paused), commands)
+            await settle(state, commands, events, cache_index)  # the budget may have moved
 
 
 __all__ = [
-    "BATCH_KV_COPIES",
     "MAX_QUEUE_WAIT_S",
-    "PREFILL_STEP_FLOOR",
     "QUEUE_DOORBELL_CAPACITY",
+    "BudgetBelowWeights",
     "MemoryWiring",
     "MlxGauge",
+    "admit",
     "admit_now",
     "expire_waiting",
     "forget_dropped_prefixes",
     "leave_queue",
-    "price",
-    "request_cost",
     "restore_prefill_step",
     "settle",
+    "shape_of",
     "start_admission",
     "use_chunk",
     "watch_memory",

@@ -13,8 +13,16 @@ import itertools
 import trio
 
 from omlx_actors.engine import executor, memory_queue
-from omlx_actors.engine.core import EngineSettings
-from omlx_actors.engine.messages import Abort, Finished, FinishReason, Ping, Submit, TokenDelta
+from omlx_actors.engine.core_messages import EngineSettings
+from omlx_actors.engine.messages import (
+    Abort,
+    Finished,
+    FinishReason,
+    Ping,
+    Submit,
+    TokenDelta,
+)
+from omlx_actors.kernel import Overflow, open_inbox
 from omlx_actors.memory.enforcer import (
     BudgetMode,
     SnapshotBoard,
@@ -22,7 +30,6 @@ from omlx_actors.memory.enforcer import (
     mlx_limits_for,
     snapshot_from,
 )
-from omlx_actors.kernel import Overflow, open_inbox
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -148,12 +155,11 @@ def test_a_queued_request_whose_pinned_blocks_are_evicted_is_priced_for_the_pref
     # bytes evicts a queued request's blocks; the engine will restore only the blocks before
     # the first evicted one, so the request must be priced (and submitted) for just those.
     import json
+    import queue
 
     import attrs
 
-    import queue
-
-    from omlx_actors.engine.core import CoreSubmit
+    from omlx_actors.engine.core_messages import CoreSubmit
     from omlx_actors.memory.admission import (
         AdmissionLedger,
         Queued,
@@ -161,6 +167,7 @@ def test_a_queued_request_whose_pinned_blocks_are_evicted_is_priced_for_the_pref
         unpadded_batch_cost,
     )
     from omlx_actors.memory.estimator import ModelMemoryFacts
+    from omlx_actors.memory.policy import request_cost
 
     config = json.loads((tiny_llama / "config.json").read_text())
     state = executor.ExecutorState(
@@ -170,7 +177,7 @@ def test_a_queued_request_whose_pinned_blocks_are_evicted_is_priced_for_the_pref
     state.ledger.submit("running", RequestCost(context_tokens=5800, other_bytes=0))
     submit = Submit(request_id="queued", prompt_tokens=tuple(range(20, 220)), max_tokens=20,
                     cached_blocks=("a", "b", "c"))
-    priced = memory_queue.request_cost(state, submit, 512)
+    priced = request_cost(state.facts, memory_queue.shape_of(state, submit), 512)
     assert isinstance(state.ledger.submit("queued", priced), Queued)
     state.waiting["queued"] = CoreSubmit(state.add(submit).slot, submit, 0.0)
     commands = queue.SimpleQueue()
@@ -179,6 +186,7 @@ def test_a_queued_request_whose_pinned_blocks_are_evicted_is_priced_for_the_pref
 
     kept = attrs.evolve(submit, cached_blocks=("a",))
     assert state.waiting["queued"].submit == kept
-    assert state.ledger.waiting[0] == ("queued", memory_queue.request_cost(state, kept, 512))
+    assert state.ledger.waiting[0] == (
+        "queued", request_cost(state.facts, memory_queue.shape_of(state, kept), 512))
     assert state.ledger.waiting[0][1] != priced
     assert commands.empty()  # still waiting for "running": nothing went to the engine
