@@ -2,8 +2,9 @@
 supervisor, started in order and stopped in order.
 
 Both ways of running the engine use this: in the front's own trio run (`isolation="thread"`,
-`api.open_runtime`) and in the engine process (`isolation="process"`, `isolation.host`). The
-front reaches what it yields only through addresses and the event channel, so it cannot tell
+`wiring.open_runtime`) and in the engine process (`isolation="process"`, `isolation.host`). What
+it yields, a `LocalEngineSide`, implements the front's declared interface (`engine.side.EngineSide`),
+as the engine process's `isolation.remote_side.RemoteEngineSide` does, so the front cannot tell
 which of the two it is talking to.
 
 Also here: the prefix lookup (`lookup_prefix`), which runs next to the actors it calls, so a
@@ -27,7 +28,7 @@ from omlx_actors.cache.actor import Lookup, Release
 from omlx_actors.cache.blocks import block_hashes
 from omlx_actors.config import RuntimeConfig
 from omlx_actors.engine import executor
-from omlx_actors.engine.core import EngineSettings
+from omlx_actors.engine.core_messages import EngineSettings
 from omlx_actors.engine.messages import (
     EngineEvent,
     EngineInfo,
@@ -35,6 +36,7 @@ from omlx_actors.engine.messages import (
     RestoreBlocks,
     Submit,
 )
+from omlx_actors.engine.side import AddressedEngine, EngineStatus
 from omlx_actors.memory import enforcer
 from omlx_actors.kernel import (
     ActorError,
@@ -61,9 +63,10 @@ EXECUTOR_INBOX_CAPACITY = 1024
 
 
 @attrs.define(eq=False)
-class EngineSide:
-    """A running engine side. `events` is its output: every `EngineEvent`, in order; it
-    ends when the executor has stopped. `cache_index` and `ssd` are None when off."""
+class LocalEngineSide(AddressedEngine):
+    """A running engine side in this process (`engine.side.EngineSide`). `events` is its
+    output: every `EngineEvent`, in order; it ends when the executor has stopped.
+    `cache_index` and `ssd` are None when off."""
 
     info: EngineInfo
     executor: Address
@@ -73,6 +76,13 @@ class EngineSide:
     ssd: Address | None
     lookup_timeout_s: float
     nursery: trio.Nursery  # for casts that must not be dropped
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(state="ready", isolation="thread")
+
+    @property
+    def pid(self) -> int | None:
+        return None  # this process
 
     async def submit(self, submit: Submit) -> None:
         """Pin the prompt's longest cached prefix (restoring blocks from the SSD tier), then
@@ -158,7 +168,7 @@ def engine_settings(config: RuntimeConfig, model_path: str,
 async def open_engine_side(
     config: RuntimeConfig, model_path: str, *, stop_mode: list[ShutdownMode] | None = None,
     step_record_path: str | None = None,
-) -> AsyncIterator[EngineSide]:
+) -> AsyncIterator[LocalEngineSide]:
     """Start the engine-side actors; yield once the model is loaded and the SSD index is
     rebuilt. Raises `executor.EngineLoadFailed` if the model cannot be loaded.
 
@@ -168,19 +178,14 @@ async def open_engine_side(
     blocks reach the writer; then the writer flushes (drain) and stops; then the rest.
     """
     settings = engine_settings(config, model_path, step_record_path)
-    ssd_address = None
+    ssd_address = ssd_inboxes = None
     if settings.ssd_enabled:
-        ssd_address, ssd_control, ssd_saves = ssd_writer.open_writer_inboxes()
+        ssd_address, *ssd_inboxes = ssd_writer.open_writer_inboxes()
     events_send, events_recv = trio.open_memory_channel[EngineEvent](executor.ENGINE_EVENT_BACKLOG)
     address, inbox = open_inbox("executor", EXECUTOR_INBOX_CAPACITY, Overflow.WAIT)
     gauge = executor.MlxGauge()
     memory_address, memory_inbox = open_inbox(
         "memory", enforcer.ENFORCER_INBOX_CAPACITY, Overflow.WAIT
-    )
-    budget = (
-        enforcer.MemoryBudget.auto()
-        if config.memory_budget_bytes is None
-        else enforcer.MemoryBudget.explicit(config.memory_budget_bytes)
     )
     cache_address = None
     if config.prefix_cache_bytes > 0:
@@ -194,18 +199,9 @@ async def open_engine_side(
                 enforcer.run, poll_interval=config.memory_poll_interval_s, read_mlx=gauge.reading,
             ),
             memory_inbox,
-            budget,
+            _memory_budget(config),
         )
-        wiring = executor.MemoryWiring(
-            gauge=gauge,
-            snapshots=memory_handle.subscribe(),
-            limits_for=enforcer.mlx_limits_for,
-            max_waiting=config.max_waiting_requests,
-            prefix_cache_bytes=config.prefix_cache_bytes,
-            prefill_step_size=config.prefill_step_size,
-            prefill_batch_size=config.prefill_batch_size,
-            max_queue_wait_s=config.max_queue_wait_s,
-        )
+        wiring = _memory_wiring(config, gauge, memory_handle)
         if cache_address is not None:
             # Not restarted: a fresh index would not know the blocks the engine still
             # holds, which then could never be evicted. A crash escalates instead.
@@ -222,42 +218,71 @@ async def open_engine_side(
             policy=RestartPolicy(max_restarts=0, within=1.0),
         )
         if ssd_address is not None and info.cache_namespace is not None:
-            # Started once the engine knows its cache identity (the namespace names the
-            # model, its cache layout and the block size; other files are skipped).
-            # Not restarted: a new incarnation would forget the cleanup barriers.
-            await sup.start(
-                "ssd-writer", ssd_writer.run, ssd_control, ssd_saves,
-                WriterConfig(
-                    directory=str(config.ssd_cache_dir),
-                    identity=BlockIdentity(namespace=info.cache_namespace,
-                                           layout=info.cache_layout, block_size=info.block_size),
-                    budget_bytes=config.ssd_cache_bytes,
-                ),
-                policy=RestartPolicy(max_restarts=0, within=1.0),
-            )
+            await _start_ssd_writer(sup, config, info, ssd_inboxes)
         else:
             ssd_address = None
         try:
             async with trio.open_nursery() as background:
-                yield EngineSide(
+                yield LocalEngineSide(
                     info=info, executor=address, events=events_recv, memory=memory_handle,
                     cache_index=cache_address, ssd=ssd_address,
                     lookup_timeout_s=config.submit_timeout_s, nursery=background,
                 )
         finally:
-            if stop_mode:
-                mode = stop_mode[0]
-            else:
-                mode = ShutdownMode.DRAIN if config.shutdown_mode == "drain" else ShutdownMode.ABORT
+            mode = stop_mode[0] if stop_mode else (
+                ShutdownMode.DRAIN if config.shutdown_mode == "drain" else ShutdownMode.ABORT)
             with trio.CancelScope(shield=True):
-                # The engine first (its last blocks go to the writer), then the writer
-                # flushes what it was sent, then everyone else.
-                await sup.stop("executor", mode)
-                events_send.close()
-                if ssd_address is not None:
-                    with trio.move_on_after(config.drain_timeout_s):
-                        try:
-                            await ssd_address.call(SsdShutdown(flush=mode is ShutdownMode.DRAIN))
-                        except ActorError as exc:
-                            log.warning("SSD writer did not shut down cleanly: %s", exc)
-                await sup.shutdown(mode)
+                await _stop_in_order(sup, mode, events_send, ssd_address, config.drain_timeout_s)
+
+
+def _memory_budget(config: RuntimeConfig) -> enforcer.MemoryBudget:
+    if config.memory_budget_bytes is None:
+        return enforcer.MemoryBudget.auto()
+    return enforcer.MemoryBudget.explicit(config.memory_budget_bytes)
+
+
+def _memory_wiring(config: RuntimeConfig, gauge: executor.MlxGauge,
+                   memory_handle: Any) -> executor.MemoryWiring:
+    return executor.MemoryWiring(
+        gauge=gauge,
+        snapshots=memory_handle.subscribe(),
+        limits_for=enforcer.mlx_limits_for,
+        max_waiting=config.max_waiting_requests,
+        prefix_cache_bytes=config.prefix_cache_bytes,
+        prefill_step_size=config.prefill_step_size,
+        prefill_batch_size=config.prefill_batch_size,
+        max_queue_wait_s=config.max_queue_wait_s,
+    )
+
+
+async def _start_ssd_writer(sup: Any, config: RuntimeConfig, info: EngineInfo,
+                            inboxes: Sequence[Any]) -> None:
+    """Started once the engine knows its cache identity (the namespace names the model,
+    its cache layout and the block size; other files are skipped). Not restarted: a new
+    incarnation would forget the cleanup barriers."""
+    ssd_control, ssd_saves = inboxes
+    await sup.start(
+        "ssd-writer", ssd_writer.run, ssd_control, ssd_saves,
+        WriterConfig(
+            directory=str(config.ssd_cache_dir),
+            identity=BlockIdentity(namespace=info.cache_namespace,
+                                   layout=info.cache_layout, block_size=info.block_size),
+            budget_bytes=config.ssd_cache_bytes,
+        ),
+        policy=RestartPolicy(max_restarts=0, within=1.0),
+    )
+
+
+async def _stop_in_order(sup: Any, mode: ShutdownMode, events_send: trio.MemorySendChannel,
+                         ssd_address: Address | None, drain_timeout_s: float) -> None:
+    """The engine first (its last blocks go to the writer), then the writer flushes what
+    it was sent, then everyone else. The caller shields this."""
+    await sup.stop("executor", mode)
+    events_send.close()
+    if ssd_address is not None:
+        with trio.move_on_after(drain_timeout_s):
+            try:
+                await ssd_address.call(SsdShutdown(flush=mode is ShutdownMode.DRAIN))
+            except ActorError as exc:
+                log.warning("SSD writer did not shut down cleanly: %s", exc)
+    await sup.shutdown(mode)

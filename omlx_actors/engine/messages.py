@@ -7,6 +7,7 @@ below (see tests/engine/test_messages.py).
 
 Commands (front → executor inbox):  Submit, Abort, Ping, EngineStatsQuery, InjectFault
 Events (executor → front dispatcher): Admitted, PrefillProgress, TokenDelta, Finished
+Refusals (error replies to Submit): DuplicateRequest, MemoryRefused, AdmissionQueueFull
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Union
 
 import attrs
 
+from omlx_actors.kernel.errors import ActorError
 from omlx_actors.ssd.blockfile import TensorData
 
 # ---------------------------------------------------------------------------------------
@@ -207,6 +209,32 @@ class EngineInfo:
     # The model's memory facts as a config dict the estimator reads (None: unknown layout,
     # so requests are not priced and only the queue bound applies).
     memory_config: tuple[tuple[str, str], ...] | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Refusals: the executor's error replies to a `Submit`. They cross the process boundary as
+# values (`kernel.wire` rebuilds them by class name), and the front maps each to its
+# `omlx_actors.refusals` type, so they live with the wire, not with the executor.
+
+
+class DuplicateRequest(ActorError):
+    """A `Submit` reused the id of a request that is still running."""
+
+
+class MemoryRefused(ActorError):
+    """The request can never fit the memory budget (refused before any work)."""
+
+    wire_fields = ("actor", "message", "needed_bytes", "available_bytes")
+
+    def __init__(self, actor: str, message: str = "", needed_bytes: int = 0,
+                 available_bytes: int = 0) -> None:
+        super().__init__(actor, message)
+        self.needed_bytes = needed_bytes
+        self.available_bytes = available_bytes
+
+
+class AdmissionQueueFull(ActorError):
+    """Too many requests already wait for memory."""
 
 
 # ---------------------------------------------------------------------------------------
