@@ -13,7 +13,7 @@ __all__ = ["open_runtime"]
 
 def __getattr__(name: str) -> Any:
     if name == "open_runtime":
-        from omlx_actors.front.runtime import open_runtime
+        from omlx_actors.wiring import open_runtime
 
         return open_runtime
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from omlx_actors.front.runtime import Dispatcher
+from omlx_actors.front.dispatcher import Dispatcher
 from omlx_actors.engine.messages import Finished, FinishReason, TokenChoice, TokenDelta
 
 

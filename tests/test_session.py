@@ -9,7 +9,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from omlx_actors.front.runtime import open_runtime
+from omlx_actors.wiring import open_runtime
 from omlx_actors.refusals import ContextLengthExceeded, InvalidRequest
 from omlx_actors.front.session import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, Done, Progress, TextDelta
 from omlx_actors.front.text import tokens_at_least

@@ -12,7 +12,7 @@ import httpx
 import trio
 from http_support import MODEL, chat_body, engine_idle, http_client, serve, sse_payloads, wait_until
 
-from omlx_actors.front.runtime import open_runtime
+from omlx_actors.wiring import open_runtime
 from omlx_actors.engine.messages import FinishReason
 from omlx_actors.http.openai_routes import ChatStream
 from omlx_actors.http.settings import HttpSettings

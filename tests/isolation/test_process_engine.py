@@ -15,7 +15,7 @@ import signal
 import pytest
 import trio
 
-from omlx_actors.front.runtime import open_runtime
+from omlx_actors.wiring import open_runtime
 from omlx_actors.refusals import EngineUnavailable
 from omlx_actors.isolation.recovery import CRASH_LOOP_ERROR_TYPE, POISON_DEATHS
 from omlx_actors.front.session import Done
@@ -194,8 +194,8 @@ async def wait_for_new_engine(rt, old_pid: int, *, starting: bool) -> int:
     once it is ready."""
     with trio.fail_after(120):
         while True:
-            if starting and rt.link.starting_pid not in (None, old_pid):
-                return rt.link.starting_pid
+            if starting and rt.engine.link.starting_pid not in (None, old_pid):
+                return rt.engine.link.starting_pid
             # Ready already (a start faster than this loop looks): that one, then.
             if rt.engine_pid not in (None, old_pid) and rt.engine_status().state == "ready":
                 return rt.engine_pid
