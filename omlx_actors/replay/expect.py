@@ -24,7 +24,7 @@ from omlx_actors.replay.records import (
     RequestRecord,
     SsdCheck,
 )
-from omlx_actors.replay.schema import Expectations
+from omlx_actors.replay.scenario import Expectations
 from omlx_actors.units import percentile
 
 _SHOW = 3  # examples named in a failure message

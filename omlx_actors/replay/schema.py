@@ -1,8 +1,8 @@
-"""Scenario files: the TOML format, its typed form, and readable errors.
+"""Scenario files: the TOML format, read into a `Scenario` (omlx_actors.replay.scenario),
+with readable errors.
 
-A scenario names a model and its server settings, a request trace (workloads of
-conversations, grouped into phases), faults to inject, and the expectations that decide the
-exit status. `load_scenario(path)` parses and validates a file and returns a `Scenario`, or
+Each table of the file is a msgspec struct (see `tables.decode`). `load_scenario(path)`
+parses and validates a file and returns a `Scenario`, or
 raises `ScenarioError` whose message lists every problem as `file:line: [table] key: what
 was expected, what was found` (unknown keys are rejected, with a suggestion).
 
@@ -11,12 +11,10 @@ Pure: no trio, no MLX. `scenarios/README.md` documents the format with an exampl
 
 from __future__ import annotations
 
-import json
-import re
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any
 
 import attrs
 import msgspec
@@ -28,6 +26,38 @@ else:  # pragma: no cover - 3.10 only
     import tomli as tomllib
 
 from omlx_actors.config import RuntimeConfig
+from omlx_actors.replay.scenario import (
+    DISK_FAULTS,
+    ENGINE_DEATHS,
+    PHASE_EXPECTATIONS,
+    REQUEST_KEYS,
+    STEP_FAULTS,
+    TEMPORARY_DIR,
+    Action,
+    ActionKind,
+    Arrival,
+    AtLeastOne,
+    CancelPlan,
+    Count,
+    Expectations,
+    Fault,
+    FaultKind,
+    Fraction,
+    Mode,
+    Moments,
+    Phase,
+    Positive,
+    RequestParams,
+    Scenario,
+    Seconds,
+    SecondsRange,
+    Sizes,
+    TokenRange,
+    Words,
+    Workload,
+    as_range,
+    as_tuple,
+)
 from omlx_actors.replay.tables import (
     ByteSize,
     Context,
@@ -38,30 +68,8 @@ from omlx_actors.replay.tables import (
     show,
 )
 
-Mode = Literal["chat", "completion"]
-Arrival = Literal["burst", "uniform", "poisson"]
-CacheHitTurns = Literal["later", "all"]
-MODES, ARRIVALS, CACHE_HIT_TURNS = get_args(Mode), get_args(Arrival), get_args(CacheHitTurns)
-# Fault kinds: an engine step failing as an out-of-memory would; the engine process killed
-# from outside (SIGKILL) and restarted by the front; the engine process aborting itself
-# (SIGABRT, as MLX's uncaught C++ errors); the SSD tier's disk hanging in its writes, or
-# full (ENOSPC), for a count of block writes (`writes`, after `after_writes`), never for a
-# time window: a window can pass with no write in it on a loaded machine.
-FaultKind = Literal["executor_oom", "process_restart", "engine_abort", "writer_stall", "disk_full"]
-FAULTS = get_args(FaultKind)
-# Those armed in the engine, to strike at a step (`Runtime.inject_fault`).
-STEP_FAULTS = ("executor_oom", "engine_abort")
-# Those that kill the engine process: the scenario's server needs isolation = "process".
-ENGINE_DEATHS = ("process_restart", "engine_abort")
-# Those at the SSD tier's disk (`Runtime.inject_disk_fault`): they need ssd_cache_dir.
-DISK_FAULTS = {"writer_stall": "stall", "disk_full": "full"}
-# Outcome names usable in min_outcomes / max_outcomes (besides HTTP status codes).
-OUTCOMES = ("completed", "cancelled", "refused", "failed", "lost", "skipped")
 # RuntimeConfig fields a scenario may not set: the model comes from [model] / --model.
 _NOT_SERVER_KEYS = ("model", "demo_model", "model_cache_dir")
-# [server] ssd_cache_dir = "<tmp>": a fresh temporary directory for the replay's runtime (the
-# reference pass gets its own), kept across restarts, removed at the end.
-TEMPORARY_DIR = "<tmp>"
 
 
 class ScenarioError(ValueError):
@@ -70,184 +78,6 @@ class ScenarioError(ValueError):
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))
         self.problems = list(problems)
-
-
-# ---------------------------------------------------------------------------------------
-# The typed form
-
-
-@attrs.frozen(kw_only=True)
-class RequestParams:
-    """How each request of a workload is sent."""
-
-    max_tokens: int = 16
-    ignore_eos: bool = False
-    stream: bool = True
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    # A JSON schema (as JSON text) the answer is constrained to: response_format json_schema
-    # over HTTP, `structured=` in process. "" = free text.
-    response_schema: str = ""
-
-    @property
-    def reproducible(self) -> bool:
-        """Greedy, or seeded: the output is a function of the prompt alone."""
-        return self.temperature == 0.0 or self.seed is not None
-
-
-REQUEST_KEYS = tuple(a.name for a in attrs.fields(RequestParams))
-
-
-@attrs.frozen(kw_only=True)
-class CancelPlan:
-    """Cancel `fraction` of a workload's requests (picked by the scenario's seed), each after
-    a number of tokens or a number of seconds drawn from the range."""
-
-    fraction: float
-    after_tokens: tuple[int, int] | None = None
-    after_s: tuple[float, float] | None = None
-
-
-@attrs.frozen(kw_only=True)
-class Workload:
-    """A set of conversations with the same shape. A one-turn conversation is a single
-    request. Turn k > 1 appends the previous answer (and, with tools, a tool call and its
-    result) and a new user message to the conversation so far."""
-
-    name: str
-    mode: str = "chat"
-    conversations: int = 1
-    turns: int = 1
-    system: str | None = None  # literal shared system prompt
-    system_words: int = 0  # or one generated from the seed, shared by every conversation
-    prompt_words: tuple[int, ...] = (20,)  # user message sizes, cycled over conversations
-    prompt_tokens: tuple[int, ...] = ()  # completion mode: token-id prompts of these sizes
-    tools: tuple[str, ...] = ()  # tool names; each gets a small JSON-schema definition
-    tool_calls_in_history: bool = False
-    tool_result_words: int = 30
-    params: RequestParams = RequestParams()
-    start_s: float = 0.0
-    arrival: str = "burst"
-    rate: float | None = None  # conversations started per second (uniform / poisson)
-    concurrency: int | None = None  # requests of this workload in flight at once
-    think_s: float = 0.0  # pause between a conversation's turns
-    cancel: CancelPlan | None = None
-
-
-@attrs.frozen(kw_only=True)
-class Expectations:
-    """What must hold for the replay to pass (each None/False: not checked)."""
-
-    no_lost_requests: bool = True
-    allowed_status: tuple[int, ...] | None = (200,)
-    min_outcomes: tuple[tuple[str, int], ...] = ()
-    max_outcomes: tuple[tuple[str, int], ...] = ()
-    identical_to_reference: bool = False
-    # A greedy choice whose top-2 logprobs are closer than this is a tie: batching noise may
-    # order it either way, so outputs diverging there are reported but not a failure.
-    tie_margin: float = 1e-4
-    min_cache_hit_ratio: float | None = None
-    cache_hit_turns: str = "later"
-    ttft_p50_max_ratio: float | None = None
-    ttft_p99_max_ratio: float | None = None
-    itl_p50_max_ratio: float | None = None
-    latency_floor_s: float = 0.005
-    memory_under_budget: bool = False
-    no_leaks: bool = False
-    new_request_succeeds: bool = False
-    error_message_contains: str | None = None
-    ssd_no_orphans: bool = False
-    # Every completed request with a response_schema ends `stop` with JSON that validates
-    # against it (the `jsonschema` package, the `test` extra), or ends `length`.
-    schema_valid: bool = False
-
-    @property
-    def needs_reference(self) -> bool:
-        return bool(self.identical_to_reference or self.ttft_p50_max_ratio
-                    or self.ttft_p99_max_ratio or self.itl_p50_max_ratio)
-
-
-@attrs.frozen(kw_only=True)
-class Phase:
-    """Workloads run together; phases run one after another (a list of concurrency levels
-    in the file expands to one phase per level, named `NAME@cN`)."""
-
-    name: str
-    workloads: tuple[str, ...]
-    concurrency: int | None = None  # overrides every workload's concurrency
-    # Stop the runtime (drain) and start it again with the same settings before this phase:
-    # the in-memory prefix cache is gone, an SSD tier ([server] ssd_cache_dir) is not.
-    restart_before: bool = False
-    expect: Expectations | None = None
-
-
-@attrs.frozen(kw_only=True)
-class Fault:
-    kind: str
-    phase: str
-    at_step: int | None = None  # engine steps after the phase started
-    after_s: float | None = None  # seconds after the phase started (the next step fails)
-    above_bytes: ByteSize | None = None  # the first step above this active memory fails
-    error: str = "injected out-of-memory"
-    writes: int | None = None  # block writes a disk fault strikes
-    after_writes: int = 0  # block writes it lets through first (counted from its arming)
-    stall_s: float = 0.0  # how long each write struck by a writer_stall hangs
-
-
-# What a scenario can do to a running server besides sending requests (needs the engine).
-ActionKind = Literal["ssd_cleanup"]
-ACTIONS = get_args(ActionKind)
-
-
-@attrs.frozen(kw_only=True)
-class Action:
-    """`ssd_cleanup`: `Runtime.cleanup_ssd_cache()` (remove every block file of the SSD tier,
-    acknowledged by the writer) at each of `at_s` seconds after the phase started."""
-
-    kind: str
-    phase: str
-    at_s: tuple[float, ...]
-
-
-@attrs.frozen(kw_only=True)
-class Scenario:
-    name: str
-    path: Path | None
-    description: str = ""
-    seed: int = 0
-    model: str = "tiny-llama"  # a demo model name or a model directory / repo id
-    server: tuple[tuple[str, Any], ...] = ()  # RuntimeConfig overrides (sizes as ByteSize)
-    workloads: tuple[Workload, ...] = ()
-    phases: tuple[Phase, ...] = ()
-    faults: tuple[Fault, ...] = ()
-    actions: tuple[Action, ...] = ()
-    expect: Expectations = Expectations()
-    request_timeout_s: float = 60.0
-    timeout_s: float = 600.0
-
-    def workload(self, name: str) -> Workload:
-        for w in self.workloads:
-            if w.name == name:
-                return w
-        raise KeyError(name)
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.expect.needs_reference or any(
-            p.expect is not None and p.expect.needs_reference for p in self.phases
-        )
-
-    @property
-    def compares_outputs(self) -> bool:
-        return self.expect.identical_to_reference or any(
-            p.expect is not None and p.expect.identical_to_reference for p in self.phases
-        )
-
-    @property
-    def restarts(self) -> bool:
-        return any(p.restart_before for p in self.phases)
 
 
 # ---------------------------------------------------------------------------------------
@@ -280,37 +110,6 @@ def parse_scenario(text: str, path: Path | None = None) -> Scenario:
 # The file's tables, as msgspec reads them: field names are the TOML keys, and a field
 # whose default is None was not given (TOML has no null).
 
-Count = Annotated[int, Meta(ge=0)]
-AtLeastOne = Annotated[int, Meta(ge=1)]
-Positive = Annotated[float, Meta(gt=0)]
-Seconds = Annotated[float, Meta(ge=0.0)]
-Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
-Word = Annotated[str, Meta(min_length=1)]
-Words = Annotated[Word | list[Word], Meta(description="a string or an array of non-empty strings")]
-Sizes = Annotated[AtLeastOne | Annotated[list[AtLeastOne], Meta(min_length=1)],
-                  Meta(description="an integer >= 1 or a non-empty array of them")]
-Status = Annotated[int, Meta(ge=100)]
-Statuses = Annotated[Status | Annotated[list[Status], Meta(min_length=1)],
-                     Meta(description="an integer >= 100 or a non-empty array of them")]
-TokenRange = Annotated[AtLeastOne | Annotated[list[AtLeastOne], Meta(min_length=2, max_length=2)],
-                       Meta(description="an integer >= 1 or [low, high] with low <= high")]
-SecondsRange = Annotated[Seconds | Annotated[list[Seconds], Meta(min_length=2, max_length=2)],
-                         Meta(description="a number >= 0.0 or [low, high] with low <= high")]
-Moments = Annotated[Seconds | Annotated[list[Seconds], Meta(min_length=1)],
-                    Meta(description="seconds >= 0 or an array of them")]
-# Checked in ExpectTable.problems: msgspec's error path would not name the outcome.
-OutcomeCounts = Annotated[dict[str, Any], Meta(description='a table like { completed = 5, "413" = 1 }')]
-
-
-def _many(value: Any) -> tuple | None:
-    """One value or an array of them → a tuple (None stays None: not given)."""
-    return None if value is None else tuple(value) if isinstance(value, list) else (value,)
-
-
-def _range(value: Any) -> tuple | None:
-    """A number or [low, high] → (low, high)."""
-    return None if value is None else tuple(value) if isinstance(value, list) else (value, value)
-
 
 class ScenarioFile(Table):
     """The file's top level: its sections, each read by its own table type below."""
@@ -338,35 +137,9 @@ class ModelTable(Table):
     name: str = "tiny-llama"
 
 
-class RequestTable(Table):
-    """[defaults], and the request keys of a workload (which override them)."""
+class WorkloadTable(RequestParams, frozen=True):
+    """A workload's table holds its request keys flat, over the [defaults] table's."""
 
-    max_tokens: AtLeastOne | None = None
-    ignore_eos: bool | None = None
-    stream: bool | None = None
-    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None
-    top_p: Fraction | None = None
-    seed: Count | None = None
-    stop: Words | None = None
-    response_schema: str | None = None  # a JSON object (a JSON schema), kept as text: hashable
-
-    def problems(self) -> Iterator[tuple[str, str]]:
-        if self.response_schema is None:
-            return
-        try:
-            value = json.loads(self.response_schema)
-        except ValueError as exc:
-            yield "response_schema", f"not JSON: {exc}"
-            return
-        if not isinstance(value, dict):
-            yield "response_schema", "must be a JSON object (a JSON schema)"
-
-    def params(self) -> RequestParams:
-        given = {key: getattr(self, key) for key in REQUEST_KEYS if getattr(self, key) is not None}
-        return RequestParams(**given | ({"stop": _many(self.stop)} if self.stop is not None else {}))
-
-
-class WorkloadTable(RequestTable):
     mode: Mode = "chat"
     conversations: AtLeastOne = 1
     turns: AtLeastOne = 1
@@ -392,7 +165,7 @@ class WorkloadTable(RequestTable):
             yield from request
             return
         for key, kind in (("cancel_after_tokens", TokenRange), ("cancel_after_s", SecondsRange)):
-            low, high = _range(getattr(self, key)) or (0, 0)
+            low, high = as_range(getattr(self, key)) or (0, 0)
             if low > high:
                 yield key, f"expected {describe(kind)}, got {show(getattr(self, key))}"
                 return
@@ -430,60 +203,18 @@ class WorkloadTable(RequestTable):
         cancel = None
         if self.cancel_after_tokens is not None or self.cancel_after_s is not None:
             cancel = CancelPlan(fraction=1.0 if self.cancel_fraction is None else self.cancel_fraction,
-                                after_tokens=_range(self.cancel_after_tokens),
-                                after_s=_range(self.cancel_after_s))
+                                after_tokens=as_range(self.cancel_after_tokens),
+                                after_s=as_range(self.cancel_after_s))
         return Workload(
             name=name, mode=self.mode, conversations=self.conversations, turns=self.turns,
             system=self.system, system_words=self.system_words,
-            prompt_words=() if self.prompt_tokens is not None else (_many(self.prompt_words) or (20,)),
-            prompt_tokens=_many(self.prompt_tokens) or (), tools=_many(self.tools) or (),
+            prompt_words=() if self.prompt_tokens is not None else (as_tuple(self.prompt_words) or (20,)),
+            prompt_tokens=as_tuple(self.prompt_tokens) or (), tools=as_tuple(self.tools) or (),
             tool_calls_in_history=self.tool_calls_in_history, tool_result_words=self.tool_result_words,
-            params=self.params(), start_s=self.start_s,
+            params=RequestParams(**{key: getattr(self, key) for key in REQUEST_KEYS}), start_s=self.start_s,
             arrival=self.arrival or ("burst" if self.rate is None else "uniform"), rate=self.rate,
             concurrency=self.concurrency, think_s=self.think_s, cancel=cancel,
         )
-
-
-class ExpectTable(Table):
-    no_lost_requests: bool | None = None
-    allowed_status: Statuses | None = None
-    min_outcomes: OutcomeCounts | None = None
-    max_outcomes: OutcomeCounts | None = None
-    identical_to_reference: bool | None = None
-    tie_margin: Seconds | None = None
-    min_cache_hit_ratio: Fraction | None = None
-    cache_hit_turns: CacheHitTurns | None = None
-    ttft_p50_max_ratio: Positive | None = None
-    ttft_p99_max_ratio: Positive | None = None
-    itl_p50_max_ratio: Positive | None = None
-    latency_floor_s: Seconds | None = None
-    memory_under_budget: bool | None = None
-    no_leaks: bool | None = None
-    new_request_succeeds: bool | None = None
-    error_message_contains: str | None = None
-    ssd_no_orphans: bool | None = None
-    schema_valid: bool | None = None
-
-    def problems(self) -> Iterator[tuple[str, str]]:
-        for key in ("min_outcomes", "max_outcomes"):
-            for name, count in (getattr(self, key) or {}).items():
-                if name not in OUTCOMES and not re.fullmatch(r"[1-5]\d\d", name):
-                    yield key, (f"unknown outcome {name!r}: expected one of {', '.join(OUTCOMES)} "
-                                "or an HTTP status code like \"413\"")
-                elif isinstance(count, bool) or not isinstance(count, int) or count < 0:
-                    yield key, f"{name}: expected a count >= 0, got {show(count)}"
-
-    def expectations(self, *, phase: bool) -> Expectations:
-        """A phase's checks only what it names: the run-wide defaults no_lost_requests and
-        allowed_status already cover every phase."""
-        given = {key: getattr(self, key) for key in self.__struct_fields__ if getattr(self, key) is not None}
-        for key in ("min_outcomes", "max_outcomes"):
-            if key in given:
-                given[key] = tuple(given[key].items())
-        if "allowed_status" in given:
-            given["allowed_status"] = _many(given["allowed_status"])
-        base = {"no_lost_requests": False, "allowed_status": None} if phase else {}
-        return Expectations(**base | given)
 
 
 class PhaseTable(Table):
@@ -491,7 +222,7 @@ class PhaseTable(Table):
     workloads: Words | None = None
     concurrency: Sizes | None = None
     restart_before: bool = False
-    expect: dict[str, Any] | None = None  # an ExpectTable, read on its own: located as [phase[N].expect]
+    expect: dict[str, Any] | None = None  # Expectations, read on their own: located as [phase[N].expect]
 
 
 class FaultTable(Table):
@@ -574,10 +305,10 @@ def _build(ctx: Context, data: dict, path: Path | None) -> Scenario | None:
     model = decode(ctx, root.model or {}, ("model",), ModelTable)
     server = _server(ctx, root.server)
     defaults = root.defaults or {}
-    if decode(ctx, defaults, ("defaults",), RequestTable) is None:
+    if decode(ctx, defaults, ("defaults",), RequestParams) is None:
         defaults = {}
     names, workloads = _workloads(ctx, root.workload, defaults)
-    expect = decode(ctx, root.expect or {}, ("expect",), ExpectTable)
+    expect = decode(ctx, root.expect or {}, ("expect",), Expectations)
     phases = _phases(ctx, root.phase, names)
     base_names = {p.name.split("@c")[0] for p in phases} | {p.name for p in phases}
     first = phases[0].name if phases else "main"
@@ -591,7 +322,7 @@ def _build(ctx: Context, data: dict, path: Path | None) -> Scenario | None:
     return Scenario(
         name=head.name, path=path, description=head.description, seed=head.seed, model=model.name,
         server=server, workloads=tuple(workloads), phases=tuple(phases), faults=tuple(faults),
-        actions=tuple(actions), expect=expect.expectations(phase=False),
+        actions=tuple(actions), expect=expect,
         request_timeout_s=head.request_timeout_s, timeout_s=head.timeout_s,
     )
 
@@ -654,16 +385,15 @@ def _phase(ctx: Context, data: Any, table: tuple, workloads: tuple[str, ...]) ->
     t = decode(ctx, data, table, PhaseTable, partial=True)
     if t is None:
         return []
-    chosen = _many(t.workloads) or (() if t.workloads is not None else workloads)
+    chosen = as_tuple(t.workloads) or (() if t.workloads is not None else workloads)
     for w in chosen:
         if w not in workloads:
             ctx.report(table, "workloads", f"no workload named {w!r}; defined: {', '.join(workloads) or 'none'}")
     expect = None
     if t.expect is not None:
-        e = decode(ctx, t.expect, table + ("expect",), ExpectTable)
-        expect = e.expectations(phase=True) if e is not None else None
+        expect = decode(ctx, {**PHASE_EXPECTATIONS, **t.expect}, table + ("expect",), Expectations)
     name = t.name if t.name is not None else f"phase{table[-1] + 1}"
-    levels = _many(t.concurrency)
+    levels = as_tuple(t.concurrency)
     if levels is None or len(levels) == 1:
         return [Phase(name=name, workloads=chosen, concurrency=levels[0] if levels else None,
                       restart_before=t.restart_before, expect=expect)]
@@ -704,4 +434,4 @@ def _action(ctx: Context, data: Any, table: tuple, phases: list[Phase], phase_na
     if t.phase is not None and t.phase not in phase_names:
         ctx.report(table, "phase", f"no phase named {t.phase!r}; phases: {', '.join(sorted(phase_names))}")
         return []
-    return [Action(kind=t.kind, phase=target, at_s=_many(t.at_s)) for target in _targets(phases, t.phase or first)]
+    return [Action(kind=t.kind, phase=target, at_s=as_tuple(t.at_s)) for target in _targets(phases, t.phase or first)]

@@ -228,11 +228,10 @@ def decode(ctx: Context, data: Any, table: tuple, kind: type[T], *, partial: boo
             return None
     if set_aside:
         return value if partial else None
-    clean = True
-    for key, message in value.problems():
+    problems = list(value.problems())
+    for key, message in problems:
         ctx.report(table, key, message)
-        clean = False
-    return value if clean else None
+    return None if problems else value
 
 
 def _explain(error: str, kind: type, data: dict) -> tuple[str | None, str]:
@@ -278,6 +277,8 @@ def describe(hint: Any) -> str:
         meta = next((a for a in args[1:] if isinstance(a, msgspec.Meta)), msgspec.Meta())
         if meta.description:
             return meta.description
+        if args[0] is str and meta.min_length == 1:
+            return "a non-empty string"
         bounds = [f"{op} {bound}" for op, bound in ((">=", meta.ge), (">", meta.gt), ("<=", meta.le),
                                                     ("<", meta.lt)) if bound is not None]
         return describe(args[0]) + "".join(" " + b for b in bounds[:1]) + "".join(" and " + b for b in bounds[1:])

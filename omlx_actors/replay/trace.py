@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from omlx_actors.replay.schema import RequestParams, Scenario, Workload
+from omlx_actors.replay.scenario import RequestParams, Scenario, Workload
 
 # Generated prompts draw from these words: plain lowercase ASCII, so every tokenizer gives
 # stable, ordinary tokens. Meaning is irrelevant (the demo models have random weights).
