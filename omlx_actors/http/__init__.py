@@ -4,7 +4,8 @@
 it with Hypercorn in the runtime's trio run.
 """
 
-from omlx_actors.http.app import ServerState, create_app
+from omlx_actors.http.app import create_app
+from omlx_actors.http.exchange import ServerState
 from omlx_actors.http.settings import HttpSettings
 
 __all__ = ["HttpSettings", "ServerState", "create_app"]

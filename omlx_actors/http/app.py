@@ -1,53 +1,43 @@
-"""The Quart-Trio application: shared state, request hooks (auth, body limit, shutdown),
-the small routes (/health, /metrics, /v1/models), and the helpers the generation routes use.
+"""The Quart-Trio application factory: request hooks (auth, body limit, shutdown), the small
+routes (/health, /metrics, /v1/models), and the generation routes of `openai_routes` and
+`anthropic_routes`.
 
 `create_app(runtime, settings)` returns the ASGI callable to serve and the `ServerState`
-that the server uses to drain or abort in-flight requests at shutdown.
-
-Who owns what: the `ServerState` owns the table of in-flight generation requests and the
-`accepting` flag; each request's ASGI call (see `RequestScope`) owns the cleanups that close
-its session, so a request's session is closed when its HTTP exchange ends however it ends
-(done, client gone, cancelled).
+(`exchange.py`) that the server uses to drain or abort in-flight requests at shutdown.
+`RequestScope` gives each HTTP exchange its cancel scope and runs its cleanups (closing its
+session) when it ends, however it ends (done, client gone, cancelled).
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import hmac
 import logging
-import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
 
 import attrs
-import msgspec
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from omlx_actors.refusals import ModelNotFound
-from omlx_actors.http.wire_errors import (
-    BODY_TOO_LARGE,
-    ApiError,
-    WireError,
-    error_response,
-    from_request_error,
-    install_error_handlers,
+from omlx_actors.http import anthropic_routes, openai_routes
+from omlx_actors.http.exchange import (
+    SCOPE_CLEANUPS,
+    ServerState,
+    check_model,
+    json_response,
 )
 from omlx_actors.http.metrics import CONTENT_TYPE, HttpMetrics
-from omlx_actors.http.schemas import decode_body
 from omlx_actors.http.settings import HttpSettings
-from omlx_actors.http.sse import StreamEncoder, sse_body
-from omlx_actors.front.session import Done, Session
+from omlx_actors.http.wire_errors import (
+    BODY_TOO_LARGE,
+    WireError,
+    error_response,
+    install_error_handlers,
+)
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-# Keys this module adds to an HTTP request's ASGI scope.
-SCOPE_CLEANUPS = "omlx.cleanups"
 # Buffers from this size up get their own mapping, returned to the system when freed.
 # glibc's default threshold adapts upwards (to 32 MiB) after the first large free, and from
 # then on keeps freed multi-MB bodies, decoded prompts and rendered templates in its heap:
@@ -55,93 +45,9 @@ SCOPE_CLEANUPS = "omlx.cleanups"
 # usual allocations, so the extra mappings cost nothing measurable.
 MMAP_THRESHOLD_BYTES = 1 << 20
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-@attrs.define(eq=False)
-class InFlight:
-    session: Session
-    route: str
-
-
 # While the model loads, /v1 routes answer 503 with this Retry-After (seconds): long enough
 # not to hammer a server that is loading weights, short against a load of a few seconds.
 STARTING_RETRY_AFTER_S = 2
-
-
-@attrs.define(eq=False)
-class ServerState:
-    """What the routes share. Mutated only on the trio thread, between awaits.
-
-    The server listens before the model is loaded: until `attach(runtime)`, `runtime` is
-    None, /health answers 503 `starting` and /v1 routes 503 with Retry-After."""
-
-    settings: HttpSettings
-    metrics: HttpMetrics
-    runtime: Any = None  # omlx_actors.front.runtime.Runtime, once ready
-    model_id: str = ""
-    aliases: frozenset[str] = frozenset()
-    created: int = attrs.field(factory=lambda: int(time.time()))
-    accepting: bool = True
-    inflight: set[InFlight] = attrs.field(factory=set)
-    # Every HTTP exchange in progress: the last resort at shutdown cancels these.
-    exchanges: set[trio.CancelScope] = attrs.field(factory=set)
-    _changed: trio.Event = attrs.field(factory=trio.Event)
-
-    def track(self, session: Session, route: str) -> InFlight:
-        """Count `session` as in flight until its HTTP exchange ends; close it then."""
-        entry = InFlight(session=session, route=route)
-        self.inflight.add(entry)
-        self.metrics.inflight.set(len(self.inflight))
-
-        def cleanup() -> None:
-            session.close()
-            self.inflight.discard(entry)
-            self.metrics.inflight.set(len(self.inflight))
-            self._changed.set()
-            self._changed = trio.Event()
-
-        request.scope[SCOPE_CLEANUPS].append(cleanup)
-        return entry
-
-    async def wait_idle(self) -> None:
-        """Return once no generation request is in flight."""
-        while self.inflight:
-            await self._changed.wait()
-
-    def attach(self, runtime) -> None:
-        """The runtime is ready: serve it."""
-        self.model_id, self.aliases = model_aliases(runtime, self.settings)
-        self.runtime = runtime
-        runtime.accepting = self.accepting
-
-    def stop_accepting(self) -> None:
-        self.accepting = False
-        if self.runtime is not None:
-            self.runtime.accepting = False
-
-    def abort_inflight(self) -> int:
-        """Abort every in-flight request in the engine; their streams end with an error
-        event (the engine reports them finished with reason `abort`)."""
-        for entry in self.inflight:
-            # An abort for a request the engine does not know is a no-op; one still
-            # preparing is refused at submit (the runtime no longer accepts).
-            self.runtime.abort_nowait(entry.session.request_id)
-        return len(self.inflight)
-
-    def cancel_exchanges(self) -> None:
-        for scope in list(self.exchanges):
-            scope.cancel()
-
-    @functools.cached_property
-    def token_text(self) -> Callable[[int], str]:
-        tokenizer = self.runtime.tokenizer
-
-        @functools.lru_cache(maxsize=65536)
-        def text(token: int) -> str:
-            return tokenizer.decode([token])
-
-        return text
 
 
 class RequestScope:
@@ -180,27 +86,6 @@ class RequestScope:
                     cleanup()
 
 
-def model_aliases(runtime, settings: HttpSettings) -> tuple[str, frozenset[str]]:
-    """The model id /v1/models reports, and every name a request may use for it: that id
-    (--served-model-name, else a hub repo id as given, else the model directory's name, or
-    the demo's name when no --model), the --model string as given, the model directory's
-    name and its resolved path."""
-    path = Path(runtime.model_path)
-    given = runtime.config.model
-    if settings.served_model_name:
-        model_id = settings.served_model_name
-    elif given is None:
-        model_id = runtime.config.demo_model  # the built-in demo, by its name
-    elif not Path(given).expanduser().is_dir():
-        model_id = given  # a hub repo id
-    else:
-        model_id = path.name
-    names = {model_id, path.name, str(path), str(path.resolve())}
-    if given:
-        names.add(given)
-    return model_id, frozenset(names)
-
-
 def create_app(runtime=None, settings: HttpSettings | None = None) -> tuple[RequestScope, ServerState]:
     """The app for `runtime`, or, with None, for a runtime still starting: attach it with
     `ServerState.attach` once it is ready."""
@@ -219,12 +104,10 @@ def create_app(runtime=None, settings: HttpSettings | None = None) -> tuple[Requ
     install_error_handlers(app)
     _install_hooks(app, state)
     _install_service_routes(app, state)
-
-    from omlx_actors.http import anthropic_routes, openai_routes
-
     openai_routes.register(app, state)
     anthropic_routes.register(app, state)
     return RequestScope(app, state), state
+
 
 
 def _needs_key(path: str, settings: HttpSettings) -> bool:
@@ -299,18 +182,18 @@ def _install_service_routes(app: QuartTrio, state: ServerState) -> None:
     async def health():
         """Liveness that reflects the engine making progress, not just the web server."""
         if not state.accepting:
-            return _json({"status": "shutting_down"}, 503)
+            return json_response({"status": "shutting_down"}, 503)
         if state.runtime is None:  # the model is loading; no engine to ask yet
-            return _json({"status": "starting", "engine": {"state": "starting"}}, 503)
+            return json_response({"status": "starting", "engine": {"state": "starting"}}, 503)
         engine = _engine_body(state.runtime.engine_status())
         if engine["state"] != "ready":
             # Restarting: requests are held and resume; failed: new ones get 503.
-            return _json({"status": engine["state"], "engine": engine}, 503)
+            return json_response({"status": engine["state"], "engine": engine}, 503)
         try:
             pong = await state.runtime.ping(timeout=settings.health_ping_timeout_s)
         except Exception as exc:  # noqa: BLE001 - any failure to answer is "unhealthy"
-            return _json({"status": "unhealthy", "reason": f"engine did not answer: {exc}",
-                          "engine": engine}, 503)
+            return json_response({"status": "unhealthy", "reason": f"engine did not answer: {exc}",
+                                  "engine": engine}, 503)
         body = {
             "status": "ok",
             "steps": pong.steps,
@@ -326,8 +209,8 @@ def _install_service_routes(app: QuartTrio, state: ServerState) -> None:
         )
         if stalled:
             body.update(status="unhealthy", reason="the engine has running requests but makes no steps")
-            return _json(body, 503)
-        return _json(body, 200)
+            return json_response(body, 503)
+        return json_response(body, 200)
 
     @app.get("/metrics")
     async def metrics():
@@ -366,12 +249,12 @@ def _install_service_routes(app: QuartTrio, state: ServerState) -> None:
 
     @app.get("/v1/models")
     async def list_models():
-        return _json({"object": "list", "data": [_model_card(state)]}, 200)
+        return json_response({"object": "list", "data": [_model_card(state)]}, 200)
 
     @app.get("/v1/models/<path:model>")
     async def get_model(model: str):
         check_model(state, model)
-        return _json(_model_card(state), 200)
+        return json_response(_model_card(state), 200)
 
 
 def _engine_body(status) -> dict:
@@ -380,24 +263,6 @@ def _engine_body(status) -> dict:
 
 def _model_card(state: ServerState) -> dict:
     return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "omlx-actors"}
-
-
-def _json(body: Any, status: int) -> Response:
-    return Response(msgspec.json.encode(body), status=status, mimetype="application/json")
-
-
-# ---------------------------------------------------------------------------------------
-# Helpers of the generation routes
-
-
-def json_response(body: Any, status: int = 200) -> Response:
-    return _json(body, status)
-
-
-async def read_body(type_: type[T]) -> T:
-    """The request body, decoded and validated (413 past the limit, 400 if malformed)."""
-    raw = await request.get_data(cache=False)
-    return decode_body(raw, type_)
 
 
 def return_large_buffers() -> None:
@@ -412,92 +277,4 @@ def return_large_buffers() -> None:
     mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)
 
 
-def check_model(state: ServerState, model: str) -> None:
-    if model not in state.aliases:
-        raise ModelNotFound(
-            f"the model {model!r} is not served here; this server serves {state.model_id!r}",
-            param="model",
-        )
-
-
-async def start_session(state: ServerState, session: Session, route: str) -> None:
-    """Track and start `session`: every refusal (context length, full queue, shutting
-    down, tokenizer failure) raises here, before any byte of the response is sent."""
-    state.track(session, route)
-    await session.start()
-
-
-def stream_response(
-    state: ServerState, session: Session, encoder: StreamEncoder, route: str
-) -> Response:
-    metrics = state.metrics
-
-    def on_end(complete: bool, seconds: float) -> None:
-        metrics.stream_seconds.labels(route).observe(seconds)
-        if not complete:
-            metrics.disconnects.labels(route).inc()
-
-    body = sse_body(
-        session,
-        encoder,
-        keepalive_s=state.settings.keepalive_s,
-        on_done=lambda done: metrics.observe_done(route, done),
-        on_end=on_end,
-    )
-    response = Response(body, status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
-    response.timeout = None  # never cut a stream (see RESPONSE_TIMEOUT above)
-    return response
-
-
-async def collect(state: ServerState, session: Session, route: str) -> list[Any]:
-    """Every event of a started session, for a non-streaming answer."""
-    events: list[Any] = []
-    try:
-        async for event in session:
-            events.append(event)
-            if isinstance(event, Done):
-                state.metrics.observe_done(route, event)
-    finally:
-        session.close()
-    return events
-
-
-def failed_done(done: Done) -> WireError | None:
-    """The error a finished request reports to its client, if it did not end normally."""
-    if done.finish_reason == "abort":
-        return WireError(status=503, message="the server is shutting down; the request was aborted",
-                         code="shutting_down")
-    if done.finish_reason == "error":
-        if done.error_type in ("EngineStopped", "EngineStopping"):
-            return WireError(status=503, message=done.error or "the engine stopped",
-                             code="engine_unavailable")
-        if done.error_type == "MemoryError":
-            # The engine survived and serves on: retrying later is the right move.
-            return WireError(status=503, message=f"the engine ran out of memory: {done.error}",
-                             code="out_of_memory", retry_after_s=1)
-        if done.error_type == "MemoryRefused":
-            # Queued, then found that nothing would ever make room (the executor's _settle).
-            return WireError(status=413, message=f"this request cannot fit in memory: {done.error}",
-                             code="prefill_memory_exceeded")
-        if done.error_type == "QueueTimeout":
-            return WireError(status=503, message=done.error or "waited too long for memory",
-                             code="queue_timeout", retry_after_s=1)
-        return WireError(status=500, message=f"generation failed: {done.error or done.error_type}",
-                         code="generation_failed")
-    return None
-
-
-__all__ = [
-    "ApiError",
-    "RequestScope",
-    "ServerState",
-    "check_model",
-    "collect",
-    "create_app",
-    "failed_done",
-    "from_request_error",
-    "json_response",
-    "read_body",
-    "start_session",
-    "stream_response",
-]
+__all__ = ["RequestScope", "ServerState", "create_app", "key_matches"]

@@ -26,6 +26,13 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class HttpMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self._define_front_metrics(r)
+        self._define_engine_metrics(r)
+        self.sourced = _SourcedCounters()
+        r.register(self.sourced)
+
+    def _define_front_metrics(self, r: CollectorRegistry) -> None:
+        """What the front counts itself: requests, tokens, latencies, streams."""
         self.requests = Counter(
             "omlx_http_requests", "HTTP requests answered, by route and status",
             ["route", "status"], registry=r,
@@ -67,9 +74,11 @@ class HttpMetrics:
             "omlx_client_disconnects", "streams whose client left before the end", ["route"],
             registry=r,
         )
-        # Numbers other actors keep (the cache index, the SSD writer, the engine link, the
-        # memory enforcer), read when /metrics is scraped: cumulative ones are exported as
-        # counters by `_SourcedCounters`, the rest as gauges.
+
+    def _define_engine_metrics(self, r: CollectorRegistry) -> None:
+        """Numbers other actors keep (the cache index, the SSD writer, the engine link, the
+        memory enforcer), read when /metrics is scraped: cumulative ones are exported as
+        counters by `_SourcedCounters`, the rest as gauges."""
         self.cache_index = Gauge(
             "omlx_prefix_cache", "prefix cache index: blocks, bytes used, budget, bytes "
             "referenced by running requests", ["what"], registry=r,
@@ -108,8 +117,6 @@ class HttpMetrics:
             "omlx_engine_last_seconds", "the last restart: seconds from the engine's death to a "
             "ready engine (restart) and to the first resumed token (resume)", ["what"], registry=r,
         )
-        self.sourced = _SourcedCounters()
-        r.register(self.sourced)
 
     def observe_engine(self, status) -> None:
         self.sourced.set("omlx_engine_restarts", "engine process deaths followed by a restart",

@@ -27,7 +27,7 @@ import attrs
 
 from omlx_actors.engine.messages import SamplingParams, TokenChoice
 from omlx_actors.refusals import InvalidRequest
-from omlx_actors.http.app import (
+from omlx_actors.http.exchange import (
     ServerState,
     check_model,
     collect,

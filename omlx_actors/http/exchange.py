@@ -1,0 +1,250 @@
+"""What every route shares: the server's state and the helpers of one HTTP exchange.
+
+`ServerState` owns the table of in-flight generation requests and the `accepting` flag; a
+request's cleanups (closing its session) ride in its ASGI scope under `SCOPE_CLEANUPS`,
+run by `app.RequestScope` when the exchange ends however it ends (done, client gone,
+cancelled). The helpers turn a session into a response: `start_session` (every refusal
+before the first byte), `stream_response` (SSE), `collect` (a whole answer), `failed_done`
+(the error a finished request reports).
+
+The app factory (`app.py`) and the route modules import this module; it imports neither.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import msgspec
+import trio
+from quart import Response, request
+
+from omlx_actors.front.session import Done, Session
+from omlx_actors.http.metrics import HttpMetrics
+from omlx_actors.http.schemas import decode_body
+from omlx_actors.http.settings import HttpSettings
+from omlx_actors.http.sse import StreamEncoder, sse_body
+from omlx_actors.http.wire_errors import WireError
+from omlx_actors.refusals import ModelNotFound
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Keys this module adds to an HTTP request's ASGI scope.
+SCOPE_CLEANUPS = "omlx.cleanups"
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@attrs.define(eq=False)
+class InFlight:
+    session: Session
+    route: str
+
+
+
+@attrs.define(eq=False)
+class ServerState:
+    """What the routes share. Mutated only on the trio thread, between awaits.
+
+    The server listens before the model is loaded: until `attach(runtime)`, `runtime` is
+    None, /health answers 503 `starting` and /v1 routes 503 with Retry-After."""
+
+    settings: HttpSettings
+    metrics: HttpMetrics
+    runtime: Any = None  # omlx_actors.front.runtime.Runtime, once ready
+    model_id: str = ""
+    aliases: frozenset[str] = frozenset()
+    created: int = attrs.field(factory=lambda: int(time.time()))
+    accepting: bool = True
+    inflight: set[InFlight] = attrs.field(factory=set)
+    # Every HTTP exchange in progress: the last resort at shutdown cancels these.
+    exchanges: set[trio.CancelScope] = attrs.field(factory=set)
+    _changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def track(self, session: Session, route: str) -> InFlight:
+        """Count `session` as in flight until its HTTP exchange ends; close it then."""
+        entry = InFlight(session=session, route=route)
+        self.inflight.add(entry)
+        self.metrics.inflight.set(len(self.inflight))
+
+        def cleanup() -> None:
+            session.close()
+            self.inflight.discard(entry)
+            self.metrics.inflight.set(len(self.inflight))
+            self._changed.set()
+            self._changed = trio.Event()
+
+        request.scope[SCOPE_CLEANUPS].append(cleanup)
+        return entry
+
+    async def wait_idle(self) -> None:
+        """Return once no generation request is in flight."""
+        while self.inflight:
+            await self._changed.wait()
+
+    def attach(self, runtime) -> None:
+        """The runtime is ready: serve it."""
+        self.model_id, self.aliases = model_aliases(runtime, self.settings)
+        self.runtime = runtime
+        runtime.accepting = self.accepting
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        if self.runtime is not None:
+            self.runtime.accepting = False
+
+    def abort_inflight(self) -> int:
+        """Abort every in-flight request in the engine; their streams end with an error
+        event (the engine reports them finished with reason `abort`)."""
+        for entry in self.inflight:
+            # An abort for a request the engine does not know is a no-op; one still
+            # preparing is refused at submit (the runtime no longer accepts).
+            self.runtime.abort_nowait(entry.session.request_id)
+        return len(self.inflight)
+
+    def cancel_exchanges(self) -> None:
+        for scope in list(self.exchanges):
+            scope.cancel()
+
+    @functools.cached_property
+    def token_text(self) -> Callable[[int], str]:
+        tokenizer = self.runtime.tokenizer
+
+        @functools.lru_cache(maxsize=65536)
+        def text(token: int) -> str:
+            return tokenizer.decode([token])
+
+        return text
+
+
+
+def model_aliases(runtime, settings: HttpSettings) -> tuple[str, frozenset[str]]:
+    """The model id /v1/models reports, and every name a request may use for it: that id
+    (--served-model-name, else a hub repo id as given, else the model directory's name, or
+    the demo's name when no --model), the --model string as given, the model directory's
+    name and its resolved path."""
+    path = Path(runtime.model_path)
+    given = runtime.config.model
+    if settings.served_model_name:
+        model_id = settings.served_model_name
+    elif given is None:
+        model_id = runtime.config.demo_model  # the built-in demo, by its name
+    elif not Path(given).expanduser().is_dir():
+        model_id = given  # a hub repo id
+    else:
+        model_id = path.name
+    names = {model_id, path.name, str(path), str(path.resolve())}
+    if given:
+        names.add(given)
+    return model_id, frozenset(names)
+
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers of the generation routes
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(body), status=status, mimetype="application/json")
+
+
+async def read_body(type_: type[T]) -> T:
+    """The request body, decoded and validated (413 past the limit, 400 if malformed)."""
+    raw = await request.get_data(cache=False)
+    return decode_body(raw, type_)
+
+
+def check_model(state: ServerState, model: str) -> None:
+    if model not in state.aliases:
+        raise ModelNotFound(
+            f"the model {model!r} is not served here; this server serves {state.model_id!r}",
+            param="model",
+        )
+
+
+async def start_session(state: ServerState, session: Session, route: str) -> None:
+    """Track and start `session`: every refusal (context length, full queue, shutting
+    down, tokenizer failure) raises here, before any byte of the response is sent."""
+    state.track(session, route)
+    await session.start()
+
+
+def stream_response(
+    state: ServerState, session: Session, encoder: StreamEncoder, route: str
+) -> Response:
+    metrics = state.metrics
+
+    def on_end(complete: bool, seconds: float) -> None:
+        metrics.stream_seconds.labels(route).observe(seconds)
+        if not complete:
+            metrics.disconnects.labels(route).inc()
+
+    body = sse_body(
+        session,
+        encoder,
+        keepalive_s=state.settings.keepalive_s,
+        on_done=lambda done: metrics.observe_done(route, done),
+        on_end=on_end,
+    )
+    response = Response(body, status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
+    response.timeout = None  # never cut a stream (see RESPONSE_TIMEOUT above)
+    return response
+
+
+async def collect(state: ServerState, session: Session, route: str) -> list[Any]:
+    """Every event of a started session, for a non-streaming answer."""
+    events: list[Any] = []
+    try:
+        async for event in session:
+            events.append(event)
+            if isinstance(event, Done):
+                state.metrics.observe_done(route, event)
+    finally:
+        session.close()
+    return events
+
+
+def failed_done(done: Done) -> WireError | None:
+    """The error a finished request reports to its client, if it did not end normally."""
+    if done.finish_reason == "abort":
+        return WireError(status=503, message="the server is shutting down; the request was aborted",
+                         code="shutting_down")
+    if done.finish_reason == "error":
+        if done.error_type in ("EngineStopped", "EngineStopping"):
+            return WireError(status=503, message=done.error or "the engine stopped",
+                             code="engine_unavailable")
+        if done.error_type == "MemoryError":
+            # The engine survived and serves on: retrying later is the right move.
+            return WireError(status=503, message=f"the engine ran out of memory: {done.error}",
+                             code="out_of_memory", retry_after_s=1)
+        if done.error_type == "MemoryRefused":
+            # Queued, then found that nothing would ever make room (the executor's _settle).
+            return WireError(status=413, message=f"this request cannot fit in memory: {done.error}",
+                             code="prefill_memory_exceeded")
+        if done.error_type == "QueueTimeout":
+            return WireError(status=503, message=done.error or "waited too long for memory",
+                             code="queue_timeout", retry_after_s=1)
+        return WireError(status=500, message=f"generation failed: {done.error or done.error_type}",
+                         code="generation_failed")
+    return None
+
+
+__all__ = [
+    "InFlight",
+    "ServerState",
+    "check_model",
+    "collect",
+    "failed_done",
+    "json_response",
+    "model_aliases",
+    "read_body",
+    "start_session",
+    "stream_response",
+]
