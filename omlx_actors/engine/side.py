@@ -76,12 +76,18 @@ class ActorRef(Protocol):
 class EngineSide(Protocol):
     """A running engine side, as the front uses it (see the module docstring)."""
 
-    info: EngineInfo
-    # Every `EngineEvent`, in order; it ends when the engine has stopped. One reader: the
-    # front's dispatcher.
-    events: trio.MemoryReceiveChannel[EngineEvent]
-    # The memory enforcer's snapshots: `.latest` is the newest `MemorySnapshot` (or None).
-    memory: Any
+    @property
+    def info(self) -> EngineInfo:
+        """The engine's readiness value (model, vocabulary, context, cache identity)."""
+
+    @property
+    def events(self) -> trio.MemoryReceiveChannel[EngineEvent]:
+        """Every `EngineEvent`, in order; it ends when the engine has stopped. One reader:
+        the front's dispatcher."""
+
+    @property
+    def memory(self) -> Any:
+        """The memory enforcer's snapshots: `.latest` is the newest `MemorySnapshot`."""
 
     async def submit(self, submit: Submit) -> None:
         """Pin the prompt's cached prefix, then submit. The executor's refusals raise
