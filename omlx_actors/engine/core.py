@@ -300,7 +300,7 @@ class EngineCore:
         caches = self._gen.remove([live.uid], return_prompt_caches=self._blocks.store is not None)
         if live.uid in caches:
             cache, tokens = caches[live.uid]
-            self._blocks.save_finished(live.slot, tokens, cache, live.cached_tokens, live.cache_scope)
+            self._blocks.save_finished(live, tokens, cache)
         return self._finish(live, FinishReason.ABORT)
 
     # -- the step ----------------------------------------------------------------------------
@@ -353,14 +353,13 @@ class EngineCore:
             live = self._live.by_uid(r.uid)
             if live is None:
                 continue
-            slot = live.slot
             done, total = r.progress
-            progress.append((slot, int(done), int(total)))
+            progress.append((live.slot, int(done), int(total)))
             if r.end_of_prompt:
                 self._prompt_tokens_processed += int(total)
-                self._blocks.save_prompt(self._gen, r.uid, slot, live.cached_tokens, live.cache_scope)
+                self._blocks.save_prompt(self._gen, live)
             elif r.end_of_segment:
-                self._blocks.snapshot_prefill_boundary(self._gen, r.uid, slot, live.boundaries)
+                self._blocks.snapshot_prefill_boundary(self._gen, live)
         return progress
 
     def _generated(self, responses: list) -> tuple[list[tuple[int, TokenChoice]], list[SlotFinished]]:
@@ -372,7 +371,6 @@ class EngineCore:
             live = self._live.by_uid(r.uid)
             if live is None:
                 continue
-            slot = live.slot
             if live.grammar is not None and live.grammar.error is not None:
                 # Fail closed: the token its matcher refused is withheld, the request ends
                 # as an error, never as output that breaks its schema.
@@ -382,14 +380,13 @@ class EngineCore:
                                              f"output left its grammar: {live.grammar.error}"))
                 continue
             live.completion_tokens += 1
-            tokens.append((slot, token_choice(live.sampling, r.token, r.logprobs)))
+            tokens.append((live.slot, token_choice(live.sampling, r.token, r.logprobs)))
             if r.finish_reason is not None:
                 reason = FinishReason.LENGTH if r.finish_reason == "length" else FinishReason.STOP
                 # The extracted cache may still be read by the step in flight: keep it until
                 # the deferred clear (rule 3 in lifetime.py). The cache index will take it here.
                 self._retired.retire(self._step, r.prompt_cache)
-                self._blocks.save_finished(slot, r.all_tokens, r.prompt_cache,
-                                           live.cached_tokens, live.cache_scope)
+                self._blocks.save_finished(live, r.all_tokens, r.prompt_cache)
                 finished.append(self._finish(live, reason))
         return tokens, finished
 

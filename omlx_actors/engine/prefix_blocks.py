@@ -14,7 +14,7 @@ only: the store's tensors belong to the core.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -22,6 +22,7 @@ import attrs
 from omlx_actors.cache.index import Eviction, StoredBlock
 from omlx_actors.engine import batch_rows
 from omlx_actors.engine.block_store import BlockStore
+from omlx_actors.engine.live_rows import LiveRequest
 
 # A block for the SSD writer: (hash, parent, scope, tokens per block, tensors).
 SsdSave = tuple[str, str | None, str, int, tuple[Any, ...]]
@@ -101,43 +102,45 @@ class PrefixBlocks:
 
     # -- during a request's life ---------------------------------------------------------------
 
-    def snapshot_prefill_boundary(self, gen: Any, uid: int, slot: int, boundaries: list[int]) -> None:
-        """The row's prefill stopped at the end of the next block in `boundaries` (which
-        this pops): snapshot its recurrent state there."""
-        if self.store is None or not boundaries:
+    def snapshot_prefill_boundary(self, gen: Any, live: LiveRequest) -> None:
+        """The row's prefill stopped at the end of the next block in its `boundaries`
+        (which this pops): snapshot its recurrent state there."""
+        if self.store is None or not live.boundaries:
             return
-        block_index = boundaries.pop(0)
-        self.store.snapshot(slot, block_index, batch_rows.prompt_row_state(gen, uid, self.store.layout))
+        block_index = live.boundaries.pop(0)
+        state = batch_rows.prompt_row_state(gen, live.uid, self.store.layout)
+        self.store.snapshot(live.slot, block_index, state)
 
-    def save_prompt(self, gen: Any, uid: int, slot: int, cached_tokens: int, scope: str) -> None:
+    def save_prompt(self, gen: Any, live: LiveRequest) -> None:
         """Store the prompt's blocks as soon as its prefill is done, so requests arriving
         while this one still decodes (agents sharing a system prompt) can reuse them. The
         row has just moved to the generation batch with its last prompt token."""
         if self.store is None:
             return
-        tokens, row = batch_rows.generation_row(gen, uid)
-        self._keep(scope, self.store.save(
-            slot, tokens, row, skip=cached_tokens // self.store.block_size, keep_snapshots=True,
+        tokens, row = batch_rows.generation_row(gen, live.uid)
+        self._keep(live.cache_scope, self.store.save(
+            live.slot, tokens, row, skip=live.cached_tokens // self.store.block_size,
+            keep_snapshots=True,
         ))
 
-    def snapshot_generation_boundaries(self, gen: Any, slot_of_uid: dict[int, int]) -> None:
+    def snapshot_generation_boundaries(self, gen: Any, slot_of_uid: Mapping[int, int]) -> None:
         """Snapshot the recurrent state of every decoding row (of `slot_of_uid`) whose
         cache has just completed a block."""
         for uid, block_index, state in batch_rows.generation_rows_at_block_end(
                 gen, self.store.block_size, self.store.layout, slot_of_uid):
             self.store.snapshot(slot_of_uid[uid], block_index, state)
 
-    def save_finished(self, slot: int, tokens: list[int] | None, cache: list[Any] | None,
-                      cached_tokens: int, scope: str) -> None:
+    def save_finished(self, live: LiveRequest, tokens: list[int] | None,
+                      cache: list[Any] | None) -> None:
         """A request left the batch with `cache` over `tokens`: store its blocks (the
         store forgets its snapshots), or, with nothing to save, just forget it."""
         if self.store is None:
             return
         if tokens and cache:
-            self._keep(scope, self.store.save(
-                slot, tokens, cache, skip=cached_tokens // self.store.block_size))
+            self._keep(live.cache_scope, self.store.save(
+                live.slot, tokens, cache, skip=live.cached_tokens // self.store.block_size))
         else:
-            self.store.forget_request(slot)
+            self.store.forget_request(live.slot)
 
     def forget(self, slot: int) -> None:
         """A failed request: its snapshots are of no use."""
