@@ -151,7 +151,7 @@ class _Progress:
 async def runtime_config(scenario: Scenario, model: str | None = None) -> RuntimeConfig:
     """The scenario's model (or `model`) and [server] settings as one RuntimeConfig. A demo
     model name is built once into the user cache if needed (in a child process)."""
-    from omlx_actors.front.runtime import resolve_model
+    from omlx_actors.models.download import resolve_model
     from omlx_actors.models import DEMO_SPECS
 
     name = model or scenario.model
@@ -178,7 +178,7 @@ async def _fresh_target(kind: str, config: RuntimeConfig, timeout_s: float) -> A
             finally:
                 await target.aclose()
     else:
-        from omlx_actors.front.runtime import open_runtime
+        from omlx_actors.wiring import open_runtime
 
         async with open_runtime(config=config) as rt:
             yield InProcessTarget(rt)
@@ -462,7 +462,7 @@ async def _act(target, kind: str, phase: str, when: float, clock, result: Replay
 
 async def _ssd_stats(target) -> dict[str, Any] | None:
     engine = target.engine
-    if engine is None or getattr(engine, "ssd", None) is None:
+    if engine is None or not engine.engine.has_ssd:
         return None
     return attrs.asdict(await engine.ssd_stats())
 
@@ -477,7 +477,7 @@ async def _ssd_check(target) -> SsdCheck:
     be left with no file at all (an orphan - a block the writer no longer knows, a temp
     file - is what a cleanup racing writes leaves behind)."""
     engine = target.engine
-    if engine is None or getattr(engine, "ssd", None) is None:
+    if engine is None or not engine.engine.has_ssd:
         return SsdCheck(clean=None, detail="no SSD tier in this runtime (set [server] ssd_cache_dir)")
     await trio.sleep(SSD_SETTLE_S)
     await engine.flush_ssd_cache()
