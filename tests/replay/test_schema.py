@@ -117,6 +117,23 @@ def test_every_problem_is_listed_in_file_order(tmp_path):
     ]
 
 
+def test_every_bad_key_of_one_table_is_listed_not_only_the_first(tmp_path):
+    errors = _errors(MINIMAL + 'turns = 0\nmode = "x"\nturnz = 1\n', tmp_path)
+    assert errors[:2] == [
+        "s.toml:6: [workload.w] turns: expected an integer >= 1, got 0",
+        "s.toml:7: [workload.w] mode: expected one of 'chat', 'completion', got 'x'",
+    ]
+    assert errors[2].startswith("s.toml:8: [workload.w] turnz: unknown key (did you mean 'turns'?)")
+    assert len(errors) == 3
+
+
+def test_a_workload_is_checked_with_the_defaults_it_inherits(tmp_path):
+    errors = _errors('[scenario]\nname = "x"\n\n[defaults]\nstream = false\n'
+                     '\n[workload.w]\ncancel_after_tokens = 3\n', tmp_path)
+    assert errors == ["s.toml:8: [workload.w] cancel_after_tokens: cancelling after N tokens "
+                      "needs stream = true"]
+
+
 def test_invalid_toml_reports_the_parser_line(tmp_path):
     errors = _errors('[scenario]\nname = "x"\n[workload.w\n', tmp_path)
     assert errors == ["s.toml: not valid TOML: Expected ']' at the end of a table declaration "
