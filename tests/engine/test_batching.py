@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from omlx_actors.front.runtime import open_runtime
+from omlx_actors.wiring import open_runtime
 from omlx_actors.engine.messages import FinishReason
 from omlx_actors.engine.mlx_thread import worker_count
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from omlx_actors.front.runtime import open_runtime
+from omlx_actors.wiring import open_runtime
 from omlx_actors.mlx_loader import load_mlx
 from omlx_actors.engine import cpu_attention
 

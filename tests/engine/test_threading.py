@@ -12,7 +12,7 @@ import pytest
 import trio
 
 import omlx_actors.mlx_loader  # noqa: F401
-from omlx_actors.front.runtime import open_runtime
+from omlx_actors.wiring import open_runtime
 from omlx_actors.engine.mlx_thread import is_mlx_thread
 
 MLX_ENTRY_POINTS = ("eval", "async_eval", "clear_cache", "synchronize", "new_stream")
@@ -141,7 +141,7 @@ async def test_event_loop_answers_a_ping_within_50ms_while_a_long_prefill_runs(h
 CLEAN_EXIT_SCRIPT = """
 import sys, trio
 import omlx_actors.mlx_loader
-from omlx_actors.front.runtime import open_runtime
+from omlx_actors.wiring import open_runtime
 
 async def main():
     async with open_runtime(sys.argv[1]) as rt:
