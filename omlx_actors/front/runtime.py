@@ -163,6 +163,8 @@ class Runtime:
         return len(self.dispatcher)
 
     async def submit(self, submit: Submit) -> None:
+        """Sessions submit through this (their `SessionContext.submit`): refused once the
+        runtime stops accepting; the engine's refusals become the front's `RequestError`s."""
         if not self.accepting:
             raise EngineUnavailable("the server is shutting down")
         try:
@@ -181,6 +183,11 @@ class Runtime:
             raise QueueFull("the engine's inbox is full; retry shortly") from exc
         except ActorError as exc:
             raise EngineUnavailable(f"the engine is unavailable: {exc}") from exc
+
+    @property
+    def has_ssd(self) -> bool:
+        """Whether the SSD tier is on (`ssd_cache_dir` set and the model's cache usable)."""
+        return self.engine.has_ssd
 
     async def cleanup_cache_scope(self, scope: str) -> None:
         """Remove the SSD tier's blocks filed under `scope`; returns once the writer has
