@@ -151,8 +151,8 @@ class _Progress:
 async def runtime_config(scenario: Scenario, model: str | None = None) -> RuntimeConfig:
     """The scenario's model (or `model`) and [server] settings as one RuntimeConfig. A demo
     model name is built once into the user cache if needed (in a child process)."""
-    from omlx_actors.models.download import resolve_model
     from omlx_actors.models import DEMO_SPECS
+    from omlx_actors.models.download import resolve_model
 
     name = model or scenario.model
     base = RuntimeConfig(model=None, demo_model=name) if name in DEMO_SPECS else RuntimeConfig(model=name)

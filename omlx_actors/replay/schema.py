@@ -111,6 +111,12 @@ def parse_scenario(text: str, path: Path | None = None) -> Scenario:
 # whose default is None was not given (TOML has no null).
 
 
+# The arrays of tables, named so in an error.
+_Phases = Annotated[list[Any], Meta(description="[[phase]] tables (an array of tables)")]
+_Faults = Annotated[list[Any], Meta(description="[[fault]] tables (an array of tables)")]
+_Actions = Annotated[list[Any], Meta(description="[[action]] tables (an array of tables)")]
+
+
 class ScenarioFile(Table):
     """The file's top level: its sections, each read by its own table type below."""
 
@@ -120,9 +126,9 @@ class ScenarioFile(Table):
     defaults: dict[str, Any] | None = None
     workload: Any = None  # checked by hand: its message asks for [workload.NAME] tables
     expect: dict[str, Any] | None = None
-    phase: Annotated[list[Any], Meta(description="[[phase]] tables (an array of tables)")] | None = None
-    fault: Annotated[list[Any], Meta(description="[[fault]] tables (an array of tables)")] | None = None
-    action: Annotated[list[Any], Meta(description="[[action]] tables (an array of tables)")] | None = None
+    phase: _Phases | None = None
+    fault: _Faults | None = None
+    action: _Actions | None = None
 
 
 class ScenarioTable(Table):
@@ -182,7 +188,8 @@ class WorkloadTable(RequestParams, frozen=True):
             yield "cancel_after_s", "give either cancel_after_tokens or cancel_after_s, not both"
         elif self.cancel_after_tokens is not None and self.stream is False:
             yield "cancel_after_tokens", "cancelling after N tokens needs stream = true"
-        elif self.cancel_fraction is not None and self.cancel_after_s is None and self.cancel_after_tokens is None:
+        elif (self.cancel_fraction is not None
+              and self.cancel_after_s is None and self.cancel_after_tokens is None):
             yield "cancel_fraction", "needs cancel_after_tokens or cancel_after_s"
 
     def _prompt_problems(self) -> Iterator[tuple[str, str]]:
@@ -208,10 +215,12 @@ class WorkloadTable(RequestParams, frozen=True):
         return Workload(
             name=name, mode=self.mode, conversations=self.conversations, turns=self.turns,
             system=self.system, system_words=self.system_words,
-            prompt_words=() if self.prompt_tokens is not None else (as_tuple(self.prompt_words) or (20,)),
+            prompt_words=(() if self.prompt_tokens is not None
+                          else as_tuple(self.prompt_words) or (20,)),
             prompt_tokens=as_tuple(self.prompt_tokens) or (), tools=as_tuple(self.tools) or (),
             tool_calls_in_history=self.tool_calls_in_history, tool_result_words=self.tool_result_words,
-            params=RequestParams(**{key: getattr(self, key) for key in REQUEST_KEYS}), start_s=self.start_s,
+            params=RequestParams(**{key: getattr(self, key) for key in REQUEST_KEYS}),
+            start_s=self.start_s,
             arrival=self.arrival or ("burst" if self.rate is None else "uniform"), rate=self.rate,
             concurrency=self.concurrency, think_s=self.think_s, cancel=cancel,
         )
@@ -241,10 +250,12 @@ class FaultTable(Table):
         """The first thing wrong with this fault's combination of keys, if any."""
         kind = self.kind
         if self.duration_s is not None:
-            return "duration_s", "disk faults strike by count, not for a time: use writes (and after_writes, stall_s)"
+            return "duration_s", ("disk faults strike by count, not for a time: use writes (and "
+                                  "after_writes, stall_s)")
         if self.phase is not None and self.phase not in phase_names:
             return "phase", f"no phase named {self.phase!r}; phases: {', '.join(sorted(phase_names))}"
-        if kind in STEP_FAULTS and sum(x is not None for x in (self.at_step, self.after_s, self.above_bytes)) != 1:
+        moments = (self.at_step, self.after_s, self.above_bytes)
+        if kind in STEP_FAULTS and sum(x is not None for x in moments) != 1:
             return "kind", f"an {kind} fault needs exactly one of at_step, after_s, above_bytes"
         if kind in ("process_restart", *DISK_FAULTS) and (
                 self.above_bytes is not None or (self.at_step is None) == (self.after_s is None)):
@@ -355,7 +366,8 @@ def _server(ctx: Context, data: dict[str, Any] | None) -> tuple[tuple[str, Any],
     return out
 
 
-def _workloads(ctx: Context, data: Any, defaults: dict[str, Any]) -> tuple[tuple[str, ...], list[Workload]]:
+def _workloads(ctx: Context, data: Any,
+               defaults: dict[str, Any]) -> tuple[tuple[str, ...], list[Workload]]:
     """The [workload.NAME] tables, each over the [defaults] (already checked)."""
     if not isinstance(data, Mapping) or not data:
         ctx.report((), None if data is None else "workload",
@@ -388,7 +400,8 @@ def _phase(ctx: Context, data: Any, table: tuple, workloads: tuple[str, ...]) ->
     chosen = as_tuple(t.workloads) or (() if t.workloads is not None else workloads)
     for w in chosen:
         if w not in workloads:
-            ctx.report(table, "workloads", f"no workload named {w!r}; defined: {', '.join(workloads) or 'none'}")
+            ctx.report(table, "workloads",
+                       f"no workload named {w!r}; defined: {', '.join(workloads) or 'none'}")
     expect = None
     if t.expect is not None:
         expect = decode(ctx, {**PHASE_EXPECTATIONS, **t.expect}, table + ("expect",), Expectations)
@@ -432,6 +445,8 @@ def _action(ctx: Context, data: Any, table: tuple, phases: list[Phase], phase_na
     if t is None:
         return []
     if t.phase is not None and t.phase not in phase_names:
-        ctx.report(table, "phase", f"no phase named {t.phase!r}; phases: {', '.join(sorted(phase_names))}")
+        ctx.report(table, "phase",
+                   f"no phase named {t.phase!r}; phases: {', '.join(sorted(phase_names))}")
         return []
-    return [Action(kind=t.kind, phase=target, at_s=as_tuple(t.at_s)) for target in _targets(phases, t.phase or first)]
+    return [Action(kind=t.kind, phase=target, at_s=as_tuple(t.at_s))
+            for target in _targets(phases, t.phase or first)]

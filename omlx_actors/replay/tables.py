@@ -255,8 +255,10 @@ def _explain(error: str, kind: type, data: dict) -> tuple[str | None, str]:
     wrong_type = ", got `" in text
     if wrong_type and get_origin(hint) is Literal:
         return key, f"expected a string, got {show(value)}"
-    scalar = get_origin(hint) is Literal or (get_origin(hint) is Annotated and get_args(hint)[0] in (int, float))
-    return key, f"expected {describe(hint)}, got {show(value) if wrong_type or not scalar else repr(value)}"
+    # A number out of bounds or a string not among the choices is shown bare, as written.
+    bare = not wrong_type and (get_origin(hint) is Literal or (
+        get_origin(hint) is Annotated and get_args(hint)[0] in (int, float)))
+    return key, f"expected {describe(hint)}, got {repr(value) if bare else show(value)}"
 
 
 def _given(hint: Any) -> Any:
@@ -281,7 +283,7 @@ def describe(hint: Any) -> str:
             return "a non-empty string"
         bounds = [f"{op} {bound}" for op, bound in ((">=", meta.ge), (">", meta.gt), ("<=", meta.le),
                                                     ("<", meta.lt)) if bound is not None]
-        return describe(args[0]) + "".join(" " + b for b in bounds[:1]) + "".join(" and " + b for b in bounds[1:])
+        return " ".join([describe(args[0]), " and ".join(bounds)]).rstrip()
     if origin in (Union, types.UnionType):
         return " or ".join(describe(a) for a in args)
     if origin is Literal:

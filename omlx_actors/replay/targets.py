@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from omlx_actors.front.structured import response_format_output
 from omlx_actors.replay.records import (
     CANCELLED,
     COMPLETED,
@@ -30,7 +31,6 @@ from omlx_actors.replay.records import (
     RequestRecord,
 )
 from omlx_actors.replay.trace import CancelAt, RequestBody
-from omlx_actors.front.structured import response_format_output
 
 Clock = Callable[[], float]
 
@@ -73,8 +73,8 @@ class InProcessTarget:
 
     async def send(self, body: RequestBody, cancel: CancelAt | None, rec: RequestRecord,
                    clock: Clock) -> None:
-        from omlx_actors.refusals import RequestError
         from omlx_actors.front.session import Done, TextDelta, ToolCall
+        from omlx_actors.refusals import RequestError
 
         rt = self.engine
         p = body.params
