@@ -462,7 +462,7 @@ async def _act(target, kind: str, phase: str, when: float, clock, result: Replay
 
 async def _ssd_stats(target) -> dict[str, Any] | None:
     engine = target.engine
-    if engine is None or not engine.engine.has_ssd:
+    if engine is None or not engine.has_ssd:
         return None
     return attrs.asdict(await engine.ssd_stats())
 
@@ -477,7 +477,7 @@ async def _ssd_check(target) -> SsdCheck:
     be left with no file at all (an orphan - a block the writer no longer knows, a temp
     file - is what a cleanup racing writes leaves behind)."""
     engine = target.engine
-    if engine is None or not engine.engine.has_ssd:
+    if engine is None or not engine.has_ssd:
         return SsdCheck(clean=None, detail="no SSD tier in this runtime (set [server] ssd_cache_dir)")
     await trio.sleep(SSD_SETTLE_S)
     await engine.flush_ssd_cache()
