@@ -36,7 +36,7 @@ import attrs
 import trio
 import trio.testing
 
-from omlx_actors.front.runtime import Dispatcher
+from omlx_actors.front.dispatcher import Dispatcher
 from omlx_actors.config import RuntimeConfig
 from omlx_actors.engine.messages import (
     Admitted,

@@ -91,7 +91,7 @@ def main() -> int:
         return 0
 
     async def run_in_process() -> None:
-        from omlx_actors.front.runtime import open_runtime
+        from omlx_actors.wiring import open_runtime
 
         async with open_runtime(config=attrs.evolve(config, gil_switch_interval_s=float(os.environ.get("GIL", "0.0002")))) as rt:
             tok = rt.tokenizer

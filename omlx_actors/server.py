@@ -143,7 +143,7 @@ async def open_server(
     drain or abort, stop serving), then the runtime stops."""
     import hypercorn.trio
 
-    from omlx_actors.front.runtime import open_runtime
+    from omlx_actors.wiring import open_runtime
     from omlx_actors.http import create_app
 
     config = config or RuntimeConfig()

@@ -7,7 +7,7 @@ import time
 import pytest
 import trio
 
-from omlx_actors.front.runtime import open_runtime
+from omlx_actors.wiring import open_runtime
 from omlx_actors.refusals import QueueFull, RequestError, RequestTooLarge
 
 MiB = 1024 * 1024

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from omlx_actors.front.runtime import open_runtime
+from omlx_actors.wiring import open_runtime
 from omlx_actors.cache.blocks import (
     ATTENTION_BLOCK_SIZE,
     RECURRENT_BLOCK_SIZE,

@@ -7,11 +7,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import trio
 
-from omlx_actors.front.runtime import open_runtime
+from omlx_actors.wiring import open_runtime
 
 BLOCK = 16
 
@@ -70,7 +69,7 @@ async def test_cleanup_of_a_scope_removes_its_files_and_later_saves_work(tiny_ll
 KILL_SCRIPT = """
 import sys, trio
 import omlx_actors.mlx_loader
-from omlx_actors.front.runtime import open_runtime
+from omlx_actors.wiring import open_runtime
 
 async def main():
     async with open_runtime(sys.argv[1], block_size=16, ssd_cache_dir=sys.argv[2]) as rt:

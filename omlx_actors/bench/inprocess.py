@@ -127,7 +127,7 @@ def run_bench(config: RuntimeConfig, levels: list[int], prompt_tokens: int, max_
               repeat: int = 3, progress=print) -> list[tuple[LevelResult, LevelResult]]:
     """Both sides at each level, alternating (a), (b) `repeat` times after one warm-up of
     each; the run of each side with the median tokens/s is kept (this machine is noisy)."""
-    from omlx_actors.front.runtime import open_runtime, resolve_model
+    from omlx_actors.wiring import open_runtime, resolve_model
 
     path, is_demo = trio.run(resolve_model, config)
     progress(f"model: {path}{' (random-weight demo)' if is_demo else ''}")
@@ -206,7 +206,7 @@ def _restart_bench(args: argparse.Namespace, config: RuntimeConfig) -> int:
     """The same long prompt before and after a restart, its prefix served from the SSD tier."""
     import shutil
 
-    from omlx_actors.front.runtime import open_runtime
+    from omlx_actors.wiring import open_runtime
 
     shutil.rmtree(args.ssd_dir, ignore_errors=True)
     config = attrs.evolve(config, ssd_cache_dir=args.ssd_dir)
@@ -232,7 +232,7 @@ def _restart_bench(args: argparse.Namespace, config: RuntimeConfig) -> int:
 
 def cache_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
     """Second turn of a conversation with a long history vs its cold first turn."""
-    from omlx_actors.front.runtime import open_runtime
+    from omlx_actors.wiring import open_runtime
     from omlx_actors.front.session import Done
 
     async def main() -> dict[str, Any]:

@@ -59,7 +59,7 @@ async def _streams(rt, prompts: list[list[int]], max_tokens: int, kill_after: in
 
 
 def _measure(config: RuntimeConfig, args: argparse.Namespace, label: str) -> dict[str, Any]:
-    from omlx_actors.front.runtime import open_runtime
+    from omlx_actors.wiring import open_runtime
 
     async def main() -> dict[str, Any]:
         async with open_runtime(config=config) as rt:

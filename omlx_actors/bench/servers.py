@@ -157,7 +157,7 @@ _LABELS = (("a", "(a) bare BatchGenerator"), ("b", "(b) in-process"),
 
 def full_bench_main(args: argparse.Namespace, config: RuntimeConfig) -> int:
     """(a) bare BatchGenerator, (b) in-process, (c) our server over HTTP, (d) mlx_lm.server."""
-    from omlx_actors.front.runtime import resolve_model
+    from omlx_actors.models.download import resolve_model
 
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     path, is_demo = trio.run(resolve_model, config)
@@ -214,7 +214,7 @@ async def _measure(args: argparse.Namespace, config: RuntimeConfig, path: Path, 
                    rows: list[dict[str, Any]]) -> None:
     """Every level on every side, then the multi-turn workload; appends to `rows` as it
     goes (what was measured before a failure is still written)."""
-    from omlx_actors.front.runtime import open_runtime
+    from omlx_actors.wiring import open_runtime
 
     async with open_runtime(config=config) as rt:
         bare = await trio.to_thread.run_sync(BareLoop, path, config)

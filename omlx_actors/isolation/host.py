@@ -27,7 +27,7 @@ if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
 from omlx_actors.config import RuntimeConfig
-from omlx_actors.engine.assembly import EngineSide, open_engine_side
+from omlx_actors.engine.assembly import LocalEngineSide, open_engine_side
 from omlx_actors.engine.executor import EngineLoadFailed
 from omlx_actors.isolation.frames import (
     ConnectionLost,
@@ -56,7 +56,7 @@ EXIT_BAD_HELLO = 4
 
 
 class _Host:
-    def __init__(self, side: EngineSide, writer: FrameWriter) -> None:
+    def __init__(self, side: LocalEngineSide, writer: FrameWriter) -> None:
         self.side = side
         self.writer = writer
         self.stop: HostStop | None = None

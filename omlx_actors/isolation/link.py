@@ -50,6 +50,7 @@ import trio
 
 from omlx_actors.config import RuntimeConfig
 from omlx_actors.engine.executor import ENGINE_EVENT_BACKLOG, DuplicateRequest
+from omlx_actors.engine.side import EngineStatus
 from omlx_actors.engine.messages import (
     Abort,
     EngineEvent,
@@ -84,23 +85,6 @@ class EngineState(enum.Enum):
 
 class EngineDied(ActorUnavailable):
     """The engine process died while the call was waiting (or before it was sent)."""
-
-
-@attrs.frozen
-class EngineStatus:
-    """What `/health` and `/metrics` say about the engine."""
-
-    state: str
-    isolation: str
-    pid: int | None = None
-    restarts: int = 0
-    resumed_requests: int = 0
-    crash_loop_failures: int = 0
-    last_exit: str | None = None  # how the last engine process ended
-    last_restart_s: float | None = None  # from death to the new engine being ready
-    last_resume_s: float | None = None  # from death to the first resumed token
-    reason: str | None = None  # why it is failed
-    retry_in_s: float | None = None  # failed: seconds until a new engine is tried
 
 
 @attrs.define(eq=False)

@@ -17,7 +17,7 @@ import pytest
 import trio
 from http_support import openai_client, serve
 
-from omlx_actors.front.runtime import open_runtime
+from omlx_actors.wiring import open_runtime
 from omlx_actors.models.gguf import read_gguf_header
 
 QUESTION = "What is the capital of France? Answer in one sentence."

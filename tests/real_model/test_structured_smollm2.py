@@ -139,7 +139,7 @@ async def test_an_engine_kill_mid_constrained_stream_resumes_and_validates(smoll
     """SIGKILL the engine process while 4 constrained greedy streams are mid-way: each resumes
     (its fresh matcher replays what was delivered), validates, and equals the run without
     the kill."""
-    from omlx_actors.front.runtime import open_runtime
+    from omlx_actors.wiring import open_runtime
     from omlx_actors.front.structured import response_format_output
 
     names = ["order", "tags", "person", "weather"]
