@@ -36,6 +36,7 @@ from omlx_actors.engine.messages import (
     RestoreBlocks,
     Submit,
 )
+from omlx_actors.engine.request_table import MlxGauge
 from omlx_actors.engine.side import AddressedEngine, EngineStatus
 from omlx_actors.memory import enforcer
 from omlx_actors.kernel import (
@@ -183,7 +184,7 @@ async def open_engine_side(
         ssd_address, *ssd_inboxes = ssd_writer.open_writer_inboxes()
     events_send, events_recv = trio.open_memory_channel[EngineEvent](executor.ENGINE_EVENT_BACKLOG)
     address, inbox = open_inbox("executor", EXECUTOR_INBOX_CAPACITY, Overflow.WAIT)
-    gauge = executor.MlxGauge()
+    gauge = MlxGauge()
     memory_address, memory_inbox = open_inbox(
         "memory", enforcer.ENFORCER_INBOX_CAPACITY, Overflow.WAIT
     )
@@ -241,7 +242,7 @@ def _memory_budget(config: RuntimeConfig) -> enforcer.MemoryBudget:
     return enforcer.MemoryBudget.explicit(config.memory_budget_bytes)
 
 
-def _memory_wiring(config: RuntimeConfig, gauge: executor.MlxGauge,
+def _memory_wiring(config: RuntimeConfig, gauge: MlxGauge,
                    memory_handle: Any) -> executor.MemoryWiring:
     return executor.MemoryWiring(
         gauge=gauge,

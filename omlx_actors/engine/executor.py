@@ -19,7 +19,6 @@ forever; the core is told to stop, and its thread parks for reuse.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import time
@@ -40,15 +39,13 @@ from omlx_actors.engine.core_messages import (
     CoreRestoreBlocks,
     CoreStop,
     CoreStopped,
-    CoreSubmit,
     EngineSettings,
     StepOutput,
 )
-from omlx_actors.engine.memory_queue import (  # MlxGauge, MemoryWiring: assembly's wiring
+from omlx_actors.engine.memory_queue import (  # MlxGauge (request_table), MemoryWiring: assembly's wiring
     QUEUE_DOORBELL_CAPACITY,
     BudgetBelowWeights,
     MemoryWiring,
-    MlxGauge,
     admit,
     admit_now,
     expire_waiting,
@@ -79,9 +76,8 @@ from omlx_actors.engine.messages import (  # the refusals are wire values: see m
     TokenDelta,
 )
 from omlx_actors.engine.mlx_thread import acquire_worker
+from omlx_actors.engine.request_table import ExecutorState, TrackedRequest
 from omlx_actors.kernel import ActorError, Address, Inbox, unknown_message
-from omlx_actors.memory.admission import AdmissionLedger
-from omlx_actors.memory.estimator import ModelMemoryFacts
 from omlx_actors.ssd.messages import Save
 
 log = logging.getLogger(__name__)
@@ -117,59 +113,6 @@ class EngineLoadFailed(ActorError):
 
 class EngineStopping(ActorError):
     """The executor is shutting down and admits nothing new."""
-
-
-@attrs.define
-class _Request:
-    request_id: str
-    slot: int
-    prompt_tokens: int
-    aborted: bool = False
-    delivered: int = 0
-
-
-@attrs.define
-class ExecutorState:
-    """The executor's trio-side bookkeeping (pure: no trio, no MLX)."""
-
-    by_id: dict[str, _Request] = attrs.field(factory=dict)
-    by_slot: dict[int, _Request] = attrs.field(factory=dict)
-    slots: itertools.count = attrs.field(factory=lambda: itertools.count(1))
-    last: StepOutput | None = None
-    last_step_at: float | None = None
-    stopping: bool = False
-    # Memory admission (None: requests are not priced).
-    ledger: AdmissionLedger | None = None
-    facts: ModelMemoryFacts | None = None
-    block_size: int = 0
-    prefill_step_size: int = 512
-    waiting: dict[str, CoreSubmit] = attrs.field(factory=dict)  # queued for memory
-    gauge: MlxGauge | None = None
-    max_requests: int = 1 << 30  # unpriced admission: batch + waiting bound
-    cache_shrunk: bool = False  # the prefix cache budget was cut to make room
-    cache_target: int | None = None  # the last budget cut sent for the queue's head
-    queued: Any = None  # a trio send channel: rung when a request joins the memory queue
-    under_pressure: bool = False  # the enforcer's last level was soft or hard
-    normal_prefill_step: int = 512  # the configured chunk, restored when nothing needs less
-    floor_priced: set[str] = attrs.field(factory=set)  # admitted only with floor-sized chunks
-    restores: dict[int, Any] = attrs.field(factory=dict)  # RestoreBlocks callers by tag
-    ssd_saves_dropped: int = 0
-    # Called once the last request has left (see `remove`): how a draining executor
-    # learns that it may stop the core.
-    on_empty: Callable[[], None] | None = None
-
-    def add(self, submit: Submit) -> _Request:
-        request = _Request(submit.request_id, next(self.slots), len(submit.prompt_tokens))
-        self.by_id[request.request_id] = request
-        self.by_slot[request.slot] = request
-        return request
-
-    def remove(self, request: _Request) -> None:
-        self.by_slot.pop(request.slot, None)
-        if self.by_id.get(request.request_id) is request:
-            del self.by_id[request.request_id]
-        if not self.by_slot and self.on_empty is not None:
-            self.on_empty()
 
 
 @attrs.define
@@ -518,7 +461,7 @@ async def _deliver(
         )
 
 
-def _finish_nowait(events, request: _Request, reason: FinishReason, error_type: str, error: str):
+def _finish_nowait(events, request: TrackedRequest, reason: FinishReason, error_type: str, error: str):
     try:
         events.send_nowait(
             Finished(

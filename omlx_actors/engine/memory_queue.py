@@ -20,7 +20,7 @@ import logging
 import math
 import queue
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import trio
@@ -39,6 +39,7 @@ from omlx_actors.engine.messages import (
     MemoryRefused,
     Submit,
 )
+from omlx_actors.engine.request_table import ExecutorState, MlxGauge
 from omlx_actors.kernel import Address
 from omlx_actors.memory.admission import AdmissionLedger, Refused
 from omlx_actors.memory.enforcer import MemoryLevel
@@ -69,9 +70,6 @@ from omlx_actors.memory.policy import (
     settle_step,
 )
 
-if TYPE_CHECKING:
-    from omlx_actors.engine.executor import ExecutorState
-
 log = logging.getLogger(__name__)
 
 # How long a request may wait in the memory queue by default before it is refused
@@ -87,19 +85,6 @@ QUEUE_DOORBELL_CAPACITY = 1
 class BudgetBelowWeights(Exception):
     """The weights alone do not fit the memory budget: this engine cannot start (the
     executor reports it as its `EngineLoadFailed`)."""
-
-
-@attrs.define
-class MlxGauge:
-    """MLX's memory as of the engine's last step. Written only by the executor; the memory
-    enforcer reads it (MLX itself may only be asked on the MLX thread)."""
-
-    active: int = 0
-    cache: int = 0
-    peak: int = 0
-
-    def reading(self) -> tuple[int, int, int]:
-        return self.active, self.cache, self.peak
 
 
 @attrs.frozen(kw_only=True)
@@ -389,7 +374,6 @@ __all__ = [
     "QUEUE_DOORBELL_CAPACITY",
     "BudgetBelowWeights",
     "MemoryWiring",
-    "MlxGauge",
     "admit",
     "admit_now",
     "expire_waiting",

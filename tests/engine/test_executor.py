@@ -17,7 +17,7 @@ import trio
 
 from omlx_actors.engine import executor
 from omlx_actors.engine.core_messages import EngineSettings
-from omlx_actors.engine.memory_queue import MemoryWiring, MlxGauge
+from omlx_actors.engine.memory_queue import MemoryWiring
 from omlx_actors.engine.messages import (
     EngineInfo,
     Finished,
@@ -25,6 +25,7 @@ from omlx_actors.engine.messages import (
     Submit,
     TokenDelta,
 )
+from omlx_actors.engine.request_table import MlxGauge
 from omlx_actors.kernel import Overflow, open_inbox
 from omlx_actors.kernel.errors import UnknownMessage
 from omlx_actors.memory.enforcer import (

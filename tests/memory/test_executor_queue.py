@@ -14,6 +14,7 @@ import trio
 
 from omlx_actors.engine import executor, memory_queue
 from omlx_actors.engine.core_messages import EngineSettings
+from omlx_actors.engine.request_table import MlxGauge
 from omlx_actors.engine.messages import (
     Abort,
     Finished,
@@ -80,7 +81,7 @@ async def start_engine(nursery, tiny_llama, *, max_queue_wait_s: float = 600.0) 
     board = SnapshotBoard()
     seq = itertools.count(1)
     wiring = memory_queue.MemoryWiring(
-        gauge=memory_queue.MlxGauge(), snapshots=board.subscribe(), limits_for=mlx_limits_for,
+        gauge=MlxGauge(), snapshots=board.subscribe(), limits_for=mlx_limits_for,
         max_waiting=8, prefix_cache_bytes=0, prefill_step_size=512, prefill_batch_size=8,
         max_queue_wait_s=max_queue_wait_s,
     )
