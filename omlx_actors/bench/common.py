@@ -1,8 +1,14 @@
 """What every benchmark shares: a level's result, deterministic prompts (token ids and
-text), a free loopback port and a server subprocess on it."""
+text), a free loopback port and a server subprocess on it.
+
+Inter-token latency (ITL) everywhere here is the gap between two consecutive deliveries of
+new tokens to one stream's reader (a `BatchGenerator` step's response, a session event, an
+SSE chunk with text), pooled over the streams of a run: tokens delivered together count as
+one delivery, as a reader of the stream sees them."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import statistics
 import time
@@ -21,6 +27,8 @@ class LevelResult:
     wall_s: float
     ttft_s: tuple[float, ...]
     errors: int = 0  # requests that failed (a server that died or cut the stream)
+    itl_s: tuple[float, ...] = ()  # inter-delivery gaps of every stream, pooled
+    client_cpu_s: float | None = None  # CPU seconds of the busiest HTTP client process
 
     @property
     def tokens_per_s(self) -> float:
@@ -35,6 +43,14 @@ class LevelResult:
         return percentile(self.ttft_s, 99)
 
     @property
+    def itl_p50(self) -> float:
+        return percentile(self.itl_s, 50) if self.itl_s else float("nan")
+
+    @property
+    def itl_p99(self) -> float:
+        return percentile(self.itl_s, 99) if self.itl_s else float("nan")
+
+    @property
     def stagger(self) -> float:
         return max(self.ttft_s) - min(self.ttft_s)
 
@@ -43,7 +59,13 @@ class LevelResult:
             "side": self.side, "concurrency": self.concurrency, "tokens": self.tokens,
             "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
             "ttft_p50_s": self.ttft_p50, "ttft_p99_s": self.ttft_p99, "stagger_s": self.stagger,
+            "itl_p50_s": self.itl_p50, "itl_p99_s": self.itl_p99,
         }
+
+
+def gaps(times: list[float]) -> list[float]:
+    """The gaps between consecutive delivery times of one stream."""
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 def median_run(runs: list[LevelResult]) -> LevelResult:
@@ -66,6 +88,25 @@ def make_text_prompts(n: int, words: int, offset: int = 0) -> list[str]:
     """`n` deterministic prompts of `words` words, each (offset, index) its own: no two share
     a prefix block, so no side's prefix cache serves one prompt from another."""
     return [" ".join(random.Random(f"{offset}:{i}").choices(WORDS, k=words)) for i in range(n)]
+
+
+def texts_of_lengths(encode, lengths: list[int], words: int, offset: int) -> list[str]:
+    """Texts of `words` words whose token counts under `encode` equal `lengths`, one each and
+    each (offset, index) its own: a warm-up or a later repeat on exactly the shapes of an
+    earlier run, without sharing its prefix blocks (a new shape compiles kernels on a GPU).
+    After 500 draws without a match, the nearest draw is kept."""
+    out = []
+    for i, want in enumerate(lengths):
+        best = None
+        for k in range(500):
+            text = " ".join(random.Random(f"{offset}:{i}:{k}").choices(WORDS, k=words))
+            miss = abs(len(encode(text)) - want)
+            if best is None or miss < best[0]:
+                best = (miss, text)
+            if miss == 0:
+                break
+        out.append(best[1])
+    return out
 
 
 def free_port() -> int:

@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 import trio
 
-from omlx_actors.bench.common import LevelResult, make_prompts, median_run
+from omlx_actors.bench.common import LevelResult, gaps, make_prompts, median_run
 from omlx_actors.config import RuntimeConfig
 
 
@@ -40,45 +40,50 @@ def bare_loop(model, prompts: list[list[int]], max_tokens: int, config: RuntimeC
     )
     start = time.perf_counter()
     uids = gen.insert([list(p) for p in prompts], max_tokens=[max_tokens] * len(prompts))
-    first: dict[int, float] = {}
+    times: dict[int, list[float]] = {u: [] for u in uids}  # each stream's token times
     remaining = set(uids)
     tokens = 0
     while remaining:
         _, responses = gen.next()
-        now = time.perf_counter()
+        now = time.perf_counter() - start
         for r in responses:
             tokens += 1
-            first.setdefault(r.uid, now - start)
+            times[r.uid].append(now)
             if r.finish_reason is not None:
                 remaining.discard(r.uid)
     wall = time.perf_counter() - start
     gen.close()
     return LevelResult("bare BatchGenerator", len(prompts), tokens, wall,
-                       tuple(first[u] for u in uids))
+                       tuple(times[u][0] for u in uids),
+                       itl_s=tuple(g for u in uids for g in gaps(times[u])))
 
 
 async def runtime_level(rt, prompts: list[list[int]], max_tokens: int) -> LevelResult:
     """(b): the same prompts through the in-process API, submitted together."""
     ttft: list[float] = []
+    itl: list[float] = []
     tokens = 0
     start = time.perf_counter()
 
     async def one(prompt: list[int]) -> None:
         nonlocal tokens
         session = rt.complete(prompt, max_tokens=max_tokens, ignore_eos=True)
-        first = None
+        delivered: list[float] = []  # when an event brought new tokens
+        seen = 0
         async with session:
             async for _ in session:
-                if first is None and session.completion_token_ids:
-                    first = time.perf_counter() - start
-        ttft.append(first if first is not None else float("nan"))
+                if len(session.completion_token_ids) > seen:
+                    seen = len(session.completion_token_ids)
+                    delivered.append(time.perf_counter() - start)
+        ttft.append(delivered[0] if delivered else float("nan"))
+        itl.extend(gaps(delivered))
         tokens += len(session.completion_token_ids)
 
     async with trio.open_nursery() as nursery:
         for p in prompts:
             nursery.start_soon(one, p)
     return LevelResult("omlx-actors in-process", len(prompts), tokens,
-                       time.perf_counter() - start, tuple(ttft))
+                       time.perf_counter() - start, tuple(ttft), itl_s=tuple(itl))
 
 
 class BareLoop:
