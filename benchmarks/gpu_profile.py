@@ -26,7 +26,7 @@ import trio
 
 from omlx_actors.bench.common import ServerProcess, free_port, make_text_prompts
 from omlx_actors.bench.inprocess import BareLoop, runtime_level
-from omlx_actors.bench.servers import http_level
+from omlx_actors.bench.http_load import http_level
 from omlx_actors.config import RuntimeConfig
 
 PROMPT_WORDS = 100

@@ -258,6 +258,9 @@ def _add_servers_bench_parser(sub) -> None:
     full.add_argument("--history-words", type=int, default=600,
                       help="multi-turn workload: words of history before the first turn")
     full.add_argument("--sides", default="a,b,c,d", help="which of a,b,c,d to run")
+    full.add_argument("--client-processes", type=int, default=1,
+                      help="HTTP client processes per run of (c) and (d), the streams split "
+                           "over them (for very high concurrency)")
     full.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 

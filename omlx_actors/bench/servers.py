@@ -2,11 +2,14 @@
 in-process, (c) this runtime's HTTP server and (d) mlx-lm's own `mlx_lm.server`.
 
 (c) and (d) run as subprocesses on loopback, driven by the same streaming client, so the two
-servers are measured alike. Each level: every side warms up on the level's shapes, then runs
-`--repeat` times on new prompts; the median run of each side is reported with its ratio to
-(a), and, where both servers ran, the paired (c)/(d) ratio of each repeat. Then, with
+servers are measured alike; that client runs in processes of its own (bench/http_load.py,
+`--client-processes` of them), so it neither limits the servers nor shares a GIL with (a) and
+(b). Each level: every side warms up on the level's exact shapes (prompts of the same token
+lengths as the measured ones), then runs `--repeat` times on new prompts of those lengths; the
+median run of each side is reported with its ratio to (a), its TTFT and its inter-token
+latency, and, where both servers ran, the paired (c)/(d) ratio of each repeat. Then, with
 `--turns` >= 2, a multi-turn workload: the TTFT of later turns, whose history a prefix cache
-can serve.
+can serve (a few conversations, TTFT only: its client stays in this process).
 """
 
 from __future__ import annotations
@@ -22,58 +25,10 @@ import attrs
 import trio
 
 from omlx_actors.bench.common import (LevelResult, ServerProcess, free_port, make_text_prompts,
-                                      median_run)
+                                      median_run, texts_of_lengths)
+from omlx_actors.bench.http_load import HttpJob, run_http_load
 from omlx_actors.bench.inprocess import BareLoop, runtime_level
 from omlx_actors.config import RuntimeConfig
-
-
-async def http_level(side: str, url: str, model: str, prompts: list[str], max_tokens: int) -> LevelResult:
-    """All prompts at once as streaming /v1/completions; TTFT = first text chunk."""
-    import httpx
-
-    ttft: list[float] = []
-    tokens = 0
-    start = time.perf_counter()
-
-    errors = 0
-
-    async def one(client, prompt: str) -> None:
-        nonlocal errors
-        try:
-            await attempt(client, prompt)
-        except (httpx.HTTPError, json.JSONDecodeError):
-            errors += 1
-
-    async def attempt(client, prompt: str) -> None:
-        nonlocal tokens
-        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
-                "temperature": 0.0, "ignore_eos": True,
-                "stream_options": {"include_usage": True}}
-        first = None
-        counted = usage = 0
-        async with client.stream("POST", url + "/v1/completions", json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    usage = chunk["usage"].get("completion_tokens", 0)
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
-                    counted += 1
-                    if first is None:
-                        first = time.perf_counter() - start
-        ttft.append(first if first is not None else float("nan"))
-        tokens += usage or counted
-
-    limits = httpx.Limits(max_connections=len(prompts) + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        async with trio.open_nursery() as nursery:
-            for p in prompts:
-                nursery.start_soon(one, client, p)
-    if not ttft:
-        ttft.append(float("nan"))
-    return LevelResult(side, len(prompts), tokens, time.perf_counter() - start, tuple(ttft), errors)
 
 
 async def http_turns(url: str, model: str, conversations: list[str], turns: int, max_tokens: int) -> list[float]:
@@ -146,9 +101,17 @@ class _Sides:
     theirs: ServerProcess | None
     model_id: str
     their_id: str
+    client_processes: int = 1  # HTTP client processes per measured run of (c) or (d)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [self.rt.tokenizer.encode(p) for p in texts]
+
+    async def http(self, key: str, texts: list[str], max_tokens: int) -> LevelResult:
+        """One run of (c) or (d) from the client processes (on a worker thread: it waits
+        for them)."""
+        server, served = (self.ours, self.model_id) if key == "c" else (self.theirs, self.their_id)
+        job = HttpJob(url=server.url, model=served, prompts=texts, max_tokens=max_tokens)
+        return await trio.to_thread.run_sync(run_http_load, server.name, job, self.client_processes)
 
 
 _LABELS = (("a", "(a) bare BatchGenerator"), ("b", "(b) in-process"),
@@ -220,48 +183,61 @@ async def _measure(args: argparse.Namespace, config: RuntimeConfig, path: Path, 
         bare = await trio.to_thread.run_sync(BareLoop, path, config)
         # mlx_lm.server treats the model field as a path or repo to load: give it its own.
         sides = _Sides(rt=rt, bare=bare, ours=ours, theirs=theirs, model_id=path.name,
-                       their_id=str(path.resolve()))
+                       their_id=str(path.resolve()),
+                       client_processes=getattr(args, "client_processes", 1))
         await _warm_up(sides, make_text_prompts(2, args.prompt_words, offset=999))
         for level in levels:
-            # Each side first runs this level's shapes once (other prompts of the same
-            # length, so no prefix cache helps the measured run): the first batch of a
-            # new shape compiles kernels (on a GPU, seconds), and (c) and (d) compile
-            # in their own processes.
-            await _warm_up(sides, make_text_prompts(level, args.prompt_words, offset=level + 10_000))
-            runs = await _level_runs(sides, level, args)
+            texts = _level_texts(sides, level, args)
+            # Each side, (a) at c=1 included, first runs this level's exact shapes once
+            # (texts of the measured ones' token lengths, so no prefix cache helps the
+            # measured run): the first batch of a new shape compiles kernels (on a GPU,
+            # seconds, and a prompt one token longer is a new shape), and (c) and (d)
+            # compile in their own processes.
+            await _warm_up(sides, texts[0])
+            runs = await _level_runs(sides, level, texts[1:], args)
             _report_level(level, runs, rows)
             _report_paired(level, runs, rows)
         if args.turns >= 2:
             await _multi_turn(sides, args, rows)
 
 
+def _level_texts(sides: _Sides, level: int, args: argparse.Namespace) -> list[list[str]]:
+    """The warm-up's texts, then each repeat's: new prompts each time (the sides with a
+    prefix cache must not get an earlier run's prompts from it while (a) prefills them
+    again), all with the first repeat's token lengths, so every run has the same shapes."""
+    first = make_text_prompts(level, args.prompt_words, offset=level)
+    lengths = [len(ids) for ids in sides.encode(first)]
+
+    def like_first(offset: int) -> list[str]:
+        return texts_of_lengths(sides.rt.tokenizer.encode, lengths, args.prompt_words, offset)
+
+    return [like_first(level + 10_000), first,
+            *(like_first(level + 1000 * rep) for rep in range(1, args.repeat))]
+
+
 async def _warm_up(sides: _Sides, texts: list[str]) -> None:
     """Four tokens of each prompt on every side."""
     await trio.to_thread.run_sync(sides.bare.run, sides.encode(texts), 4)
     await runtime_level(sides.rt, sides.encode(texts), 4)
-    await http_level("c", sides.ours.url, sides.model_id, texts, 4)
+    await sides.http("c", texts, 4)
     if sides.theirs is not None:
-        await http_level("d", sides.theirs.url, sides.their_id, texts, 4)
+        await sides.http("d", texts, 4)
 
 
-async def _level_runs(sides: _Sides, level: int, args: argparse.Namespace) -> dict[str, list[LevelResult]]:
-    """`--repeat` runs of `level` prompts on each side, keyed by side letter."""
+async def _level_runs(sides: _Sides, level: int, texts_per_repeat: list[list[str]],
+                      args: argparse.Namespace) -> dict[str, list[LevelResult]]:
+    """One run of each side per repeat's texts, keyed by side letter."""
     runs: dict[str, list[LevelResult]] = {"a": [], "b": [], "c": [], "d": []}
-    for rep in range(args.repeat):
-        # New prompts each repeat: the sides with a prefix cache must not get
-        # an earlier repeat's prompts from it while (a) prefills them again.
-        texts = make_text_prompts(level, args.prompt_words, offset=level + 1000 * rep)
+    for rep, texts in enumerate(texts_per_repeat):
         ids = sides.encode(texts)
         runs["a"].append(await trio.to_thread.run_sync(sides.bare.run, ids, args.max_tokens))
         runs["b"].append(await runtime_level(sides.rt, ids, args.max_tokens))
         # The two servers swap places every repeat, so neither always runs
         # right after the other (a finished run leaves its process busy
         # for a moment: saving blocks, spinning BLAS threads down).
-        http_sides = [("c", "omlx-actors HTTP", sides.ours.url, sides.model_id)]
-        if sides.theirs is not None:
-            http_sides.append(("d", "mlx_lm.server", sides.theirs.url, sides.their_id))
-        for key, side, url, served in (http_sides if rep % 2 == 0 else http_sides[::-1]):
-            runs[key].append(await http_level(side, url, served, texts, args.max_tokens))
+        http_sides = ["c"] if sides.theirs is None else ["c", "d"]
+        for key in (http_sides if rep % 2 == 0 else http_sides[::-1]):
+            runs[key].append(await sides.http(key, texts, args.max_tokens))
     return runs
 
 
@@ -278,10 +254,15 @@ def _report_level(level: int, runs: dict[str, list[LevelResult]], rows: list[dic
             "tokens_per_s": r.tokens_per_s, "ratio": r.tokens_per_s / base.tokens_per_s,
             "ttft_p50_s": r.ttft_p50, "ttft_p99_s": r.ttft_p99,
             "tokens": r.tokens, "errors": r.errors,
+            "itl_p50_s": r.itl_p50, "itl_p99_s": r.itl_p99, "client_cpu_s": r.client_cpu_s,
         })
         failed = f"  {r.errors} of {level} requests FAILED" if r.errors else ""
         print(f"  c={level:<3d} {label:26s} {r.tokens_per_s:8.1f} tok/s  ratio {r.tokens_per_s / base.tokens_per_s:5.3f}  "
-              f"TTFT p50 {r.ttft_p50 * 1000:8.1f} ms  p99 {r.ttft_p99 * 1000:8.1f} ms{failed}", flush=True)
+              f"TTFT p50 {r.ttft_p50 * 1000:8.1f} ms  p99 {r.ttft_p99 * 1000:8.1f} ms  "
+              f"ITL p50 {r.itl_p50 * 1000:7.1f} ms  p99 {r.itl_p99 * 1000:7.1f} ms{failed}", flush=True)
+        if r.client_cpu_s is not None and r.client_cpu_s > 0.8 * r.wall_s:
+            print(f"        its busiest client process used {r.client_cpu_s / r.wall_s:.0%} of a core: "
+                  f"the client may be the bottleneck (try --client-processes)", flush=True)
 
 
 def _report_paired(level: int, runs: dict[str, list[LevelResult]], rows: list[dict[str, Any]]) -> None:
