@@ -62,6 +62,10 @@ class RuntimeConfig:
     # Prompts prefilled together, and the tokens per prefill chunk.
     prefill_batch_size: int = attrs.field(default=8, validator=_positive)
     prefill_step_size: int = attrs.field(default=512, validator=_positive)
+    # The most prompt tokens one step prefills per prompt while other rows are decoding, so
+    # a long prompt's prefill adds at most that much work to each of their tokens (#18);
+    # 0: no cap (every step may prefill a whole `prefill_step_size` chunk).
+    prefill_step_while_decoding: int = attrs.field(default=128, validator=attrs.validators.ge(0))
     # Requests admitted beyond the batch wait in the engine; past this many waiting the
     # front answers 429 with Retry-After instead of queueing without bound.
     max_waiting_requests: int = attrs.field(default=256, validator=_positive)

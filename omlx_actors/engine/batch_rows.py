@@ -49,10 +49,24 @@ def align_prefill_group(gen: Any, prefill_batch_size: int) -> None:
 
 
 def set_prefill_step(gen: Any, tokens: int) -> None:
-    """Tokens per prefill chunk from now on, for rows already in the prompt batch too:
-    0.32.2 copies the step size into `_prompt_batch` when it builds it."""
+    """Tokens per prompt the next steps prefill, for rows already in the prompt batch too.
+    0.32.2's `_next` cuts each prompt's next chunk at the generator's `prefill_step_size`
+    (within its first segment, so segment ends stay where they were cut); the prompt
+    batch, built once in `__init__` with a copy of that size, splits what it is given at
+    its own `prefill_step_size`, so both are set."""
     gen.prefill_step_size = tokens
     gen._prompt_batch.prefill_step_size = tokens
+
+
+def prefill_step(gen: Any) -> int:
+    """The chunk the generator cuts prompts at now (its `prefill_step_size`)."""
+    return gen.prefill_step_size
+
+
+def decoding_rows(gen: Any) -> int:
+    """Rows in the generation batch (`_generation_batch`, with `__len__`): the rows the
+    next step decodes before it prefills."""
+    return len(gen._generation_batch)
 
 
 def queued_uids(gen: Any, uids: Sequence[int]) -> set[int]:

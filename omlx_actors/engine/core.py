@@ -45,6 +45,7 @@ from omlx_actors.engine.core_messages import (
     EngineSettings,
     SlotFinished,
     StepOutput,
+    decode_time_prefill_step,
 )
 from omlx_actors.engine.lifetime import ClearSchedule, RetiredRefs
 from omlx_actors.engine.live_rows import LiveRequest, LiveRows
@@ -98,6 +99,9 @@ class EngineCore:
         self._generation_tokens = 0
         self._prefill_passes = 0
         self._prefill_s_per_token = 0.0  # measured on each prefill pass; 0 until the first
+        # The chunk the executor set (shrunk under memory pressure); the generator's own
+        # may be smaller while rows decode (`_cap_prefill_step`).
+        self._prefill_step = settings.prefill_step_size
         self._stopping = False
         self._faults = StepFaults()
         self._samplers = SharedSamplers()
@@ -251,7 +255,7 @@ class EngineCore:
             case CoreRestoreBlocks(tag=tag, blocks=blocks):
                 self._blocks.restore(tag, blocks)
             case CoreSetPrefillStep(tokens=tokens):
-                batch_rows.set_prefill_step(self._gen, tokens)
+                self._prefill_step = tokens  # applied, capped if rows decode, before each step
             case _:
                 raise TypeError(f"unknown core command {command!r}")
         return False
@@ -315,6 +319,7 @@ class EngineCore:
         self._record.working(self._live.request_ids())
         self._fire_fault_if_due(FaultKind.ABORT)
         batch_rows.align_prefill_group(self._gen, self.settings.prefill_batch_size)
+        self._cap_prefill_step()
         before = batch_rows.prompt_counters(self._gen)
         try:
             prompt_responses, generation_responses = self._gen.next()
@@ -334,6 +339,17 @@ class EngineCore:
             self._clear_buffer_cache()
         self._record.working(())
         self._emit(self._step_output((), tuple(progress), tuple(tokens), tuple(finished)))
+
+    def _cap_prefill_step(self) -> None:
+        """Set the coming step's prefill chunk: the executor's, held small while rows decode
+        so their next token does not wait for a whole chunk (`decode_time_prefill_step`).
+        Decided on the batch as the step finds it: a prompt that ends in this step starts
+        decoding in the next, and is capped from then on."""
+        tokens = decode_time_prefill_step(
+            self._prefill_step, self.settings.prefill_step_while_decoding,
+            decoding=batch_rows.decoding_rows(self._gen) > 0)
+        if tokens != batch_rows.prefill_step(self._gen):
+            batch_rows.set_prefill_step(self._gen, tokens)
 
     def _fire_fault_if_due(self, kind: FaultKind) -> None:
         self._faults.fire_if_due(kind, self._step + 1, self._live.prompts())

@@ -174,6 +174,8 @@ class EngineSettings:
     completion_batch_size: int = 32
     prefill_batch_size: int = 8
     prefill_step_size: int = 512
+    # Cap on the prefill chunk while rows are decoding (`decode_time_prefill_step`); 0: none.
+    prefill_step_while_decoding: int = 128
     clear_delay_steps: int = 2
     # Prefix cache: tokens per block, None to choose by the model's cache layout,
     # 0 disables saving and restoring blocks.
@@ -194,3 +196,17 @@ class EngineSettings:
     # requests of the step it runs, so that a death in that step is evidence against them
     # (`engine/step_record.py`); None: no record (the engine runs in the front's process).
     step_record_path: str | None = None
+
+
+def decode_time_prefill_step(step: int, cap: int, decoding: bool) -> int:
+    """Tokens per prompt the coming step may prefill: `step` (the configured chunk, or the
+    smaller one memory pressure set), held to `cap` while rows are `decoding` (#18).
+
+    mlx-lm's step decodes the generation batch, then prefills one chunk per prompt, so
+    every running stream's token waits for that chunk: capping it bounds their inter-token
+    latency during a long prompt's prefill. With nothing decoding no one waits, and the
+    whole chunk runs (fewer, larger passes). Never more than `step`: a chunk no larger than
+    the one admission priced needs no more memory. `cap` 0 means no cap."""
+    if decoding and 0 < cap < step:
+        return cap
+    return step

@@ -243,8 +243,11 @@ class Session:
 
     def _channel_capacity(self) -> int:
         # One event per step at most for tokens, one per prefill chunk, plus Admitted and
-        # Finished: the dispatcher can always deliver without waiting.
-        chunks = len(self.prompt_tokens) // self._ctx.config.prefill_step_size + 2
+        # Finished: the dispatcher can always deliver without waiting. A chunk is smaller
+        # while other rows decode (`prefill_step_while_decoding`, #18).
+        config = self._ctx.config
+        step = min(config.prefill_step_size, config.prefill_step_while_decoding or config.prefill_step_size)
+        chunks = len(self.prompt_tokens) // step + 2
         return self.max_tokens + chunks + 4
 
     # -- streaming ---------------------------------------------------------------------------
