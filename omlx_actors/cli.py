@@ -82,6 +82,11 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together")
     p.add_argument("--prefill-batch-size", type=int, default=8, help="prompts prefilled together")
     p.add_argument("--prefill-step-size", type=int, default=512, help="tokens per prefill chunk")
+    p.add_argument("--prefill-step-while-decoding", type=int, default=128,
+                   help="while other requests are generating, prefill at most this many "
+                        "tokens of a prompt per step, so a long prompt delays their tokens "
+                        "by a small chunk at a time, not a whole one; 0: no cap "
+                        "(default: %(default)s)")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests that may wait beyond the batch before 429")
     p.add_argument("--default-max-tokens", type=int, default=512,
@@ -131,6 +136,7 @@ def runtime_config(args: argparse.Namespace, **extra) -> RuntimeConfig:
             max_batch_size=args.max_batch_size,
             prefill_batch_size=args.prefill_batch_size,
             prefill_step_size=args.prefill_step_size,
+            prefill_step_while_decoding=args.prefill_step_while_decoding,
             max_waiting_requests=args.max_waiting,
             default_max_tokens=args.default_max_tokens,
             block_size=args.block_size,
@@ -242,6 +248,24 @@ def _add_cache_bench_parser(sub) -> None:
     cache_bench.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
+def _add_long_prompt_bench_parser(sub) -> None:
+    """`bench-long-prompt`: running streams' inter-token latency while a long prompt prefills."""
+    long = sub.add_parser(
+        "bench-long-prompt",
+        help="ITL of running streams while a long prompt prefills: (a) bare BatchGenerator vs "
+             "(b) this runtime uncapped vs (c) capped by --prefill-step-while-decoding")
+    _add_runtime_flags(long)
+    long.add_argument("--streams", type=int, default=8, help="streams decoding when it arrives")
+    long.add_argument("--long-prompt-tokens", type=int, default=4096,
+                      help="tokens of the prompt that arrives")
+    long.add_argument("--before-tokens", type=int, default=16,
+                      help="tokens every stream has before the long prompt arrives (ITL p50 "
+                           "before is measured on them)")
+    long.add_argument("--repeat", type=int, default=3,
+                      help="runs per side after a warm-up; each statistic's median is kept")
+    long.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+
 def _add_servers_bench_parser(sub) -> None:
     """`bench-servers`: (a), (b), (c) this server over HTTP, (d) mlx_lm.server."""
     full = sub.add_parser(
@@ -335,6 +359,12 @@ def _bench_cache(args: argparse.Namespace) -> int:
     return cache_bench_main(args, runtime_config(args))
 
 
+def _bench_long_prompt(args: argparse.Namespace) -> int:
+    from omlx_actors.bench.long_prompt import long_prompt_bench_main
+
+    return long_prompt_bench_main(args, runtime_config(args))
+
+
 def _replay(args: argparse.Namespace) -> int:
     from omlx_actors.replay.cli import replay_main
 
@@ -357,10 +387,12 @@ def _build_demo(args: argparse.Namespace) -> int:
 
 # The subcommands, in the order the help lists them, and what runs each.
 _PARSERS = (_add_serve_parser, _add_bench_parser, _add_resume_bench_parser,
-            _add_cache_bench_parser, _add_servers_bench_parser, _add_tool_parsers)
+            _add_cache_bench_parser, _add_servers_bench_parser, _add_long_prompt_bench_parser,
+            _add_tool_parsers)
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": _serve, "bench": _bench, "bench-servers": _bench_servers,
-    "bench-resume": _bench_resume, "bench-cache": _bench_cache, "replay": _replay,
+    "bench-resume": _bench_resume, "bench-cache": _bench_cache,
+    "bench-long-prompt": _bench_long_prompt, "replay": _replay,
     "import-gguf": _import_gguf, "build-demo": _build_demo,
 }
 
