@@ -295,3 +295,19 @@ def test_counting_in_pieces_stops_soon_after_the_limit(tiny_llama_tokenizer):
     text = "some words of text, " * 500_000  # 10 M characters
     assert tokens_at_least(text, encode, 2048, piece_chars=4096) >= 2048
     assert sum(encoded) < 12 * 4096
+
+
+async def test_a_reader_that_stalls_through_a_prefill_cut_in_many_chunks_loses_nothing(tiny_hybrid):
+    # A hybrid prompt is cut at every block end (16 tokens here), so a 480-token prompt
+    # makes ~30 progress events where counting chunks at the 512-token step allowed 2: a
+    # session that reads nothing until its request is over must still get every event.
+    async with open_runtime(tiny_hybrid, block_size=16) as rt:
+        prompt = [(i * 13) % 400 + 10 for i in range(480)]
+        session = rt.complete(prompt, max_tokens=2, ignore_eos=True)
+        async with session:
+            while rt.pending_requests:  # the dispatcher routes it until its end, unread
+                await trio.sleep(0.01)
+            events = [event async for event in session]
+    progress = [event for event in events if isinstance(event, Progress)]
+    assert len(progress) > 8
+    assert isinstance(events[-1], Done) and events[-1].finish_reason == "length"

@@ -242,13 +242,14 @@ class Session:
             )
 
     def _channel_capacity(self) -> int:
-        # One event per step at most for tokens, one per prefill chunk, plus Admitted and
-        # Finished: the dispatcher can always deliver without waiting. A chunk is smaller
-        # while other rows decode (`prefill_step_while_decoding`, #18).
-        config = self._ctx.config
-        step = min(config.prefill_step_size, config.prefill_step_while_decoding or config.prefill_step_size)
-        chunks = len(self.prompt_tokens) // step + 2
-        return self.max_tokens + chunks + 4
+        # A true upper bound on the events of one request, so the dispatcher can always
+        # deliver without waiting: Admitted and Finished, at most one TokenDelta per token,
+        # and at most one PrefillProgress per prompt token (a chunk prefills at least one).
+        # Counting chunks at the configured step was not a bound: memory pressure shrinks
+        # the step to 64, decoding rows hold it to `prefill_step_while_decoding`, and hybrid
+        # prompts are cut at block ends too. A trio channel allocates nothing for its
+        # capacity; it only bounds what a stalled reader may leave queued.
+        return self.max_tokens + len(self.prompt_tokens) + 4
 
     # -- streaming ---------------------------------------------------------------------------
 
