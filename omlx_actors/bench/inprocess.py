@@ -87,13 +87,14 @@ async def runtime_level(rt, prompts: list[list[int]], max_tokens: int) -> LevelR
 
 
 class BareLoop:
-    """(a) on an MLX worker thread of its own (MLX arrays belong to the thread that made
-    them), loaded with mlx-lm's own `load_model`. `run` blocks the calling thread."""
+    """(a) on an idle MLX worker thread (never the runtime's: its engine loop is one job that
+    holds its worker), loaded with mlx-lm's own `load_model`, which evaluates the weights, so
+    they may be used from any thread. `run` blocks the calling thread.
+
+    Each call takes a worker for one job: a worker puts itself back in the idle pool after
+    every job, so holding one across jobs would leave it in the pool while in use."""
 
     def __init__(self, path: Path, config: RuntimeConfig) -> None:
-        from omlx_actors.engine.mlx_thread import acquire_worker
-
-        self._worker = acquire_worker()
         self._config = config
         self._path = path
         self._model: Any = None
@@ -118,7 +119,9 @@ class BareLoop:
             finally:
                 finished.set()
 
-        self._worker.run_job(job)
+        from omlx_actors.engine.mlx_thread import acquire_worker
+
+        acquire_worker().run_job(job)
         finished.wait()
         if "error" in box:
             raise box["error"]
