@@ -116,17 +116,7 @@ def bare_trace(model, streams: list[list[int]], long_prompt: list[int], before_t
 
 
 class _Bare(BareLoop):
-    """(a) on an MLX worker thread of its own (see `BareLoop`). A new thread rather than an
-    idle one: a worker goes back to the idle pool after every job, so one that ran several
-    (as a `BareLoop`'s does) is in the pool several times, and the second runtime this
-    benchmark opens could take it while the other `BareLoop` holds it too."""
-
-    def __init__(self, path: Path, config: RuntimeConfig) -> None:  # noqa: D107 - BareLoop's, on a new thread
-        from omlx_actors.engine.mlx_thread import MlxWorker
-
-        self._worker = MlxWorker()
-        self._config, self._path, self._model = config, path, None
-        self._call(self._load)
+    """(a): `BareLoop` with the long-prompt trace."""
 
     def trace(self, *args) -> Trace:
         return self._call(bare_trace, self._model, *args, self._config)
