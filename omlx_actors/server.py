@@ -65,7 +65,7 @@ class RunningServer:
     url: str
     host: str
     port: int
-    state: object  # omlx_actors.http.app.ServerState
+    state: object  # omlx_actors.http.exchange.ServerState
     _stop_serving: trio.Event
     runtime: object = None  # omlx_actors.front.runtime.Runtime, once ready
     _shutdown_done: trio.Event = attrs.field(factory=trio.Event)

@@ -25,7 +25,7 @@ SKIPPED = "skipped"  # a later turn of a conversation whose earlier turn did not
 OUTCOME_ORDER = (COMPLETED, CANCELLED, REFUSED, FAILED, LOST, SKIPPED)
 
 # Error codes of requests that failed after being accepted, and the status each maps to
-# (the same mapping the HTTP front uses for an error event: `http.app.failed_done`).
+# (the same mapping the HTTP front uses for an error event: `http.exchange.failed_done`).
 FAILURE_STATUS = {
     "out_of_memory": 503,
     "engine_unavailable": 503,
