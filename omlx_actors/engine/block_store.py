@@ -75,6 +75,10 @@ class BlockStore:
         self.hybrid = ARRAYS in self.layout
         self._blocks: dict[str, _BlockTensors] = {}
         self._generations = 0
+        # The sum of every block's bytes, kept as blocks come and go: it is read after every
+        # step (`StepOutput.block_store_bytes`), where a sum over all blocks cost ~2% of the
+        # MLX thread at 64 streams.
+        self._nbytes = 0
         # Snapshots of recurrent state taken at block boundaries, by slot, until the
         # request finishes: slot -> {block index -> per-layer state}.
         self._snapshots: dict[int, dict[int, dict[int, list[Any]]]] = {}
@@ -87,7 +91,7 @@ class BlockStore:
 
     @property
     def nbytes(self) -> int:
-        return sum(b.nbytes for b in self._blocks.values())
+        return self._nbytes
 
     # -- restore ---------------------------------------------------------------------------
 
@@ -191,6 +195,7 @@ class BlockStore:
             block.nbytes = sum(k.nbytes + v.nbytes for k, v in block.kv.values()) + sum(
                 a.nbytes for arrays in block.arrays.values() for a in arrays
             )
+            self._nbytes += block.nbytes
             result.append(
                 StoredBlock(
                     hash=h,
@@ -241,6 +246,7 @@ class BlockStore:
         self._generations += 1
         nbytes = sum(a.nbytes for a in everything)
         self._blocks[block_hash] = _BlockTensors(self._generations, kv, arrays, nbytes)
+        self._nbytes += nbytes
         return StoredBlock(hash=block_hash, parent=parent, nbytes=nbytes, generation=self._generations)
 
     def drop(self, block_hash: str, generation: int) -> bool:
@@ -250,8 +256,10 @@ class BlockStore:
         if block is None or block.generation != generation:
             return False
         del self._blocks[block_hash]
+        self._nbytes -= block.nbytes
         return True
 
     def clear(self) -> None:
         self._blocks.clear()
+        self._nbytes = 0
         self._snapshots.clear()
