@@ -223,6 +223,31 @@ class PoolLedger:
         return entry
 
 
+# Seconds a model takes to load (an engine process starting, its weights read) or unload.
+LOAD_SECONDS_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+@attrs.define
+class SecondsHistogram:
+    """Cumulative counts per upper bound (Prometheus' shape), kept by the pool actor and
+    exported by the HTTP front's /metrics."""
+
+    buckets: tuple[float, ...] = LOAD_SECONDS_BUCKETS
+    counts: list[int] = attrs.field(factory=lambda: [0] * len(LOAD_SECONDS_BUCKETS))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if seconds <= bound:
+                self.counts[i] += 1
+        self.total += seconds
+        self.count += 1
+
+    def copy(self) -> SecondsHistogram:
+        return SecondsHistogram(self.buckets, list(self.counts), self.total, self.count)
+
+
 def _human(n: int) -> str:
     for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if n >= size:
@@ -232,5 +257,5 @@ def _human(n: int) -> str:
 
 __all__ = [
     "RESIDENT", "EvictFirst", "Load", "LoadPlan", "ModelEntry", "ModelState", "NeverFits",
-    "PoolLedger", "Wait",
+    "PoolLedger", "SecondsHistogram", "Wait",
 ]

@@ -223,3 +223,13 @@ class PoolMachine(RuleBasedStateMachine):
 
 PoolMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=60, deadline=None)
 TestPoolMachine = PoolMachine.TestCase
+
+
+def test_seconds_histogram_counts_cumulatively():
+    from omlx_actors.pool.policy import SecondsHistogram
+
+    h = SecondsHistogram()
+    h.observe(0.3)
+    h.observe(7.0)
+    assert h.count == 2 and h.total == pytest.approx(7.3)
+    assert h.counts[h.buckets.index(0.5)] == 1 and h.counts[h.buckets.index(10.0)] == 2

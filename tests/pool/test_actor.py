@@ -1,0 +1,124 @@
+"""The pool actor with real tiny models (engines on MLX threads of this process): loads on
+demand, shared loads, LRU eviction of idle models, leases held by requests, idle TTL,
+refusals."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from omlx_actors.config import ConfigError
+from omlx_actors.pool.actor import open_pool
+from omlx_actors.pool.catalog import PoolModelSpec, footprint_bytes
+from omlx_actors.refusals import ModelNotFound, RequestTooLarge
+from omlx_actors.config import RuntimeConfig
+from omlx_actors.wiring import open_runtime
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+def sizes(*paths) -> list[int]:
+    return [footprint_bytes(p, RuntimeConfig()) for p in paths]
+
+
+async def greedy_text(events) -> str:
+    parts = []
+    async for event in events:
+        if hasattr(event, "text"):
+            parts.append(event.text)
+    return "".join(parts)
+
+
+async def states(pool) -> dict[str, str]:
+    return {v.name: v.state for v in (await pool.snapshot()).models}
+
+
+async def test_a_load_that_does_not_fit_evicts_the_idle_model_and_outputs_match(
+        tiny_llama, tiny_hybrid):
+    async with open_runtime(tiny_hybrid) as rt:
+        expected = await greedy_text(rt.chat(HELLO, max_tokens=12, ignore_eos=True))
+    a, b = sizes(tiny_llama, tiny_hybrid)
+    async with open_pool([tiny_llama, tiny_hybrid], budget_bytes=max(a, b)) as pool:
+        assert await states(pool) == {"tiny-llama": "unloaded", "tiny-hybrid": "unloaded"}
+        await greedy_text(pool.chat("tiny-llama", HELLO, max_tokens=4))
+        assert (await states(pool))["tiny-llama"] == "loaded"
+        got = await greedy_text(pool.chat("tiny-hybrid", HELLO, max_tokens=12, ignore_eos=True))
+        assert got == expected
+        snap = await pool.snapshot()
+        views = {v.name: v for v in snap.models}
+        assert views["tiny-llama"].state == "unloaded" and views["tiny-llama"].evictions == 1
+        assert views["tiny-hybrid"].state == "loaded" and views["tiny-hybrid"].loads == 1
+        assert snap.resident_bytes == b and snap.load_seconds.count == 2
+        assert snap.unload_seconds.count == 1
+
+
+async def test_concurrent_requests_for_an_unloaded_model_share_one_load(tiny_llama):
+    async with open_pool([tiny_llama]) as pool:
+        texts = []
+
+        async def one():
+            texts.append(await greedy_text(pool.chat("tiny-llama", HELLO, max_tokens=6)))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(one)
+        assert len(set(texts)) == 1 and len(texts) == 4
+        (view,) = (await pool.snapshot()).models
+        assert view.loads == 1 and view.inflight == 0
+
+
+async def test_a_model_with_a_request_in_flight_is_not_evicted(tiny_llama, tiny_hybrid):
+    a, b = sizes(tiny_llama, tiny_hybrid)
+    async with open_pool([tiny_llama, tiny_hybrid], budget_bytes=max(a, b)) as pool:
+        lease = await pool.acquire("tiny-llama")
+        waiter_done = trio.Event()
+
+        async def wants_hybrid():
+            async with pool.lease("tiny-hybrid"):
+                waiter_done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wants_hybrid)
+            await trio.sleep(0.5)
+            assert not waiter_done.is_set()
+            assert await states(pool) == {"tiny-llama": "loaded", "tiny-hybrid": "unloaded"}
+            pool.release_nowait(lease)
+        assert waiter_done.is_set()
+        assert (await states(pool))["tiny-llama"] == "unloaded"
+
+
+async def test_a_caller_cancelled_while_waiting_for_a_load_leaves_no_lease(tiny_llama):
+    async with open_pool([tiny_llama]) as pool:
+        with trio.move_on_after(0.01):
+            await pool.acquire("tiny-llama")
+        with trio.fail_after(60):
+            while (await states(pool))["tiny-llama"] != "loaded":
+                await trio.sleep(0.05)
+        await trio.sleep(0.1)
+        (view,) = (await pool.snapshot()).models
+        assert view.inflight == 0
+
+
+async def test_idle_models_unload_after_the_ttl_and_pinned_ones_stay(tiny_llama, tiny_hybrid):
+    async with open_pool([tiny_llama, tiny_hybrid], idle_ttl_s=0.4, pins=["tiny-hybrid"]) as pool:
+        assert (await states(pool))["tiny-hybrid"] == "loaded"  # pinned: loaded at start
+        await greedy_text(pool.chat("tiny-llama", HELLO, max_tokens=2))
+        with trio.fail_after(30):
+            while (await states(pool))["tiny-llama"] != "unloaded":
+                await trio.sleep(0.05)
+        assert (await states(pool))["tiny-hybrid"] == "loaded"
+
+
+async def test_a_model_that_can_never_fit_is_refused(tiny_llama, tiny_hybrid):
+    a, b = sizes(tiny_llama, tiny_hybrid)
+    with pytest.raises(ConfigError, match="can never be loaded"):
+        async with open_pool([tiny_llama, tiny_hybrid], budget_bytes=min(a, b)):
+            pass
+    found = PoolModelSpec(source=str(max((a, tiny_llama), (b, tiny_hybrid))[1]), explicit=False)
+    small = min((a, tiny_llama), (b, tiny_hybrid))[1]
+    async with open_pool([small, found], budget_bytes=min(a, b)) as pool:
+        with pytest.raises(RequestTooLarge, match="can never be loaded") as refused:
+            await pool.acquire(found.source)
+        assert refused.value.status == 413
+        with pytest.raises(ModelNotFound, match="available: "):
+            await pool.acquire("no-such-model")
