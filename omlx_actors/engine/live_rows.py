@@ -48,6 +48,9 @@ class LiveRows:
 
     _by_slot: dict[int, LiveRequest] = attrs.field(factory=dict)
     _slot_of_uid: dict[int, int] = attrs.field(factory=dict)
+    # `request_ids()` is read twice per step (the step recorder); rebuilt only when a row
+    # comes or goes, so an unchanged batch costs nothing (None: to rebuild).
+    _request_ids: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self._by_slot)
@@ -63,10 +66,12 @@ class LiveRows:
     def add(self, live: LiveRequest) -> None:
         self._by_slot[live.slot] = live
         self._slot_of_uid[live.uid] = live.slot
+        self._request_ids = None
 
     def remove(self, live: LiveRequest) -> None:
         del self._by_slot[live.slot]
         self._slot_of_uid.pop(live.uid, None)
+        self._request_ids = None
 
     def get(self, slot: int) -> LiveRequest | None:
         return self._by_slot.get(slot)
@@ -81,8 +86,12 @@ class LiveRows:
         return [live.uid for live in self._by_slot.values()]
 
     def request_ids(self) -> tuple[str, ...]:
-        return tuple(live.command.submit.request_id
-                     for live in self._by_slot.values() if live.command is not None)
+        """The live requests' ids in admission order; the same tuple object while the
+        table is unchanged."""
+        if self._request_ids is None:
+            self._request_ids = tuple(live.command.submit.request_id
+                                      for live in self._by_slot.values() if live.command is not None)
+        return self._request_ids
 
     def prompts(self) -> Iterator[tuple[int, ...]]:
         return (live.command.submit.prompt_tokens for live in self._by_slot.values())

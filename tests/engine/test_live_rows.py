@@ -62,3 +62,17 @@ def test_pending_prompt_tokens_leave_out_cached_prefixes():
     assert rows.request_ids() == ("r0", "r1")
     assert list(rows.prompts()) == [tuple(range(10)), tuple(range(3))]
     assert rows.uids() == [0, 1]
+
+
+def test_request_ids_follow_every_add_and_remove_and_are_one_object_while_unchanged():
+    rows = LiveRows()
+    a, b = _live(0, 0), _live(1, 1)
+    rows.add(a)
+    first = rows.request_ids()
+    assert first == ("r0",) and rows.request_ids() is first
+    rows.add(b)
+    assert rows.request_ids() == ("r0", "r1")
+    rows.remove(a)
+    assert rows.request_ids() == ("r1",)
+    rows.remove(b)
+    assert rows.request_ids() == ()
