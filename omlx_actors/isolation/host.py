@@ -35,6 +35,7 @@ from omlx_actors.isolation.frames import (
     FrameWriter,
     Kind,
     decode_message,
+    encode_events,
     encode_message,
 )
 from omlx_actors.isolation.messages import (
@@ -48,6 +49,12 @@ from omlx_actors.isolation.messages import (
 from omlx_actors.kernel import ActorError, ShutdownMode, wire
 
 log = logging.getLogger(__name__)
+
+# Python's thread switch interval in the engine process unless the config sets one. Its
+# MLX thread gives up the GIL while the device computes; with Python's 5 ms, the moment a
+# step is done it can wait that long for a trio loop busy with the last step's events.
+# The engine is this process's only job, so it may set the process-wide value.
+ENGINE_SWITCH_INTERVAL_S = 0.0002
 
 # Exit statuses the front reads: 0 stopped when asked; 3 the model could not be loaded.
 EXIT_STOPPED = 0
@@ -123,7 +130,7 @@ class _Host:
                     batch.append(events.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            await self.writer.send_quietly(Kind.EVENTS, 0, "", [wire.encode(e) for e in batch])
+            await self.writer.send_quietly(Kind.EVENTS, 0, "", encode_events(batch))
 
     async def forward_snapshots(self) -> None:
         async for snapshot in self.side.memory.subscribe():
@@ -140,8 +147,7 @@ async def serve(sock: socket.socket) -> int:
         return EXIT_BAD_HELLO
     config = RuntimeConfig.from_json(hello.config_json)
     logging.getLogger().setLevel(config.log_level.upper())  # the front's --log-level
-    if config.gil_switch_interval_s is not None:
-        sys.setswitchinterval(config.gil_switch_interval_s)
+    sys.setswitchinterval(config.gil_switch_interval_s or ENGINE_SWITCH_INTERVAL_S)
     stop_mode = [ShutdownMode.ABORT]  # unless the front asks for a drain
     code = EXIT_STOPPED
     async with trio.open_nursery() as outer:

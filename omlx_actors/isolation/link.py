@@ -61,7 +61,13 @@ from omlx_actors.engine.messages import (
     Submit,
     TokenDelta,
 )
-from omlx_actors.isolation.frames import ConnectionLost, Kind, decode_message, encode_message
+from omlx_actors.isolation.frames import (
+    ConnectionLost,
+    Kind,
+    decode_events,
+    decode_message,
+    encode_message,
+)
 from omlx_actors.isolation.incarnation import REAP_TIMEOUT_S, Incarnation, Spawner
 from omlx_actors.isolation.messages import HostReady, HostStop, LookupAndSubmit
 from omlx_actors.isolation.recovery import Recovery
@@ -285,6 +291,14 @@ class EngineLink:
         # Shielded: an event recorded by `Recovery` must reach its session, or the two
         # disagree about what was delivered (and a continuation would skip a token). The
         # dispatcher never blocks, so this waits at most for it to take the next event.
+        # With room, `send_nowait` (no checkpoint, so nothing can cancel it): a frame holds
+        # one event per stream, and a shielded scope and a scheduling round per event cost
+        # this loop more than the events themselves at 64 streams.
+        try:
+            self._events_send.send_nowait(event)
+            return
+        except trio.WouldBlock:
+            pass
         with trio.CancelScope(shield=True):
             await self._events_send.send(event)
 
@@ -381,8 +395,7 @@ class EngineLink:
         """Record and forward a frame's events. Each event is recorded (`Recovery`) and
         forwarded (`_emit`, shielded) with no checkpoint in between, so a death noticed
         meanwhile cannot separate the two."""
-        for data in payload:
-            event = decode_message(data)
+        for event in decode_events(payload):
             if isinstance(event, TokenDelta) and event.request_id in self._awaiting_resume:
                 if self._died_at is not None and self.last_resume_s is None:
                     self.last_resume_s = time.monotonic() - self._died_at

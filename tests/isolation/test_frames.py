@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import socket
 
+import msgspec
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
-from omlx_actors.engine.messages import Finished, FinishReason, Ping, Submit, TokenChoice, TokenDelta
+from omlx_actors.engine.messages import (
+    Admitted,
+    Finished,
+    FinishReason,
+    Ping,
+    PrefillProgress,
+    Submit,
+    TokenChoice,
+    TokenDelta,
+    TokenLogprob,
+)
 from omlx_actors.isolation.frames import (
     HEADER,
     ConnectionLost,
     FrameReader,
     FrameWriter,
     Kind,
+    decode_events,
     decode_message,
+    encode_events,
+    encode_frame,
     encode_message,
 )
 from omlx_actors.kernel import CallTimeout, wire
@@ -84,3 +100,35 @@ def test_an_unknown_message_is_refused_by_name():
     done = Finished(request_id="r", reason=FinishReason.ERROR, prompt_tokens=1,
                     completion_tokens=0, error="x", error_type="E")
     assert decode_message(encode_message(done)) == done
+
+
+_finite = st.floats(allow_nan=False, width=64)
+_choices = st.one_of(
+    st.builds(TokenChoice, token=st.integers(0, 2**31)),
+    st.builds(TokenChoice, token=st.integers(0, 2**31), logprob=_finite,
+              top=st.lists(st.builds(TokenLogprob, token=st.integers(0, 2**31), logprob=_finite),
+                           max_size=4).map(tuple)),
+)
+_events = st.one_of(
+    st.builds(TokenDelta, request_id=st.text(max_size=40), step=st.integers(0, 2**40),
+              tokens=st.lists(_choices, min_size=1, max_size=4).map(tuple)),
+    st.builds(Admitted, request_id=st.text(max_size=10), queued_s=_finite),
+    st.builds(PrefillProgress, request_id=st.text(max_size=10), done=st.integers(0, 10**6),
+              total=st.integers(0, 10**6)),
+)
+
+
+@given(st.lists(_events, max_size=12))
+def test_events_cross_a_frame_exactly_in_order(events):
+    """The compact token-delta form and the generic one, mixed, through real msgpack."""
+    frame = encode_frame(Kind.EVENTS, 0, "", encode_events(events))
+    kind, _, _, payload = msgspec.msgpack.decode(frame[HEADER.size:])
+    assert kind == Kind.EVENTS
+    assert decode_events(payload) == events
+
+
+def test_an_events_item_of_neither_form_is_refused():
+    with pytest.raises(ValueError, match="not an engine event"):
+        decode_events([["r", 1]])
+    with pytest.raises(ValueError, match="not an engine event"):
+        decode_events([7])
