@@ -18,22 +18,29 @@ from omlx_actors.models import build_demo_model, get_spec
 SPECS = {
     # ~1.2B: Llama-3.2-1B-like shapes with a 32k vocabulary.
     "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, intermediate_size=8192),
+               num_key_value_heads=8, intermediate_size=8192, max_position_embeddings=32768),
     # ~7.5B: Llama-3-8B-like shapes with a 32k vocabulary.
     "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, intermediate_size=14336),
+               num_key_value_heads=8, intermediate_size=14336, max_position_embeddings=32768),
 }
+
+
+def built_model(which: str, root: Path) -> Path:
+    """The random-weight model `which` under `root`, built on first use (a 32k context, so
+    the long-prompt benchmark can use the same weights)."""
+    spec = get_spec("demo-150m").with_(name=f"llama-{which}-bf16", dtype="bfloat16", **SPECS[which])
+    path = root / spec.name
+    if not (path / "omlx_demo.json").exists():
+        build_demo_model(spec, path, overwrite=True)
+    print(f"built {path}", flush=True)
+    return path
 
 
 def main() -> int:
     which, root, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     gil = float(sys.argv[4]) if len(sys.argv) > 4 else None
     repeat = int(sys.argv[5]) if len(sys.argv) > 5 else 3  # the median run of each side is kept
-    spec = get_spec("demo-150m").with_(name=f"llama-{which}-bf16", dtype="bfloat16", **SPECS[which])
-    path = root / spec.name
-    if not (path / "omlx_demo.json").exists():
-        build_demo_model(spec, path, overwrite=True)
-    print(f"built {path}", flush=True)
+    path = built_model(which, root)
     # OMLX_GPU_LEVELS / OMLX_GPU_SIDES narrow a run (e.g. "8" and "a,b,c,d": mlx_lm.server
     # against ours at one level, within the device's per-call limit).
     args = argparse.Namespace(concurrency=os.environ.get("OMLX_GPU_LEVELS", "1,8,64"),
