@@ -48,8 +48,9 @@ def main() -> int:
                               conversations=4, turns=1, history_words=600, json=out,
                               sides=os.environ.get("OMLX_GPU_SIDES", "a,b,c"),
                               gil_switch_interval=gil)
+    # GIL_S also applies to (b): its engine shares this process's GIL with the sessions.
     config = RuntimeConfig(model=str(path), max_batch_size=64, prefill_batch_size=8,
-                           prefill_step_size=2048)
+                           prefill_step_size=2048, gil_switch_interval_s=gil)
     return full_bench_main(args, config)
 
 

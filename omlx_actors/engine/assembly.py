@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -180,6 +181,10 @@ async def open_engine_side(
     blocks reach the writer; then the writer flushes (drain) and stops; then the rest.
     """
     settings = engine_settings(config, model_path, step_record_path)
+    if config.gil_switch_interval_s is not None:
+        # Process-wide, so only when asked (`RuntimeConfig.gil_switch_interval_s`): here the
+        # MLX thread shares its GIL with this trio loop and every session on it.
+        sys.setswitchinterval(config.gil_switch_interval_s)
     ssd_address = ssd_inboxes = None
     if settings.ssd_enabled:
         ssd_address, *ssd_inboxes = ssd_writer.open_writer_inboxes()
