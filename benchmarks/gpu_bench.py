@@ -38,7 +38,7 @@ def built_model(which: str, root: Path) -> Path:
 
 def main() -> int:
     which, root, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    gil = float(sys.argv[4]) if len(sys.argv) > 4 else None
+    gil = float(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] not in ("", "none") else None
     repeat = int(sys.argv[5]) if len(sys.argv) > 5 else 3  # the median run of each side is kept
     path = built_model(which, root)
     # OMLX_GPU_LEVELS / OMLX_GPU_SIDES narrow a run (e.g. "8" and "a,b,c,d": mlx_lm.server
