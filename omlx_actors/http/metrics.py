@@ -14,6 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import CounterMetricFamily
 
 from omlx_actors.front.session import Done
+from omlx_actors.http.pool_views import PoolCollector
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -30,6 +31,9 @@ class HttpMetrics:
         self._define_engine_metrics(r)
         self.sourced = _SourcedCounters()
         r.register(self.sourced)
+        self.pool = PoolCollector()  # a model pool's numbers (silent without a pool)
+        r.register(self.pool)
+        self._define_model_metrics(r)
 
     def _define_front_metrics(self, r: CollectorRegistry) -> None:
         """What the front counts itself: requests, tokens, latencies, streams."""
@@ -73,6 +77,21 @@ class HttpMetrics:
         self.disconnects = Counter(
             "omlx_client_disconnects", "streams whose client left before the end", ["route"],
             registry=r,
+        )
+
+    def _define_model_metrics(self, r: CollectorRegistry) -> None:
+        """Per model of a model pool (a `model` label); unused when serving one model."""
+        self.model_finished = Counter(
+            "omlx_model_requests_finished", "generation requests by model and finish reason",
+            ["model", "reason"], registry=r,
+        )
+        self.model_completion_tokens = Counter(
+            "omlx_model_completion_tokens", "tokens generated, by model", ["model"], registry=r,
+        )
+        self.model_ttft = Histogram(
+            "omlx_model_time_to_first_token_seconds", "submit to first token, by model "
+            "(a request's wait for its model to load is not in it)", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r,
         )
 
     def _define_engine_metrics(self, r: CollectorRegistry) -> None:
@@ -136,8 +155,14 @@ class HttpMetrics:
         """No runtime yet (the model is loading): the engine is not ready."""
         self.engine_ready.set(0)
 
-    def observe_done(self, route: str, done: Done) -> None:
+    def observe_done(self, route: str, done: Done, model: str | None = None) -> None:
+        """A finished request; `model`: its model's name, with a model pool."""
         usage = done.usage
+        if model is not None:
+            self.model_finished.labels(model, done.finish_reason).inc()
+            self.model_completion_tokens.labels(model).inc(usage.completion_tokens)
+            if done.timings.ttft_s is not None:
+                self.model_ttft.labels(model).observe(done.timings.ttft_s)
         self.prompt_tokens.labels(route).inc(usage.prompt_tokens)
         self.completion_tokens.labels(route).inc(usage.completion_tokens)
         self.finished.labels(route, done.finish_reason).inc()

@@ -29,11 +29,13 @@ from omlx_actors.engine.messages import SamplingParams, TokenChoice
 from omlx_actors.refusals import InvalidRequest
 from omlx_actors.http.exchange import (
     ServerState,
+    Served,
     check_model,
     collect,
     failed_done,
     json_response,
     read_body,
+    serve_model,
     start_session,
     stream_response,
 )
@@ -92,12 +94,13 @@ def register(app, state: ServerState) -> None:
                 for t in body.tools
             ]
         want_logprobs = bool(body.logprobs)
+        served = await serve_model(state, body.model)
         sampling = sampling_params(
-            body, state.runtime.info.vocab_size,
+            body, served.runtime.info.vocab_size,
             logprobs=want_logprobs, top_logprobs=body.top_logprobs or 0,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        session = state.runtime.chat(
+        session = served.runtime.chat(
             chat_messages(body.messages),
             tools=tools,
             max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -107,7 +110,7 @@ def register(app, state: ServerState) -> None:
             request_id=request_id,
             structured=structured,
         )
-        return await _respond(state, session, body, CHAT_ROUTE, ChatStream, chat_completion,
+        return await _respond(state, served, session, body, CHAT_ROUTE, ChatStream, chat_completion,
                               request_id=request_id, logprobs=want_logprobs)
 
     @app.post(COMPLETIONS_ROUTE)
@@ -124,12 +127,13 @@ def register(app, state: ServerState) -> None:
         if body.best_of is not None and body.best_of != 1:
             raise invalid("only best_of=1 is supported", param="best_of")
         want_logprobs = body.logprobs is not None
+        served = await serve_model(state, body.model)
         sampling = sampling_params(
-            body, state.runtime.info.vocab_size,
+            body, served.runtime.info.vocab_size,
             logprobs=want_logprobs, top_logprobs=body.logprobs or 0,
         )
         request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
-        session = state.runtime.complete(
+        session = served.runtime.complete(
             completion_prompt(body.prompt),
             max_tokens=body.max_tokens,
             stop=body.stop,
@@ -137,7 +141,7 @@ def register(app, state: ServerState) -> None:
             ignore_eos=body.ignore_eos,
             request_id=request_id,
         )
-        return await _respond(state, session, body, COMPLETIONS_ROUTE, CompletionStream,
+        return await _respond(state, served, session, body, COMPLETIONS_ROUTE, CompletionStream,
                               text_completion, request_id=request_id, logprobs=want_logprobs)
 
 
@@ -145,22 +149,23 @@ def register(app, state: ServerState) -> None:
 # Request mapping
 
 
-async def _respond(state: ServerState, session, body, route: str, stream_cls, build, *,
-                   request_id: str, logprobs: bool):
+async def _respond(state: ServerState, served: Served, session, body, route: str, stream_cls,
+                   build, *, request_id: str, logprobs: bool):
     """Start the session (refusals become error responses before any byte), then stream it
     with `stream_cls` or collect it into one body with `build`."""
-    await start_session(state, session, route)
+    await start_session(state, session, route, served)
+    pool_model = served.model_id if state.pool is not None else None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         encoder = stream_cls(
-            id=request_id, model=state.model_id, created=int(time.time()),
-            include_usage=include_usage, logprobs=logprobs, token_text=state.token_text,
+            id=request_id, model=served.model_id, created=int(time.time()),
+            include_usage=include_usage, logprobs=logprobs, token_text=served.token_text,
         )
-        return stream_response(state, session, encoder, route)
-    events = await collect(state, session, route)
+        return stream_response(state, session, encoder, route, pool_model)
+    events = await collect(state, session, route, pool_model)
     return json_response(
-        build(events, id=request_id, model=state.model_id, logprobs=logprobs,
-              token_text=state.token_text)
+        build(events, id=request_id, model=served.model_id, logprobs=logprobs,
+              token_text=served.token_text)
     )
 
 

@@ -176,5 +176,20 @@ async def resolve_pool_models(specs: Sequence[PoolModelSpec], base: RuntimeConfi
 
 __all__ = [
     "MAX_POOL_MODELS", "PoolModel", "PoolModelSpec", "discover_models", "footprint_bytes",
-    "pool_specs", "resolve_pool_models", "runtime_config_for",
+    "PoolOptions", "pool_specs", "resolve_pool_models", "runtime_config_for",
 ]
+
+
+@attrs.frozen(kw_only=True)
+class PoolOptions:
+    """A model pool as `serve` configures it (`server.open_server(pool=...)`)."""
+
+    specs: tuple[PoolModelSpec, ...]
+    budget_bytes: int | None = attrs.field(default=None)
+    idle_ttl_s: float | None = None
+    pins: tuple[str, ...] = ()
+
+    @budget_bytes.validator
+    def _positive(self, attribute, value) -> None:
+        if value is not None and value <= 0:
+            raise ConfigError(f"the pool's memory budget must be > 0, got {value!r}")
