@@ -1,6 +1,6 @@
 """omlx-actors: a local LLM inference runtime on MLX and mlx-lm, built from Trio actors.
 
-`open_runtime` is imported lazily so `import omlx_actors` stays cheap and does not load MLX.
+`open_runtime` (one model) and `open_pool` (several, loaded on demand) are imported lazily so `import omlx_actors` stays cheap and does not load MLX.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["open_runtime"]
+__all__ = ["open_pool", "open_runtime"]
 
 
 def __getattr__(name: str) -> Any:
@@ -16,4 +16,8 @@ def __getattr__(name: str) -> Any:
         from omlx_actors.wiring import open_runtime
 
         return open_runtime
+    if name == "open_pool":
+        from omlx_actors.pool.actor import open_pool
+
+        return open_pool
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
