@@ -28,6 +28,7 @@ import attrs
 from omlx_actors.engine.messages import SamplingParams
 from omlx_actors.refusals import InvalidRequest
 from omlx_actors.http.exchange import (
+    Served,
     ServerState,
     check_model,
     collect,
@@ -36,7 +37,9 @@ from omlx_actors.http.exchange import (
     read_body,
     serve_model,
     start_session,
+    stream_after_load,
     stream_response,
+    waits_for_load,
 )
 from omlx_actors.http.wire_errors import ApiError, WireError, invalid
 from omlx_actors.http.schemas import (
@@ -83,42 +86,63 @@ def register(app, state: ServerState) -> None:
                 }
                 for t in body.tools
             ]
-        served = await serve_model(state, body.model)
-        runtime = served.runtime
-        vocab = runtime.info.vocab_size
-        top_k = body.top_k or 0
-        if top_k < 0 or (vocab and top_k >= vocab):
-            top_k = 0
-        sampling = SamplingParams(
-            temperature=0.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=top_k,
-        )
         request_id = f"msg_{uuid.uuid4().hex[:24]}"
         stops = list(body.stop_sequences or ())
-        session = runtime.chat(
-            anthropic_messages(body),
-            tools=tools,
-            max_tokens=body.max_tokens,
-            stop=stops,
-            sampling=sampling,
-            ignore_eos=body.ignore_eos,
-            request_id=request_id,
-            structured=structured,
-        )
-        await start_session(state, session, MESSAGES_ROUTE, served)
-        resolve = stop_resolver(session, stops, runtime.tokenizer, runtime.info.eos_token_ids,
-                                ignore_eos=body.ignore_eos)
-        pool_model = served.model_id if state.pool is not None else None
-        if body.stream:
-            encoder = MessageStream(
-                id=request_id, model=served.model_id, input_tokens=len(session.prompt_tokens),
-                resolve_stop=resolve,
+
+        def new_session(served: Served):
+            vocab = served.runtime.info.vocab_size
+            top_k = body.top_k or 0
+            if top_k < 0 or (vocab and top_k >= vocab):
+                top_k = 0
+            sampling = SamplingParams(
+                temperature=0.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=top_k,
             )
-            return stream_response(state, session, encoder, MESSAGES_ROUTE, pool_model)
-        events = await collect(state, session, MESSAGES_ROUTE, pool_model)
-        return json_response(message_body(events, id=request_id, model=served.model_id,
-                                          resolve_stop=resolve))
+            return served.runtime.chat(
+                anthropic_messages(body),
+                tools=tools,
+                max_tokens=body.max_tokens,
+                stop=stops,
+                sampling=sampling,
+                ignore_eos=body.ignore_eos,
+                request_id=request_id,
+                structured=structured,
+            )
+
+        return await _respond(state, body, new_session, request_id, stops)
+
+
+async def _respond(state: ServerState, body: MessagesRequest, new_session, request_id: str,
+                   stops: list[str]):
+    """Take the model (`serve_model`), make and start its session (refusals become error
+    responses before any byte), then stream it or answer it whole. A stream whose pool
+    model must load first starts at once, with pings (`stream_after_load`)."""
+
+    def encoder(served: Served, session) -> tuple[StopResolver, MessageStream]:
+        resolve = stop_resolver(session, stops, served.runtime.tokenizer,
+                                served.runtime.info.eos_token_ids, ignore_eos=body.ignore_eos)
+        return resolve, MessageStream(id=request_id, model=served.model_id,
+                                      input_tokens=len(session.prompt_tokens), resolve_stop=resolve)
+
+    if await waits_for_load(state, body.model, body.stream):
+        async def open_stream(served: Served, cleanups: list):
+            session = new_session(served)
+            await start_session(state, session, MESSAGES_ROUTE, served, cleanups)
+            return session, encoder(served, session)[1]
+
+        return stream_after_load(state, body.model, MESSAGES_ROUTE, open_stream,
+                                 keepalive=PING_FRAME, error_frame=_error_frame)
+    served = await serve_model(state, body.model)
+    session = new_session(served)
+    await start_session(state, session, MESSAGES_ROUTE, served)
+    resolve, stream = encoder(served, session)
+    pool_model = served.model_id if state.pool is not None else None
+    if body.stream:
+        return stream_response(state, session, stream, MESSAGES_ROUTE, pool_model)
+    events = await collect(state, session, MESSAGES_ROUTE, pool_model)
+    return json_response(message_body(events, id=request_id, model=served.model_id,
+                                      resolve_stop=resolve))
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,8 +29,8 @@ from omlx_actors.http.metrics import HttpMetrics
 from omlx_actors.http.schemas import decode_body
 from omlx_actors.http.settings import HttpSettings
 from omlx_actors.http.sse import StreamEncoder, sse_body
-from omlx_actors.http.wire_errors import WireError
-from omlx_actors.refusals import ModelNotFound
+from omlx_actors.http.wire_errors import ApiError, WireError, from_request_error
+from omlx_actors.refusals import ModelNotFound, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,11 @@ class ServerState:
         """A runtime or a model pool is attached."""
         return self.runtime is not None or self.pool is not None
 
-    def track(self, session: Session, route: str, runtime: Any = None) -> InFlight:
-        """Count `session` as in flight until its HTTP exchange ends; close it then."""
+    def track(self, session: Session, route: str, runtime: Any = None,
+              cleanups: list | None = None) -> InFlight:
+        """Count `session` as in flight until its HTTP exchange ends; close it then.
+        `cleanups`: the exchange's list (`SCOPE_CLEANUPS`), where the request context is
+        gone (inside a response body)."""
         entry = InFlight(session=session, route=route, runtime=runtime)
         self.inflight.add(entry)
         self.metrics.inflight.set(len(self.inflight))
@@ -100,7 +103,7 @@ class ServerState:
             self._changed.set()
             self._changed = trio.Event()
 
-        request.scope[SCOPE_CLEANUPS].append(cleanup)
+        (request.scope[SCOPE_CLEANUPS] if cleanups is None else cleanups).append(cleanup)
         return entry
 
     async def wait_idle(self) -> None:
@@ -231,11 +234,68 @@ async def serve_model(state: ServerState, model: str) -> Served:
 
 
 async def start_session(state: ServerState, session: Session, route: str,
-                        served: Served | None = None) -> None:
+                        served: Served | None = None, cleanups: list | None = None) -> None:
     """Track and start `session`: every refusal (context length, full queue, shutting
     down, tokenizer failure) raises here, before any byte of the response is sent."""
-    state.track(session, route, None if served is None else served.runtime)
+    state.track(session, route, None if served is None else served.runtime, cleanups)
     await session.start()
+
+
+async def waits_for_load(state: ServerState, model: str, stream: bool) -> bool:
+    """A streamed request, with a model pool, for a model not loaded now: its response
+    starts at once and keeps the connection alive while the model loads
+    (`stream_after_load`)."""
+    if state.pool is None or not stream:
+        return False
+    name = state.pool.lookup(model)
+    return name is not None and not await state.pool.is_loaded(name)
+
+
+# Opens a started stream on a loaded model: the session (tracked via the cleanups given) and
+# its route's encoder; raises the request's refusals.
+StreamOpener = Callable[[Served, list], Awaitable[tuple[Session, StreamEncoder]]]
+
+
+def stream_after_load(state: ServerState, model: str, route: str, open_stream: StreamOpener,
+                      *, keepalive: bytes, error_frame: Callable[[WireError], bytes]) -> Response:
+    """A 200 SSE response that sends `keepalive` every `keepalive_s` while `model` loads,
+    then streams what `open_stream` opens. A refusal, now after the first byte, is one error
+    frame in the route's format (`error_frame`). The lease is held until the exchange ends;
+    a client that leaves during the load cancels its wait (and any grant it never saw)."""
+    cleanups = request.scope[SCOPE_CLEANUPS]
+    pool = state.pool
+
+    async def body() -> AsyncIterator[bytes]:
+        lease = refused = None
+        while lease is None:
+            # Never yield inside the cancel scope: the body is suspended between yields.
+            with trio.move_on_after(state.settings.keepalive_s):
+                try:
+                    lease = await pool.acquire(model)
+                except RequestError as exc:
+                    refused = exc
+            if refused is not None:
+                yield error_frame(from_request_error(refused))
+                return
+            if lease is None:
+                yield keepalive
+        cleanups.append(lambda: pool.release_nowait(lease))
+        served = Served(runtime=lease.runtime, model_id=lease.model,
+                        token_text=state.pool_token_text(lease.model, lease.runtime))
+        try:
+            session, encoder = await open_stream(served, cleanups)
+        except RequestError as exc:
+            yield error_frame(from_request_error(exc))
+            return
+        except ApiError as exc:
+            yield error_frame(exc.error)
+            return
+        async for chunk in _sse(state, session, encoder, route, served.model_id):
+            yield chunk
+
+    response = Response(body(), status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
+    response.timeout = None
+    return response
 
 
 def stream_response(
@@ -243,6 +303,14 @@ def stream_response(
     model: str | None = None,
 ) -> Response:
     """`model`: with a model pool, the served name its per-model metrics are filed under."""
+    response = Response(_sse(state, session, encoder, route, model), status=200,
+                        mimetype="text/event-stream", headers=SSE_HEADERS)
+    response.timeout = None  # never cut a stream (see RESPONSE_TIMEOUT above)
+    return response
+
+
+def _sse(state: ServerState, session: Session, encoder: StreamEncoder, route: str,
+         model: str | None) -> AsyncIterator[bytes]:
     metrics = state.metrics
 
     def on_end(complete: bool, seconds: float) -> None:
@@ -250,16 +318,13 @@ def stream_response(
         if not complete:
             metrics.disconnects.labels(route).inc()
 
-    body = sse_body(
+    return sse_body(
         session,
         encoder,
         keepalive_s=state.settings.keepalive_s,
         on_done=lambda done: metrics.observe_done(route, done, model),
         on_end=on_end,
     )
-    response = Response(body, status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
-    response.timeout = None  # never cut a stream (see RESPONSE_TIMEOUT above)
-    return response
 
 
 async def collect(state: ServerState, session: Session, route: str,
@@ -313,5 +378,7 @@ __all__ = [
     "read_body",
     "serve_model",
     "start_session",
+    "stream_after_load",
     "stream_response",
+    "waits_for_load",
 ]

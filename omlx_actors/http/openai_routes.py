@@ -28,8 +28,8 @@ import attrs
 from omlx_actors.engine.messages import SamplingParams, TokenChoice
 from omlx_actors.refusals import InvalidRequest
 from omlx_actors.http.exchange import (
-    ServerState,
     Served,
+    ServerState,
     check_model,
     collect,
     failed_done,
@@ -37,7 +37,9 @@ from omlx_actors.http.exchange import (
     read_body,
     serve_model,
     start_session,
+    stream_after_load,
     stream_response,
+    waits_for_load,
 )
 from omlx_actors.http.wire_errors import ApiError, WireError, invalid
 from omlx_actors.http.schemas import (
@@ -76,41 +78,27 @@ def register(app, state: ServerState) -> None:
             raise invalid("top_logprobs requires logprobs: true", param="top_logprobs")
         _check_tool_choice(body)
         structured = _structured_output(body)
-        tools = None
-        if body.tools and body.tool_choice != "none":
-            tools = [
-                {
-                    "type": "function",
-                    "function": {
-                        k: v
-                        for k, v in (
-                            ("name", t.function.name),
-                            ("description", t.function.description),
-                            ("parameters", t.function.parameters),
-                        )
-                        if v is not None
-                    },
-                }
-                for t in body.tools
-            ]
+        tools = _chat_tools(body)
         want_logprobs = bool(body.logprobs)
-        served = await serve_model(state, body.model)
-        sampling = sampling_params(
-            body, served.runtime.info.vocab_size,
-            logprobs=want_logprobs, top_logprobs=body.top_logprobs or 0,
-        )
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        session = served.runtime.chat(
-            chat_messages(body.messages),
-            tools=tools,
-            max_tokens=body.max_completion_tokens or body.max_tokens,
-            stop=body.stop,
-            sampling=sampling,
-            ignore_eos=body.ignore_eos,
-            request_id=request_id,
-            structured=structured,
-        )
-        return await _respond(state, served, session, body, CHAT_ROUTE, ChatStream, chat_completion,
+
+        def new_session(served: Served):
+            sampling = sampling_params(
+                body, served.runtime.info.vocab_size,
+                logprobs=want_logprobs, top_logprobs=body.top_logprobs or 0,
+            )
+            return served.runtime.chat(
+                chat_messages(body.messages),
+                tools=tools,
+                max_tokens=body.max_completion_tokens or body.max_tokens,
+                stop=body.stop,
+                sampling=sampling,
+                ignore_eos=body.ignore_eos,
+                request_id=request_id,
+                structured=structured,
+            )
+
+        return await _respond(state, new_session, body, CHAT_ROUTE, ChatStream, chat_completion,
                               request_id=request_id, logprobs=want_logprobs)
 
     @app.post(COMPLETIONS_ROUTE)
@@ -127,21 +115,23 @@ def register(app, state: ServerState) -> None:
         if body.best_of is not None and body.best_of != 1:
             raise invalid("only best_of=1 is supported", param="best_of")
         want_logprobs = body.logprobs is not None
-        served = await serve_model(state, body.model)
-        sampling = sampling_params(
-            body, served.runtime.info.vocab_size,
-            logprobs=want_logprobs, top_logprobs=body.logprobs or 0,
-        )
         request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
-        session = served.runtime.complete(
-            completion_prompt(body.prompt),
-            max_tokens=body.max_tokens,
-            stop=body.stop,
-            sampling=sampling,
-            ignore_eos=body.ignore_eos,
-            request_id=request_id,
-        )
-        return await _respond(state, served, session, body, COMPLETIONS_ROUTE, CompletionStream,
+
+        def new_session(served: Served):
+            sampling = sampling_params(
+                body, served.runtime.info.vocab_size,
+                logprobs=want_logprobs, top_logprobs=body.logprobs or 0,
+            )
+            return served.runtime.complete(
+                completion_prompt(body.prompt),
+                max_tokens=body.max_tokens,
+                stop=body.stop,
+                sampling=sampling,
+                ignore_eos=body.ignore_eos,
+                request_id=request_id,
+            )
+
+        return await _respond(state, new_session, body, COMPLETIONS_ROUTE, CompletionStream,
                               text_completion, request_id=request_id, logprobs=want_logprobs)
 
 
@@ -149,19 +139,56 @@ def register(app, state: ServerState) -> None:
 # Request mapping
 
 
-async def _respond(state: ServerState, served: Served, session, body, route: str, stream_cls,
+def _chat_tools(body: ChatCompletionRequest) -> list[dict] | None:
+    """The tools the chat template sees (none when `tool_choice` is "none")."""
+    if not body.tools or body.tool_choice == "none":
+        return None
+    return [
+        {
+            "type": "function",
+            "function": {
+                k: v
+                for k, v in (
+                    ("name", t.function.name),
+                    ("description", t.function.description),
+                    ("parameters", t.function.parameters),
+                )
+                if v is not None
+            },
+        }
+        for t in body.tools
+    ]
+
+
+async def _respond(state: ServerState, new_session, body, route: str, stream_cls,
                    build, *, request_id: str, logprobs: bool):
-    """Start the session (refusals become error responses before any byte), then stream it
-    with `stream_cls` or collect it into one body with `build`."""
-    await start_session(state, session, route, served)
-    pool_model = served.model_id if state.pool is not None else None
-    if body.stream:
+    """Take the model (`serve_model`), make its session with `new_session(served)` and
+    start it (refusals become error responses before any byte), then stream it with
+    `stream_cls` or collect it into one body with `build`. A stream whose pool model must
+    load first starts at once, with keep-alives (`stream_after_load`)."""
+
+    def encoder(served: Served):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        encoder = stream_cls(
+        return stream_cls(
             id=request_id, model=served.model_id, created=int(time.time()),
             include_usage=include_usage, logprobs=logprobs, token_text=served.token_text,
         )
-        return stream_response(state, session, encoder, route, pool_model)
+
+    if await waits_for_load(state, body.model, body.stream):
+        async def open_stream(served: Served, cleanups: list):
+            session = new_session(served)
+            await start_session(state, session, route, served, cleanups)
+            return session, encoder(served)
+
+        return stream_after_load(state, body.model, route, open_stream,
+                                 keepalive=KEEPALIVE_COMMENT,
+                                 error_frame=lambda error: b"".join(_error_frames(error)))
+    served = await serve_model(state, body.model)
+    session = new_session(served)
+    await start_session(state, session, route, served)
+    pool_model = served.model_id if state.pool is not None else None
+    if body.stream:
+        return stream_response(state, session, encoder(served), route, pool_model)
     events = await collect(state, session, route, pool_model)
     return json_response(
         build(events, id=request_id, model=served.model_id, logprobs=logprobs,

@@ -464,6 +464,11 @@ class ModelPool:
     async def snapshot(self, timeout: float | None = 5.0) -> PoolSnapshot:
         return await self._address.call(GetSnapshot(), timeout=timeout)
 
+    async def is_loaded(self, model: str) -> bool:
+        name = self.lookup(model)
+        return any(v.name == name and v.state == ModelState.LOADED.value
+                   for v in (await self.snapshot()).models)
+
     async def runtime_of(self, model: str) -> Any:
         """The runtime of `model` if it is loaded now, else None (no lease: tests, metrics)."""
         name = self.lookup(model)

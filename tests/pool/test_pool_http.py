@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "http"))
 from http_support import anthropic_client, http_client, openai_client  # noqa: E402
 
 from omlx_actors.config import RuntimeConfig  # noqa: E402
+from omlx_actors.http.settings import HttpSettings  # noqa: E402
 from omlx_actors.pool.catalog import PoolModelSpec, PoolOptions, footprint_bytes  # noqa: E402
 from omlx_actors.server import open_server  # noqa: E402
 
@@ -88,8 +89,10 @@ async def test_a_model_that_can_never_fit_is_a_413_that_says_so(tiny_llama, tiny
         assert refused.value.body["code"] == "model_memory_exceeded"
 
 
-async def test_a_streamed_request_waits_for_its_model_to_load(tiny_llama):
-    async with open_server(RuntimeConfig(isolation="process"), pool=pool_of(tiny_llama)) as server:
+async def test_a_streamed_request_gets_keep_alives_while_its_model_loads(tiny_llama, tiny_hybrid):
+    settings = HttpSettings(keepalive_s=0.2)
+    async with open_server(RuntimeConfig(isolation="process"), settings,
+                           pool=pool_of(tiny_llama, tiny_hybrid, idle_ttl_s=0.5)) as server:
         seen = []
         async with http_client(server) as http:
             async def watch():
@@ -106,3 +109,38 @@ async def test_a_streamed_request_waits_for_its_model_to_load(tiny_llama):
         assert chunks and chunks[0].model == "tiny-llama"
         loading = [s for s in seen if s["state"] == "loading"]
         assert loading and all("seconds" in s["load"] for s in loading)
+        # The raw stream: keep-alives (OpenAI: comments; Anthropic: pings) before the model's
+        # first frame, while the engine process starts.
+        async with http_client(server) as http:
+            for path, body, keepalive in (
+                ("/v1/chat/completions", {"model": "tiny-hybrid", "stream": True, "max_tokens": 2,
+                                          "messages": HELLO}, ": keep-alive"),
+                ("/v1/messages", {"model": "tiny-llama", "stream": True, "max_tokens": 2,
+                                  "messages": HELLO}, "event: ping"),
+            ):
+                await unload_all(server)
+                async with http.stream("POST", path, json=body) as response:
+                    assert response.status_code == 200
+                    lines = [line async for line in response.aiter_lines() if line]
+                first_data = next(i for i, line in enumerate(lines) if line.startswith("data:"))
+                assert keepalive in lines[:first_data] or lines[0] == keepalive, lines[:5]
+                assert lines[-1] == "data: [DONE]" or "message_stop" in lines[-1], lines[-3:]
+
+
+async def unload_all(server) -> None:
+    """Wait until the idle TTL has unloaded every model of the server's pool."""
+    with trio.fail_after(30):
+        while any(v.state != "unloaded" for v in (await server.pool.snapshot()).models):
+            await trio.sleep(0.05)
+
+
+async def test_sdk_streams_that_wait_for_a_load_read_as_usual(tiny_llama, tiny_hybrid):
+    settings = HttpSettings(keepalive_s=0.1)
+    async with open_server(RuntimeConfig(), settings, pool=pool_of(tiny_llama, tiny_hybrid)) as server:
+        async with anthropic_client(server).messages.stream(
+                model="tiny-llama", messages=HELLO, max_tokens=4) as stream:
+            message = await stream.get_final_message()
+        assert message.model == "tiny-llama" and message.usage.output_tokens == 4
+        chunks = await openai_client(server).completions.create(
+            model="tiny-hybrid", prompt="Hello", max_tokens=4, stream=True)
+        assert [c.model async for c in chunks][0] == "tiny-hybrid"
