@@ -64,6 +64,8 @@ class Observed:
     ssd_check: SsdCheck | None = None
     # Workload name -> the JSON schema (JSON text) its answers are constrained to.
     schemas: Mapping[str, str] = attrs.field(factory=dict)
+    # A model pool's totals over the run ("loads", "evictions", ...); None without a pool.
+    pool_counts: Mapping[str, float] | None = None
 
 
 def evaluate(expect: Expectations, scope: str, obs: Observed) -> list[Verdict]:
@@ -192,7 +194,25 @@ def _answers(expect: Expectations, scope: str, records: Sequence[RequestRecord],
             f"{len(unclear)} do not: " + "; ".join(f"{r.key}: {r.error!r}" for r in unclear[:_SHOW]))
 
 
-_CHECKS: tuple[Check, ...] = (_outcomes, _against_reference, _resources, _after_the_run, _answers)
+def _pool(expect: Expectations, scope: str, records: Sequence[RequestRecord],
+          obs: Observed) -> Iterator[Verdict]:
+    for name, key, minimum in (("min_pool_loads", "loads", expect.min_pool_loads),
+                               ("min_pool_evictions", "evictions", expect.min_pool_evictions)):
+        if minimum is None:
+            continue
+        expected = f"at least {minimum} model {key} in the pool over the run"
+        if obs.pool_counts is None:
+            yield Verdict(name=name, scope=scope, ok=None, expected=expected,
+                          actual="no model pool in this target")
+            continue
+        n = int(obs.pool_counts[key])
+        seconds = obs.pool_counts.get("load_seconds_total", 0.0)
+        yield Verdict(name=name, scope=scope, ok=n >= minimum, expected=expected,
+                      actual=f"{n} (loads took {seconds:.2f} s in all)" if key == "loads" else f"{n}")
+
+
+_CHECKS: tuple[Check, ...] = (_outcomes, _against_reference, _resources, _after_the_run, _answers,
+                              _pool)
 
 
 def _schema_valid(scope: str, records: Sequence[RequestRecord], schemas: Mapping[str, str]) -> Verdict:

@@ -67,6 +67,8 @@ from omlx_actors.replay.schema import (
     Scenario,
     Workload,
 )
+from omlx_actors.replay.pool_target import engine_of, open_pool_target, pool_counts, pool_options
+from omlx_actors.replay.ssd_check import ssd_check, ssd_stats
 from omlx_actors.replay.targets import HttpTarget, InProcessTarget
 from omlx_actors.replay.trace import (
     ConversationPlan,
@@ -114,6 +116,7 @@ class ReplayResult:
     budget_bytes: int | None = None
     peak_bytes: int | None = None
     new_request: RequestRecord | None = None
+    pool_counts: dict[str, float] | None = None  # a model pool's loads and evictions
     verdicts: list[Verdict] = attrs.field(factory=list)
 
     @property
@@ -166,8 +169,12 @@ async def runtime_config(scenario: Scenario, model: str | None = None) -> Runtim
 
 
 @contextlib.asynccontextmanager
-async def _fresh_target(kind: str, config: RuntimeConfig, timeout_s: float) -> AsyncIterator[Any]:
-    if kind == "serve":
+async def _fresh_target(kind: str, config: RuntimeConfig, timeout_s: float,
+                        pool=None) -> AsyncIterator[Any]:
+    if pool is not None:  # [model] pool: several models (pool_target)
+        async with open_pool_target(kind, config, pool, timeout_s) as target:
+            yield target
+    elif kind == "serve":
         from omlx_actors.server import open_server
 
         async with open_server(config) as server:
@@ -213,12 +220,15 @@ async def replay(
         restart = next(p.name for p in scenario.phases if p.restart_before)
         problems.append(f"phase {restart} restarts the server: run in process or with --serve, "
                         "not against --url")
+    if scenario.pool and any(f.kind != "process_restart" for f in scenario.faults):
+        problems.append("a model pool's scenario takes only process_restart faults")
     if problems:
         raise UnsupportedScenario("; ".join(problems))
     kind = "url" if url is not None else ("serve" if serve else "in-process")
-    config = None
+    config = pool = None
     if kind != "url":
         config = await runtime_config(scenario, model)
+        pool = await pool_options(scenario, config, model)
     result = ReplayResult(
         scenario=scenario, target=kind, url=url,
         model=(config.model if config is not None else (served_model or "")) or "",
@@ -248,13 +258,13 @@ async def replay(
                 assert config is not None
                 if scenario.needs_reference:
                     ref_config = _own_directories(config, dirs)
-                    async with _fresh_target(kind, ref_config, timeout) as target:
+                    async with _fresh_target(kind, ref_config, timeout, pool) as target:
                         await _reference_pass(scenario, target, plans, result, bar)
                 main_config = _own_directories(config, dirs)
                 if main_config.ssd_cache_dir is not None:
                     result.config["ssd_cache_dir"] = str(main_config.ssd_cache_dir)
-                await _main_run(scenario, lambda: _fresh_target(kind, main_config, timeout), plans,
-                                result, bar)
+                await _main_run(scenario, lambda: _fresh_target(kind, main_config, timeout, pool),
+                                plans, result, bar)
     finally:
         bar.close()
     result.verdicts = verdicts(scenario, result, compare_tokens=kind == "in-process")
@@ -280,7 +290,7 @@ def verdicts(scenario: Scenario, result: ReplayResult, *, compare_tokens: bool) 
         reference=None if result.reference is None else {r.key: r for r in result.reference},
         leak_checks=result.leak_checks, budget_bytes=result.budget_bytes,
         peak_bytes=result.peak_bytes, new_request=result.new_request,
-        compare_tokens=compare_tokens, ssd_check=result.ssd_check,
+        compare_tokens=compare_tokens, ssd_check=result.ssd_check, pool_counts=result.pool_counts,
         schemas={w.name: w.params.response_schema for w in scenario.workloads
                  if w.params.response_schema},
     )
@@ -336,16 +346,17 @@ async def _main_run(scenario: Scenario, open_target, plans, result: ReplayResult
                 await _phase(scenario, target, phase, plans, clock, result, bar, t0)
                 result.windows.append(PhaseWindow(name=phase.name, start_s=start, end_s=clock()))
                 result.leak_checks.append(await target.check_idle(phase.name))
-                stats = await _ssd_stats(target)
+                stats = await ssd_stats(target)
                 if stats is not None:
                     result.ssd_stats[phase.name] = stats
             target = current.target
             if any(e.new_request_succeeds for e in _all_expectations(scenario)):
                 result.new_request = await _new_request(scenario, target, clock)
             if any(e.ssd_no_orphans for e in _all_expectations(scenario)):
-                result.ssd_check = await _ssd_check(target)
+                result.ssd_check = await ssd_check(target)
             await _take_sample(target, clock, result)
             result.budget_bytes = await target.budget_bytes()
+            result.pool_counts = await pool_counts(target)
             current.target = None
         nursery.cancel_scope.cancel()
     result.duration_s = clock()
@@ -388,7 +399,7 @@ async def _phase(scenario, target, phase: Phase, plans, clock, result: ReplayRes
 async def _arm(target, fault, clock, result: ReplayResult, nursery: trio.Nursery) -> None:
     engine = target.engine
     if fault.kind == "process_restart":
-        nursery.start_soon(_kill_engine, engine, fault, clock, result)
+        nursery.start_soon(_kill_engine, target, fault, clock, result)
         return
     if fault.kind in DISK_FAULTS:
         nursery.start_soon(_disk_fault, engine, fault, clock, result)
@@ -441,8 +452,10 @@ async def _disk_fault(engine, fault, clock, result: ReplayResult) -> None:
                                      what=f"{what}, armed {when}"))
 
 
-async def _kill_engine(engine, fault, clock, result: ReplayResult) -> None:
-    """SIGKILL the engine process at a step or a time of the phase (the front restarts it)."""
+async def _kill_engine(target, fault, clock, result: ReplayResult) -> None:
+    """SIGKILL the engine process (of `fault.model` in a pool) at a step or a time of the
+    phase (the front restarts it)."""
+    engine = await engine_of(target, fault)
     when = await _wait_for_fault(engine, fault)
     os.kill(engine.engine_pid, signal.SIGKILL)
     result.faults.append(FaultRecord(kind=fault.kind, phase=fault.phase, what=f"SIGKILL {when}",
@@ -458,51 +471,6 @@ async def _act(target, kind: str, phase: str, when: float, clock, result: Replay
     else:  # pragma: no cover - the schema admits only the kinds above
         raise AssertionError(kind)
     result.actions.append(ActionRecord(kind=kind, phase=phase, at_s=start, took_s=clock() - start))
-
-
-async def _ssd_stats(target) -> dict[str, Any] | None:
-    engine = target.engine
-    if engine is None or not engine.has_ssd:
-        return None
-    return attrs.asdict(await engine.ssd_stats())
-
-
-# How long the last blocks of an idle engine may take to reach the SSD writer (they travel
-# through the executor's forwarder, which `flush_ssd_cache` does not wait for).
-SSD_SETTLE_S = 0.25
-
-
-async def _ssd_check(target) -> SsdCheck:
-    """Flush the SSD tier; its counters must balance; then clean it up: the directory must
-    be left with no file at all (an orphan - a block the writer no longer knows, a temp
-    file - is what a cleanup racing writes leaves behind)."""
-    engine = target.engine
-    if engine is None or not engine.has_ssd:
-        return SsdCheck(clean=None, detail="no SSD tier in this runtime (set [server] ssd_cache_dir)")
-    await trio.sleep(SSD_SETTLE_S)
-    await engine.flush_ssd_cache()
-    s = await engine.ssd_stats()
-    ends = (s.saves_persisted + s.saves_duplicate + s.saves_cancelled + s.saves_skipped
-            + s.write_errors + s.pending)
-    balance = (f"enqueued {s.saves_enqueued} = persisted {s.saves_persisted} + duplicate "
-               f"{s.saves_duplicate} + cancelled {s.saves_cancelled} + skipped {s.saves_skipped} "
-               f"+ errors {s.write_errors} + pending {s.pending}")
-    if s.saves_enqueued != ends:
-        return SsdCheck(clean=False, detail=f"the writer's counters do not balance: {balance.replace(' = ', ' != ', 1)}")
-    files_before = s.files
-    await engine.cleanup_ssd_cache()
-    directory = Path(engine.config.ssd_cache_dir)
-    left = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
-    after = await engine.ssd_stats()
-    if left or after.files or after.bytes_on_disk:
-        return SsdCheck(clean=False, detail=(
-            f"after the cleanup {len(left)} files remain on disk ({', '.join(left[:3])}"
-            f"{', ...' if len(left) > 3 else ''}); the writer counts {after.files} files, "
-            f"{after.bytes_on_disk} bytes"))
-    behind = (await engine.stats()).ssd_saves_dropped + s.saves_dropped
-    return SsdCheck(clean=True, detail=(
-        f"{balance}; {behind} more dropped while the writer was behind; the cleanup removed "
-        f"all {files_before} files, none left"))
 
 
 async def _conversation(

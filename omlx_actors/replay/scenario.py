@@ -152,6 +152,7 @@ class Workload:
     concurrency: int | None = None  # requests of this workload in flight at once
     think_s: float = 0.0  # pause between a conversation's turns
     cancel: CancelPlan | None = None
+    model: str | None = None  # one of the scenario's pool models; None: the [model] one
 
 
 class Expectations(Table, frozen=True):
@@ -180,6 +181,9 @@ class Expectations(Table, frozen=True):
     # Every completed request with a response_schema ends `stop` with JSON that validates
     # against it (the `jsonschema` package, the `test` extra), or ends `length`.
     schema_valid: bool = False
+    # A model pool ([model] pool): at least this many model loads / evictions over the run.
+    min_pool_loads: Count | None = None
+    min_pool_evictions: Count | None = None
 
     def __post_init__(self) -> None:
         force_setattr(self, "allowed_status", as_tuple(self.allowed_status))
@@ -232,6 +236,7 @@ class Fault:
     writes: int | None = None  # block writes a disk fault strikes
     after_writes: int = 0  # block writes it lets through first (counted from its arming)
     stall_s: float = 0.0  # how long each write struck by a writer_stall hangs
+    model: str | None = None  # a model pool's model whose engine it strikes (None: [model]'s)
 
 
 # What a scenario can do to a running server besides sending requests (needs the engine).
@@ -256,6 +261,10 @@ class Scenario:
     description: str = ""
     seed: int = 0
     model: str = "tiny-llama"  # a demo model name or a model directory / repo id
+    # More models served beside `model` as one model pool (`omlx_actors.pool`), and how many
+    # of them (the largest) its memory budget holds (None: the machine's budget).
+    pool: tuple[str, ...] = ()
+    pool_holds: int | None = None
     server: tuple[tuple[str, Any], ...] = ()  # RuntimeConfig overrides (sizes as ByteSize)
     workloads: tuple[Workload, ...] = ()
     phases: tuple[Phase, ...] = ()

@@ -53,6 +53,7 @@ from omlx_actors.replay.scenario import (
     SecondsRange,
     Sizes,
     TokenRange,
+    Word,
     Words,
     Workload,
     as_range,
@@ -141,6 +142,8 @@ class ScenarioTable(Table):
 
 class ModelTable(Table):
     name: str = "tiny-llama"
+    pool: Words | None = None  # more models, served beside `name` as one model pool
+    pool_holds: AtLeastOne | None = None  # the pool's budget holds this many (the largest)
 
 
 class WorkloadTable(RequestParams, frozen=True):
@@ -164,6 +167,7 @@ class WorkloadTable(RequestParams, frozen=True):
     cancel_fraction: Fraction | None = None
     cancel_after_tokens: TokenRange | None = None
     cancel_after_s: SecondsRange | None = None
+    model: Word | None = None  # one of [model]'s pool models (None: [model] name)
 
     def problems(self) -> Iterator[tuple[str, str]]:
         request = list(super().problems())
@@ -222,7 +226,7 @@ class WorkloadTable(RequestParams, frozen=True):
             params=RequestParams(**{key: getattr(self, key) for key in REQUEST_KEYS}),
             start_s=self.start_s,
             arrival=self.arrival or ("burst" if self.rate is None else "uniform"), rate=self.rate,
-            concurrency=self.concurrency, think_s=self.think_s, cancel=cancel,
+            concurrency=self.concurrency, think_s=self.think_s, cancel=cancel, model=self.model,
         )
 
 
@@ -245,6 +249,7 @@ class FaultTable(Table):
     after_writes: Count | None = None
     stall_s: Positive | None = None
     duration_s: Any = None  # the old form, refused with its fix
+    model: Word | None = None  # a pool model whose engine it strikes (None: [model] name)
 
     def problem(self, phase_names: set[str]) -> tuple[str, str] | None:
         """The first thing wrong with this fault's combination of keys, if any."""
@@ -328,14 +333,35 @@ def _build(ctx: Context, data: dict, path: Path | None) -> Scenario | None:
     actions = [a for i, raw in enumerate(root.action or ())
                for a in _action(ctx, raw, ("action", i), phases, base_names, first)]
     _check_server_for_faults(ctx, dict(server), faults)
+    if model is not None:
+        _check_pool(ctx, model, workloads, faults)
     if ctx.problems or head is None or model is None or expect is None:
         return None
     return Scenario(
         name=head.name, path=path, description=head.description, seed=head.seed, model=model.name,
+        pool=as_tuple(model.pool) or (), pool_holds=model.pool_holds,
         server=server, workloads=tuple(workloads), phases=tuple(phases), faults=tuple(faults),
         actions=tuple(actions), expect=expect,
         request_timeout_s=head.request_timeout_s, timeout_s=head.timeout_s,
     )
+
+
+def _check_pool(ctx: Context, model: ModelTable, workloads: list[Workload],
+                faults: list[Fault]) -> None:
+    """A workload's or a fault's `model` names a pool model; pool_holds needs a pool."""
+    pool = as_tuple(model.pool) or ()
+    names = (model.name, *pool)
+    for w in workloads:
+        if w.model is not None and w.model not in names:
+            ctx.report(("workload", w.name), "model",
+                       f"no model {w.model!r} in [model]; models: {', '.join(names)}")
+    for f in faults:
+        if f.model is not None and f.model not in names:
+            ctx.report(("fault",), "model",
+                       f"no model {f.model!r} in [model]; models: {', '.join(names)}")
+            return
+    if model.pool_holds is not None and not pool:
+        ctx.report(("model",), "pool_holds", "needs a pool (more models in pool)")
 
 
 def _check_server_for_faults(ctx: Context, server: dict[str, Any], faults: list[Fault]) -> None:
@@ -434,7 +460,8 @@ def _fault(ctx: Context, data: Any, table: tuple, phases: list[Phase], phase_nam
         return []
     return [
         Fault(kind=t.kind, phase=target, at_step=t.at_step, after_s=t.after_s, above_bytes=t.above_bytes,
-              error=t.error, writes=t.writes, after_writes=t.after_writes or 0, stall_s=t.stall_s or 0.0)
+              error=t.error, writes=t.writes, after_writes=t.after_writes or 0, stall_s=t.stall_s or 0.0,
+              model=t.model)
         for target in _targets(phases, t.phase or first)
     ]
 

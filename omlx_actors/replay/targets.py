@@ -233,7 +233,7 @@ class HttpTarget:
     def _payload(self, body: RequestBody) -> dict[str, Any]:
         p = body.params
         payload: dict[str, Any] = {
-            "model": self.model, "max_tokens": p.max_tokens, "stream": p.stream,
+            "model": body.model or self.model, "max_tokens": p.max_tokens, "stream": p.stream,
             "temperature": p.temperature,
         }
         if body.mode == "chat":

@@ -81,6 +81,7 @@ class RequestBody:
     # Ask for the top-2 logprobs of every token, to tell a greedy tie (two tokens with equal
     # logprobs, which batching noise may order either way) from a real divergence.
     margins: bool = False
+    model: str | None = None  # a model pool's model (None: the target's one model)
 
 
 def words(rng: random.Random, n: int) -> str:
@@ -188,6 +189,12 @@ def conversation_body(
     answers: Sequence[str],
 ) -> RequestBody:
     """The request for `turn` (1-based), given the texts of the earlier turns' answers."""
+    body = _conversation_body(workload, plan, turn, answers)
+    return body if workload.model is None else attrs.evolve(body, model=workload.model)
+
+
+def _conversation_body(workload: Workload, plan: ConversationPlan, turn: int,
+                       answers: Sequence[str]) -> RequestBody:
     assert len(answers) == turn - 1
     if workload.mode == "completion":
         if workload.prompt_tokens:

@@ -126,3 +126,13 @@ def test_an_invalid_scenario_exits_2_with_the_problem(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == (f"omlx-actors replay: invalid scenario file:\n{bad}:5: [workload.w] turns: "
                    "expected an integer >= 1, got 0\n")
+
+
+async def test_two_model_scenario_swaps_the_pool_and_survives_a_kill_over_http(tiny_llama):
+    result = await replay(load_scenario(_scenario("two_model_agents")), serve=True,
+                          model=str(tiny_llama))
+    assert result.passed, render_text(result)
+    assert [f.kind for f in result.faults] == ["process_restart"]
+    assert result.pool_counts["evictions"] >= 2 and result.pool_counts["load_seconds_total"] > 0
+    models = {r.workload for r in result.records}
+    assert models == {"planner", "coder"}

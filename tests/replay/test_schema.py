@@ -80,7 +80,8 @@ def test_an_unknown_key_is_rejected_with_its_line_and_a_suggestion(tmp_path):
     assert errors == [
         "s.toml:6: [workload.w] turn: unknown key (did you mean 'turns'?); expected one of: "
         "arrival, cancel_after_s, cancel_after_tokens, cancel_fraction, concurrency, "
-        "conversations, ignore_eos, max_tokens, mode, prompt_tokens, prompt_words, rate, "
+        "conversations, ignore_eos, max_tokens, mode, model, prompt_tokens, prompt_words, "
+        "rate, "
         "response_schema, seed, "
         "start_s, stop, stream, system, system_words, temperature, think_s, tool_calls_in_history, "
         "tool_result_words, tools, top_p, turns"
