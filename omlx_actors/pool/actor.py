@@ -390,7 +390,7 @@ class ModelPool:
     _address: Any
     _nursery: trio.Nursery
     _tickets: Any = attrs.field(factory=lambda: itertools.count(1))
-    accepting: bool = True
+    accepting: bool = True  # False once shutting down: acquire refuses (503)
 
     def lookup(self, model: str) -> str | None:
         """The served name `model` refers to (any of its aliases), or None."""
@@ -414,6 +414,8 @@ class ModelPool:
         name = self.lookup(model)
         if name is None:
             raise self.not_found(model)
+        if not self.accepting:
+            raise EngineUnavailable("the server is shutting down")
         ticket = next(self._tickets)
         granted = False
         try:

@@ -122,3 +122,21 @@ async def test_a_model_that_can_never_fit_is_refused(tiny_llama, tiny_hybrid):
         assert refused.value.status == 413
         with pytest.raises(ModelNotFound, match="available: "):
             await pool.acquire("no-such-model")
+
+
+async def test_a_models_dir_serves_each_model_directory_in_it(tiny_llama, tiny_hybrid, tmp_path):
+    import shutil
+
+    from omlx_actors.pool.catalog import pool_specs
+
+    root = tmp_path / "models"
+    shutil.copytree(tiny_llama, root / "fast")
+    shutil.copytree(tiny_hybrid, root / "hybrid")
+    (root / "notes.txt").write_text("not a model")
+    (root / "empty").mkdir()
+    specs = pool_specs([], models_dir=root)
+    assert [(s.source, s.explicit) for s in specs] == [
+        (str(root / "fast"), False), (str(root / "hybrid"), False)]
+    async with open_pool(specs) as pool:
+        assert pool.names == ["fast", "hybrid"]
+        assert await greedy_text(pool.chat("hybrid", HELLO, max_tokens=3))
