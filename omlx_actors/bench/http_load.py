@@ -9,7 +9,8 @@ and prints one JSON line on stdout: tokens, wall_s, ttft_s (one per request, fro
 of the run), itl_s (the gaps between consecutive text chunks of each stream, pooled), errors
 and cpu_s (this process's CPU seconds: near wall_s, the client was the bottleneck).
 
-A job with `"wait_for_go": true` prints `ready` once it is loaded and starts only when a
+A job with `"wait_for_go": true` prints `ready` once it is loaded and its connections are
+open (one per request, as a long-lived client has them), and starts only when a
 `go` line arrives on stdin, so that several client processes start their clocks together.
 `run_http_load` is the parent's side: it starts the processes, releases them at once and
 merges their answers into one `LevelResult`. The client gets its own process so that, at
@@ -44,9 +45,43 @@ class HttpJob:
 
 
 async def http_level(side: str, url: str, model: str, prompts: list[str], max_tokens: int,
-                     concurrency: int | None = None) -> LevelResult:
+                     concurrency: int | None = None, ready=None) -> LevelResult:
     """The prompts as streaming /v1/completions, started together; TTFT = first text chunk,
-    both measured from the start of the run."""
+    both measured from the start of the run.
+
+    The client and its connections are made before the clock starts, as an agent's
+    long-lived client has them: building an httpx client (its TLS context) took tens of ms,
+    which counted against the server at one stream. `ready`, if given, is awaited between
+    the two (the process reports ready and waits for the go)."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(prompts) + 4,
+                          max_keepalive_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await _warm_connections(client, url, len(prompts))
+        if ready is not None:
+            await ready()
+        return await _run_level(client, side, url, model, prompts, max_tokens, concurrency)
+
+
+async def _warm_connections(client, url: str, count: int) -> None:
+    """Open `count` keep-alive connections (a cheap GET each, all at once). A server that
+    closes connections after each response simply gets new ones during the run."""
+    import httpx
+
+    async def one() -> None:
+        try:
+            await client.get(url + "/v1/models")
+        except httpx.HTTPError:
+            pass  # the run itself reports a server that does not answer
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(one)
+
+
+async def _run_level(client, side: str, url: str, model: str, prompts: list[str],
+                     max_tokens: int, concurrency: int | None) -> LevelResult:
     import httpx
 
     ttft: list[float] = []
@@ -67,8 +102,7 @@ async def http_level(side: str, url: str, model: str, prompts: list[str], max_to
         itl.extend(gaps(arrivals))
         tokens += usage or len(arrivals)
 
-    limits = httpx.Limits(max_connections=len(prompts) + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client, trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:
         for p in prompts:
             nursery.start_soon(one, client, p)
     return LevelResult(side, len(prompts), tokens, time.perf_counter() - start,
@@ -141,15 +175,17 @@ def _merge(side: str, concurrency: int, answers: list[dict[str, Any]]) -> LevelR
 def main(argv: list[str]) -> int:
     raw = argv[0] if argv else sys.stdin.readline()
     job = HttpJob(**json.loads(raw))
-    if job.wait_for_go:
-        import httpx  # noqa: F401 - loaded before the clock starts
-
-        print("ready", flush=True)
-        if sys.stdin.readline().strip() != "go":
-            return 1
     cpu = time.process_time()
+
+    async def ready() -> None:
+        nonlocal cpu
+        print("ready", flush=True)
+        if (await trio.to_thread.run_sync(sys.stdin.readline)).strip() != "go":
+            raise SystemExit(1)
+        cpu = time.process_time()
+
     result = trio.run(http_level, "http", job.url, job.model, job.prompts, job.max_tokens,
-                      job.concurrency)
+                      job.concurrency, ready if job.wait_for_go else None)
     print(json.dumps({"tokens": result.tokens, "wall_s": result.wall_s,
                       # Requests that brought no text have no TTFT (NaN is not JSON).
                       "ttft_s": [t for t in result.ttft_s if not math.isnan(t)],
