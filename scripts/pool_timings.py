@@ -30,13 +30,12 @@ async def first_token_s(client: httpx.AsyncClient, model: str) -> float:
     body = {"model": model, "stream": True, "max_tokens": 8, "temperature": 0,
             "messages": [{"role": "user", "content": "Hello there"}]}
     start = time.perf_counter()
+    ttft = None
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         async for line in response.aiter_lines():
-            if line.startswith("data:") and '"content":"' in line and '"content":""' not in line:
+            if ttft is None and line.startswith("data:") and '"content":"' in line \
+                    and '"content":""' not in line:
                 ttft = time.perf_counter() - start
-                break
-        async for _ in response.aiter_lines():
-            pass
     return ttft
 
 
