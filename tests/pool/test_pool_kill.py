@@ -56,8 +56,8 @@ async def test_killing_one_models_engine_leaves_the_others_streaming(tiny_llama,
             out[model] = await timed_stream(client, model, max_tokens)
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, "tiny-hybrid", 1500)
-            nursery.start_soon(run, SMOLLM2, 400)
+            nursery.start_soon(run, "tiny-hybrid", 2000)
+            nursery.start_soon(run, SMOLLM2, 120)
             with trio.fail_after(60):
                 while (await (await server.pool.runtime_of(SMOLLM2)).ping()).steps < 20:
                     await trio.sleep(0.01)
@@ -77,9 +77,10 @@ async def test_killing_one_models_engine_leaves_the_others_streaming(tiny_llama,
         times = out[model][1]
         before = [b - a for a, b in zip(times, times[1:]) if b < killed_at]
         during = [b - a for a, b in zip(times, times[1:]) if killed_at <= b <= ready_at + 1]
-        assert during, f"{model}'s stream ended before the kill"
+        assert times[-1] > ready_at, f"{model}'s stream ended before the restart was done"
         normal = statistics.median(before)
         bound = max(PAUSE_FACTOR * normal, PAUSE_FLOOR_S)
-        print(f"{model}: median gap {normal * 1000:.1f} ms, longest while restarting "
-              f"{max(during) * 1000:.1f} ms (restart {ready_at - killed_at:.2f} s)")
+        print(f"{model}: median gap {normal * 1000:.1f} ms, longest before the kill "
+              f"{max(before) * 1000:.1f} ms, longest while restarting {max(during) * 1000:.1f} ms "
+              f"(restart {ready_at - killed_at:.2f} s)")
         assert max(during) < bound, (model, normal, max(during))
