@@ -179,7 +179,7 @@ def _add_pool_flags(serve: argparse.ArgumentParser) -> None:
                        help="unload a pool's models idle this long (default: never)")
     serve.add_argument("--pool-memory-budget", type=_size, default=None,
                        help="bytes for the models a pool keeps loaded, each priced at its "
-                            "weights + one request's KV, e.g. 12G (default: --memory-budget, "
+                            "weights + prefix cache + one request's KV, e.g. 12G (default: --memory-budget, "
                             "else total memory minus a headroom); loading one that does not "
                             "fit unloads the least recently used idle model")
 

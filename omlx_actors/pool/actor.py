@@ -48,7 +48,13 @@ from omlx_actors.pool.policy import (
     SecondsHistogram,
     Wait,
 )
-from omlx_actors.refusals import EngineUnavailable, ModelNotFound, RequestError, RequestTooLarge
+from omlx_actors.refusals import (
+    EngineUnavailable,
+    ModelNotFound,
+    QueueFull,
+    RequestError,
+    RequestTooLarge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,9 @@ log = logging.getLogger(__name__)
 POOL_INBOX_CAPACITY = 256
 # How often idle models are checked against --idle-ttl (at most; a short TTL checks more).
 IDLE_CHECK_S = 5.0
+# Requests waiting in the actor for their models to load, over all models: beyond it a new
+# one is refused at once (429 with Retry-After) rather than queued without bound.
+MAX_WAITING_FOR_LOAD = 1024
 
 
 # -- messages ------------------------------------------------------------------------------
@@ -208,6 +217,10 @@ class PoolActor:
             return
         if entry.state is ModelState.LOADED:
             self._grant(envelope, model, ticket, now)
+            return
+        if sum(len(q) for q in self.waiters.values()) >= MAX_WAITING_FOR_LOAD:
+            envelope.reply(QueueFull(f"{MAX_WAITING_FOR_LOAD} requests are already waiting "
+                                     "for models to load; retry shortly"))
             return
         self.waiters.setdefault(model, []).append((ticket, envelope))
 

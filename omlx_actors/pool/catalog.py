@@ -89,9 +89,10 @@ def pool_specs(models: Sequence[str], served_names: Sequence[str] = (),
 
 def footprint_bytes(path: Path, config: RuntimeConfig) -> int:
     """What a loaded model is priced at in the pool's budget: its weights (the size of its
-    safetensors files) plus the KV cache of one request of `default_max_tokens` tokens
-    (the estimator's per-token KV from its config.json). Not priced: the engine process's
-    own baseline, the prefix cache (bounded by `prefix_cache_bytes` inside each engine)."""
+    safetensors files), the prefix cache its engine may keep (`prefix_cache_bytes`) and the
+    KV cache of one request of `default_max_tokens` tokens (the estimator's per-token KV
+    from its config.json). Not priced: the engine process's own baseline (interpreter,
+    MLX), and requests beyond the first (each engine admits those against its own budget)."""
     path = Path(path)
     weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     try:
@@ -99,7 +100,7 @@ def footprint_bytes(path: Path, config: RuntimeConfig) -> int:
         kv = kv_bytes_per_token(facts) * config.default_max_tokens
     except (OSError, ValueError):
         kv = 0
-    return max(weights + kv, 1)
+    return max(weights + config.prefix_cache_bytes + kv, 1)
 
 
 def safe_dir_name(name: str) -> str:

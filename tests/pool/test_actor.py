@@ -140,3 +140,25 @@ async def test_a_models_dir_serves_each_model_directory_in_it(tiny_llama, tiny_h
     async with open_pool(specs) as pool:
         assert pool.names == ["fast", "hybrid"]
         assert await greedy_text(pool.chat("hybrid", HELLO, max_tokens=3))
+
+
+async def test_requests_waiting_for_loads_are_bounded(tiny_llama, monkeypatch):
+    from omlx_actors.pool import actor
+    from omlx_actors.refusals import QueueFull
+
+    monkeypatch.setattr(actor, "MAX_WAITING_FOR_LOAD", 2)
+    async with open_pool([tiny_llama]) as pool:
+        outcomes = []
+
+        async def one():
+            try:
+                async with pool.lease("tiny-llama"):
+                    outcomes.append("leased")
+            except QueueFull as exc:
+                outcomes.append(exc.status)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(one)
+                await trio.sleep(0)
+        assert sorted(outcomes, key=str) == [429, "leased", "leased"]
