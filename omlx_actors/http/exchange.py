@@ -267,11 +267,12 @@ def stream_after_load(state: ServerState, model: str, route: str, open_stream: S
 
     async def body() -> AsyncIterator[bytes]:
         lease = refused = None
+        since = trio.current_time()  # the wait's age survives each re-ask
         while lease is None:
             # Never yield inside the cancel scope: the body is suspended between yields.
             with trio.move_on_after(state.settings.keepalive_s):
                 try:
-                    lease = await pool.acquire(model)
+                    lease = await pool.acquire(model, since=since)
                 except RequestError as exc:
                     refused = exc
             if refused is not None:

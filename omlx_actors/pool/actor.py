@@ -40,6 +40,7 @@ from omlx_actors.config import ConfigError, RuntimeConfig
 from omlx_actors.kernel import ActorError, Envelope, Overflow, open_inbox
 from omlx_actors.pool.catalog import PoolModel, PoolModelSpec, resolve_pool_models
 from omlx_actors.pool.policy import (
+    Drain,
     EvictFirst,
     Load,
     ModelState,
@@ -62,8 +63,12 @@ log = logging.getLogger(__name__)
 # room (the actor never awaits anything but its hosts' start, so it drains fast); a release
 # that finds the inbox full is delivered by a background task, never dropped.
 POOL_INBOX_CAPACITY = 256
-# How often idle models are checked against --idle-ttl (at most; a short TTL checks more).
-IDLE_CHECK_S = 5.0
+# How often the actor re-plans on its own (idle-TTL expiry, loads that have waited long
+# enough to drain busy models); a short TTL checks more often.
+TICK_S = 1.0
+# A load waiting this long for busy models drains them (no new lease on them until they
+# are evicted for it): a model kept busy without a pause cannot keep another out for good.
+DRAIN_AFTER_S = 10.0
 # Requests waiting in the actor for their models to load, over all models: beyond it a new
 # one is refused at once (429 with Retry-After) rather than queued without bound.
 MAX_WAITING_FOR_LOAD = 1024
@@ -76,6 +81,7 @@ MAX_WAITING_FOR_LOAD = 1024
 class Acquire:
     model: str
     ticket: int
+    since: float | None = None  # when the request began to wait (trio time; None: now)
 
 
 @attrs.frozen
@@ -169,9 +175,11 @@ class PoolActor:
     address: Any  # its own inbox's Address (hosts report there)
     hosts_nursery: trio.Nursery
     idle_ttl_s: float | None = None
+    drain_after_s: float = DRAIN_AFTER_S
     accepting: bool = True
     hosts: dict[str, _Host] = attrs.field(factory=dict)
-    waiters: dict[str, list[tuple[int, Envelope]]] = attrs.field(factory=dict)
+    # model -> requests waiting for it (ticket, envelope, since), oldest first
+    waiters: dict[str, list[tuple[int, Envelope, float]]] = attrs.field(factory=dict)
     grants: dict[int, str] = attrs.field(factory=dict)
     last_load_s: dict[str, float] = attrs.field(factory=dict)
     load_seconds: SecondsHistogram = attrs.field(factory=SecondsHistogram)
@@ -181,8 +189,8 @@ class PoolActor:
     def handle(self, envelope: Envelope) -> None:
         now = trio.current_time()
         match envelope.message:
-            case Acquire(model=model, ticket=ticket):
-                self._acquire(envelope, model, ticket, now)
+            case Acquire(model=model, ticket=ticket, since=since):
+                self._acquire(envelope, model, ticket, now, now if since is None else since)
             case Release(ticket=ticket):
                 self._release(ticket, now)
             case HostLoaded(model=model, runtime=runtime, seconds=seconds):
@@ -207,7 +215,8 @@ class PoolActor:
 
     # -- leases ------------------------------------------------------------------------------
 
-    def _acquire(self, envelope: Envelope, model: str, ticket: int, now: float) -> None:
+    def _acquire(self, envelope: Envelope, model: str, ticket: int, now: float,
+                 since: float) -> None:
         if not self.accepting:
             envelope.reply(EngineUnavailable("the server is shutting down"))
             return
@@ -215,14 +224,14 @@ class PoolActor:
         if entry is None:
             envelope.reply(ModelNotFound(f"the model {model!r} is not in the pool", param="model"))
             return
-        if entry.state is ModelState.LOADED:
+        if self.ledger.can_lease(model):
             self._grant(envelope, model, ticket, now)
             return
         if sum(len(q) for q in self.waiters.values()) >= MAX_WAITING_FOR_LOAD:
             envelope.reply(QueueFull(f"{MAX_WAITING_FOR_LOAD} requests are already waiting "
                                      "for models to load; retry shortly"))
             return
-        self.waiters.setdefault(model, []).append((ticket, envelope))
+        self.waiters.setdefault(model, []).append((ticket, envelope, since))
 
     def _grant(self, envelope: Envelope, model: str, ticket: int, now: float) -> None:
         self.ledger.acquire(model, now)
@@ -235,7 +244,7 @@ class PoolActor:
             self.ledger.release(model, now)
             return
         for queue in self.waiters.values():  # cancelled while waiting for the load
-            queue[:] = [(t, e) for t, e in queue if t != ticket]
+            queue[:] = [w for w in queue if w[0] != ticket]
 
     # -- hosts -------------------------------------------------------------------------------
 
@@ -264,7 +273,10 @@ class PoolActor:
         if not self.accepting:
             self._stop_host(model, now, shutdown=True)
             return
-        for ticket, envelope in self.waiters.pop(model, []):
+        self._grant_waiters(model, now)
+
+    def _grant_waiters(self, model: str, now: float) -> None:
+        for ticket, envelope, _ in self.waiters.pop(model, []):
             if envelope.caller_waiting:
                 self._grant(envelope, model, ticket, now)
 
@@ -288,27 +300,39 @@ class PoolActor:
         self.ledger.unloaded(model, error)
 
     def _refuse_waiters(self, model: str, error: RequestError) -> None:
-        for _, envelope in self.waiters.pop(model, []):
+        for _, envelope, _ in self.waiters.pop(model, []):
             envelope.reply(error)
 
     # -- decisions ---------------------------------------------------------------------------
 
     def _replan(self, now: float) -> None:
-        """Start, or make room for, the loads requests wait for (oldest first)."""
+        """Start, or make room for, the loads requests wait for (oldest first). Drains are
+        decided afresh: a model drained for a wait that is gone serves again."""
+        self.ledger.clear_drains()
         for name in list(self.waiters):
-            self.waiters[name] = [(t, e) for t, e in self.waiters[name] if e.caller_waiting]
+            self.waiters[name] = [w for w in self.waiters[name] if w[1].caller_waiting]
             if not self.waiters[name]:
                 del self.waiters[name]
                 continue
+            if self.ledger.can_lease(name):
+                self._grant_waiters(name, now)
+                continue
             if self.ledger.entries[name].state not in (ModelState.UNLOADED, ModelState.FAILED):
                 continue
-            match self.ledger.plan_load(name):
+            waited = now - min(w[2] for w in self.waiters[name])
+            match self.ledger.plan_load(name, may_drain=waited >= self.drain_after_s):
                 case Load():
                     self._start_host(name, now)
                 case EvictFirst(victims=victims):
                     for victim in victims:
                         log.info("evicting idle model %s to load %s", victim, name)
                         self._stop_host(victim, now)
+                case Drain(victims=victims):
+                    for victim in victims:
+                        if self.ledger.entries[victim].inflight:
+                            self.ledger.drain(victim)  # its requests end, then it goes
+                        else:
+                            self._stop_host(victim, now)
                 case NeverFits() as refused:
                     self._refuse_waiters(name, RequestTooLarge(
                         refused.message, code="model_memory_exceeded", param="model",
@@ -419,11 +443,13 @@ class ModelPool:
         return ModelNotFound(f"the model {model!r} is not served here; available: "
                              f"{', '.join(self.models)}", param="model")
 
-    async def acquire(self, model: str) -> Lease:
+    async def acquire(self, model: str, *, since: float | None = None) -> Lease:
         """Wait until `model` is loaded (loading it, evicting idle models for room) and hold
         it for one request. Raises `ModelNotFound` (404), `RequestTooLarge` (it can never
         fit, 413), `EngineUnavailable` (its load failed, shutting down: 503). Cancellation
-        safe: a lease granted to a caller cancelled meanwhile is released."""
+        safe: a lease granted to a caller cancelled meanwhile is released. `since`: when the
+        request began to wait (`trio.current_time()`), for a caller that asks again after
+        giving up for a while (a stream sending keep-alives): its wait counts from then."""
         name = self.lookup(model)
         if name is None:
             raise self.not_found(model)
@@ -433,7 +459,7 @@ class ModelPool:
         granted = False
         try:
             try:
-                reply = await self._address.call(Acquire(name, ticket))
+                reply = await self._address.call(Acquire(name, ticket, since))
             except ActorError as exc:
                 raise EngineUnavailable(f"the model pool is unavailable: {exc}") from exc
             if isinstance(reply, RequestError):
@@ -519,12 +545,14 @@ def check_startup(ledger: PoolLedger, models: Sequence[PoolModel]) -> None:
 async def open_pool(
     models: Sequence[str | PoolModelSpec], config: RuntimeConfig | None = None, *,
     budget_bytes: int | None = None, idle_ttl_s: float | None = None,
-    pins: Sequence[str] = (), **overrides: Any,
+    pins: Sequence[str] = (), drain_after_s: float = DRAIN_AFTER_S, **overrides: Any,
 ) -> AsyncIterator[ModelPool]:
     """Several models, each loaded on demand into its own runtime, within one memory
     budget (`budget_bytes`; None: the machine's memory less a headroom). `models`: sources
     as `open_runtime` takes them (or `PoolModelSpec`s); `pins` keeps models loaded (loaded
-    before this yields); `idle_ttl_s` unloads models idle that long. Every model's runtime
+    before this yields); `idle_ttl_s` unloads models idle that long; a load that waited
+    `drain_after_s` for busy models drains them (they take no new request until they are
+    evicted for it). Every model's runtime
     uses `config` (with `overrides`), each with its own SSD namespace. Example::
 
         async with open_pool(["tiny-llama", "smollm2-135m-instruct"]) as pool:
@@ -546,10 +574,10 @@ async def open_pool(
         pool = ModelPool(models={m.name: m for m in resolved}, address=address, nursery=outer)
         async with trio.open_nursery() as hosts:
             actor = PoolActor(ledger=ledger, models=pool.models, address=address,
-                              hosts_nursery=hosts, idle_ttl_s=idle_ttl_s)
+                              hosts_nursery=hosts, idle_ttl_s=idle_ttl_s,
+                              drain_after_s=drain_after_s)
             await outer.start(run, inbox, actor)
-            if idle_ttl_s is not None:
-                outer.start_soon(_tick, address, min(IDLE_CHECK_S, idle_ttl_s / 4))
+            outer.start_soon(_tick, address, min(TICK_S, (idle_ttl_s or math.inf) / 4))
             try:
                 for model in resolved:
                     if model.pinned:

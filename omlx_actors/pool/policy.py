@@ -10,7 +10,12 @@ Invariants (checked by the hypothesis state machine in tests/pool/test_policy.py
   (a load starts only when its size fits beside them: `plan_load` answers `Load`);
 - a model with leases in flight, or a pinned one, is never chosen to be unloaded (neither
   for room, `EvictFirst`, nor for idleness, `expired`);
-- a lease is taken only on a loaded model.
+- a lease is taken only on a loaded model that is not draining.
+
+Draining: a load that has waited long enough for busy models may `Drain` them - they take
+no new lease, so their requests end, they become idle and are evicted for it - so a model
+kept busy without a pause cannot keep another out for good. Draining is decided afresh at
+every re-plan (`clear_drains` first), so it never outlives the wait that asked for it.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class ModelEntry:
     loads: int = 0
     evictions: int = 0  # unloads for room or idleness (not the final shutdown)
     error: str | None = None  # why the last load failed
+    draining: bool = False  # loaded, but takes no new lease: a waiting load needs its room
 
 
 @attrs.frozen
@@ -59,6 +65,15 @@ class Load:
 @attrs.frozen
 class EvictFirst:
     """Unload these idle models (least recently used first); then it fits."""
+
+    name: str
+    victims: tuple[str, ...]
+
+
+@attrs.frozen
+class Drain:
+    """Only busy models stand in the way: let these (least recently used first) take no
+    new lease and evict them as they become idle (idle ones among them at once)."""
 
     name: str
     victims: tuple[str, ...]
@@ -88,7 +103,7 @@ class NeverFits:
                 "the pinned models): it can never be loaded")
 
 
-LoadPlan = Load | EvictFirst | Wait | NeverFits
+LoadPlan = Load | EvictFirst | Drain | Wait | NeverFits
 
 
 @attrs.define
@@ -129,8 +144,9 @@ class PoolLedger:
 
     # -- decisions ---------------------------------------------------------------------------
 
-    def plan_load(self, name: str) -> LoadPlan:
-        """What it takes to load `name` (unloaded or failed) now."""
+    def plan_load(self, name: str, *, may_drain: bool = False) -> LoadPlan:
+        """What it takes to load `name` (unloaded or failed) now. `may_drain`: it has
+        waited long enough that busy models may be drained for it."""
         entry = self.entries[name]
         if entry.state not in (ModelState.UNLOADED, ModelState.FAILED):
             raise ValueError(f"plan_load({name!r}) while it is {entry.state.value}")
@@ -151,7 +167,24 @@ class PoolLedger:
             gained += candidate.size_bytes
             if entry.size_bytes <= gained:
                 return EvictFirst(name, tuple(victims))
+        if may_drain:
+            drained = self._drain_victims(entry.size_bytes - gained)
+            if drained:
+                return Drain(name, tuple(victims) + drained)
         return Wait(name, "waiting for a busy model to become idle")
+
+    def _drain_victims(self, missing: int) -> tuple[str, ...]:
+        """Busy unpinned loaded models, least recently used first, until `missing` bytes."""
+        busy = sorted((e for e in self.entries.values()
+                       if e.state is ModelState.LOADED and not e.pinned and e.inflight),
+                      key=lambda e: (e.last_used, e.name))
+        chosen: list[str] = []
+        for entry in busy:
+            chosen.append(entry.name)
+            missing -= entry.size_bytes
+            if missing <= 0:
+                return tuple(chosen)
+        return ()
 
     def idle_lru(self) -> list[ModelEntry]:
         """Models that may be unloaded for room, least recently used first: loaded, no lease
@@ -168,6 +201,18 @@ class PoolLedger:
         return entry.state is ModelState.LOADED and entry.inflight == 0 and not entry.pinned
 
     # -- transitions -------------------------------------------------------------------------
+
+    def drain(self, name: str) -> None:
+        """No new lease on `name` until `clear_drains` (a `Drain` plan's busy victim)."""
+        self._expect(name, ModelState.LOADED).draining = True
+
+    def clear_drains(self) -> None:
+        for entry in self.entries.values():
+            entry.draining = False
+
+    def can_lease(self, name: str) -> bool:
+        entry = self.entries[name]
+        return entry.state is ModelState.LOADED and not entry.draining
 
     def begin_load(self, name: str) -> None:
         """Only after `plan_load(name)` answered `Load`."""
@@ -197,15 +242,19 @@ class PoolLedger:
                 raise ValueError(f"begin_unload({name!r}): busy or pinned")
             entry.evictions += 1
         entry.state = ModelState.UNLOADING
+        entry.draining = False
 
     def unloaded(self, name: str, error: str | None = None) -> None:
         """Its engine has exited (asked to, or on its own: then `error` says why)."""
         entry = self.entries[name]
         entry.state = ModelState.FAILED if error is not None else ModelState.UNLOADED
         entry.error = error
+        entry.draining = False
 
     def acquire(self, name: str, now: float) -> None:
         entry = self._expect(name, ModelState.LOADED)
+        if entry.draining:
+            raise ValueError(f"acquire({name!r}) while it drains")
         entry.inflight += 1
         entry.last_used = now
 
@@ -256,6 +305,6 @@ def _human(n: int) -> str:
 
 
 __all__ = [
-    "RESIDENT", "EvictFirst", "Load", "LoadPlan", "ModelEntry", "ModelState", "NeverFits",
+    "RESIDENT", "Drain", "EvictFirst", "Load", "LoadPlan", "ModelEntry", "ModelState", "NeverFits",
     "PoolLedger", "SecondsHistogram", "Wait",
 ]

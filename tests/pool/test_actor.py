@@ -162,3 +162,25 @@ async def test_requests_waiting_for_loads_are_bounded(tiny_llama, monkeypatch):
                 nursery.start_soon(one)
                 await trio.sleep(0)
         assert sorted(outcomes, key=str) == [429, "leased", "leased"]
+
+
+async def test_a_load_kept_out_by_a_busy_model_drains_it_after_a_while(tiny_llama, tiny_hybrid):
+    a, b = sizes(tiny_llama, tiny_hybrid)
+    async with open_pool([tiny_llama, tiny_hybrid], budget_bytes=max(a, b),
+                         drain_after_s=0.5) as pool:
+        busy = await pool.acquire("tiny-llama")
+        hybrid = trio.Event()
+
+        async def wants_hybrid():
+            async with pool.lease("tiny-hybrid"):
+                hybrid.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wants_hybrid)
+            await trio.sleep(1.5)  # past drain_after_s (the tick re-plans every second)
+            with trio.move_on_after(0.3) as late:
+                await pool.acquire("tiny-llama")  # draining: no new lease on it
+            assert late.cancelled_caught and not hybrid.is_set()
+            pool.release_nowait(busy)  # its last request ends: it is evicted for the load
+        assert hybrid.is_set()
+        assert (await states(pool))["tiny-llama"] == "unloaded"

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from omlx_actors.pool.policy import (
+    Drain,
     EvictFirst,
     Load,
     ModelState,
@@ -112,6 +113,24 @@ def test_a_failed_load_can_be_tried_again():
     assert ledger.plan_load("a") == Load("a")
 
 
+def test_a_load_that_waited_may_drain_the_least_recently_used_busy_model():
+    ledger = pool(100, a=40, b=40, c=40)
+    load(ledger, "a", 1.0)
+    load(ledger, "b", 2.0)
+    ledger.acquire("a", 3.0)
+    ledger.acquire("b", 4.0)
+    assert isinstance(ledger.plan_load("c"), Wait)
+    assert ledger.plan_load("c", may_drain=True) == Drain("c", ("a",))
+    ledger.drain("a")
+    assert not ledger.can_lease("a") and ledger.can_lease("b")
+    with pytest.raises(ValueError, match="drains"):
+        ledger.acquire("a", 5.0)
+    ledger.release("a", 5.0)
+    assert ledger.plan_load("c") == EvictFirst("c", ("a",))
+    ledger.clear_drains()
+    assert ledger.can_lease("a")
+
+
 class PoolMachine(RuleBasedStateMachine):
     """The pool actor's use of the ledger, driven at random: requests arrive for any
     model (loaded: a lease; else a plan, applied as the actor applies it), leases end,
@@ -141,18 +160,18 @@ class PoolMachine(RuleBasedStateMachine):
     def names(self) -> list[str]:
         return sorted(self.ledger.entries)
 
-    @rule(data=st.data())
+    @rule(data=st.data(), may_drain=st.booleans())
     @precondition(lambda self: self.ledger is not None)
-    def request(self, data):
+    def request(self, data, may_drain):
         name = data.draw(st.sampled_from(self.names()))
         entry = self.ledger.entries[name]
         self.now += 1.0
-        if entry.state is ModelState.LOADED:
+        if self.ledger.can_lease(name):
             self.ledger.acquire(name, self.now)
             return
         if entry.state not in (ModelState.UNLOADED, ModelState.FAILED):
-            return
-        plan = self.ledger.plan_load(name)
+            return  # loading, unloading, or draining: the request waits
+        plan = self.ledger.plan_load(name, may_drain=may_drain)
         match plan:
             case Load():
                 self.ledger.begin_load(name)
@@ -161,6 +180,13 @@ class PoolMachine(RuleBasedStateMachine):
                     assert self.ledger.entries[victim].inflight == 0
                     assert not self.ledger.entries[victim].pinned
                     self.ledger.begin_unload(victim)
+            case Drain(victims=victims):
+                for victim in victims:
+                    assert not self.ledger.entries[victim].pinned
+                    if self.ledger.entries[victim].inflight:
+                        self.ledger.drain(victim)
+                    else:
+                        self.ledger.begin_unload(victim)
             case NeverFits():
                 assert entry.size_bytes > self.ledger.room_for(name)
             case Wait():
@@ -195,6 +221,11 @@ class PoolMachine(RuleBasedStateMachine):
     def unload_ends(self, data):
         self.ledger.unloaded(data.draw(st.sampled_from(self.in_state(ModelState.UNLOADING))))
 
+    @rule()
+    @precondition(lambda self: self.ledger is not None)
+    def replan(self):
+        self.ledger.clear_drains()  # the actor decides drains afresh at every re-plan
+
     @rule(ttl=st.floats(0.0, 20.0))
     @precondition(lambda self: self.ledger is not None)
     def idle_tick(self, ttl):
@@ -219,6 +250,8 @@ class PoolMachine(RuleBasedStateMachine):
                 assert entry.inflight == 0 and not entry.pinned
             if entry.inflight:
                 assert entry.state is ModelState.LOADED
+            if entry.draining:
+                assert entry.state is ModelState.LOADED and not entry.pinned
 
 
 PoolMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=60, deadline=None)
