@@ -139,3 +139,34 @@ def test_default_block_size_by_layout():
     assert default_block_size(("KVCache",) * 4) == ATTENTION_BLOCK_SIZE
     assert default_block_size(("KVCache", "ArraysCache", "KVCache")) == RECURRENT_BLOCK_SIZE
     assert default_block_size(()) == ATTENTION_BLOCK_SIZE
+
+
+async def _greedy(rt, prompt, max_tokens=8):
+    _, _, done = await (session := rt.complete(prompt, max_tokens=max_tokens, ignore_eos=True)).collect()
+    return list(session.completion_token_ids), done.usage.cached_tokens
+
+
+async def test_a_long_prompts_blocks_are_stored_while_it_still_prefills_and_reuse_is_exact(tiny_llama):
+    """#18: an attention-only model's prompt blocks are saved chunk by chunk as its prefill
+    completes them, not all in the step it starts decoding (which stalled every decoding
+    stream for a long prompt). The blocks so saved serve a later prompt exactly."""
+    from omlx_actors.front.session import Progress
+
+    prompt = [(i * 13) % 300 + 20 for i in range(20 * BLOCK + 5)]
+    branch = prompt[: 12 * BLOCK] + [7, 8, 9]
+    async with open_runtime(tiny_llama, prefix_cache_bytes=0, prefill_step_size=32) as rt:
+        cold, cold_branch = await _greedy(rt, prompt), await _greedy(rt, branch)
+    async with open_runtime(tiny_llama, block_size=BLOCK, prefill_step_size=32) as rt:
+        blocks_mid_prefill = []
+        session = rt.complete(prompt, max_tokens=8, ignore_eos=True)
+        async with session:
+            async for event in session:
+                if isinstance(event, Progress) and event.done < event.total:
+                    blocks_mid_prefill.append((event.done, (await rt.cache_stats()).blocks))
+        assert list(session.completion_token_ids) == cold[0]
+        # Some chunk's blocks were in the index before the prompt ended; the step that
+        # saved them had completed at least as many blocks as the index then held.
+        assert any(blocks > 0 for _, blocks in blocks_mid_prefill), blocks_mid_prefill
+        assert all(blocks <= done // BLOCK for done, blocks in blocks_mid_prefill)
+        assert (await rt.cache_stats()).blocks == len(prompt) // BLOCK
+        assert await _greedy(rt, branch) == (cold_branch[0], 12 * BLOCK)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Container, Iterator, Sequence
 from typing import Any
 
-from omlx_actors.engine.block_store import ARRAYS
+from omlx_actors.engine.block_store import ARRAYS, KV
 
 # `BatchGenerator._find_uids` reports each uid's stage: 0 still queued (not yet in a batch),
 # 1 in the prompt batch, 2 in the generation batch.
@@ -89,6 +89,49 @@ def generation_row(gen: Any, uid: int) -> tuple[list[int], list[Any]]:
     batch = gen._generation_batch
     idx = batch.uids.index(uid)
     return list(batch.tokens[idx]), [c.extract(idx) for c in batch.prompt_cache]
+
+
+class RowKV:
+    """One row of a batch KV cache as views into it (no copy), with a `KVCache`'s
+    `state`: (keys, values, length), batch dimension 1."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, keys: Any, values: Any) -> None:
+        self.state = (keys, values, keys.shape[2])
+
+
+def prompt_row_kv(gen: Any, uid: int, layout: Sequence[str]) -> tuple[list[int], list[Any]] | None:
+    """The tokens `uid`'s row in the prompt batch holds so far and its KV per layer, as
+    views (`RowKV`), between two steps of its prefill. None where that cannot be read
+    exactly: a layer that is not KV, no cache yet, or a row whose cached span (`left_padding`
+    to `_idx`: mlx-lm finalizes right padding into left padding at the end of every
+    `prompt` call) does not hold exactly its tokens."""
+    return _row_kv(gen._prompt_batch, uid, layout)
+
+
+def generation_row_kv(gen: Any, uid: int, layout: Sequence[str]) -> tuple[list[int], list[Any]] | None:
+    """`prompt_row_kv` for a row of the generation batch: views instead of
+    `generation_row`'s contiguous copy of the whole row (a 16k-token row of a 7.5B model
+    is 2 GB, copied only to be sliced into blocks)."""
+    return _row_kv(gen._generation_batch, uid, layout)
+
+
+def _row_kv(batch: Any, uid: int, layout: Sequence[str]) -> tuple[list[int], list[Any]] | None:
+    if batch is None or uid not in batch.uids or any(kind != KV for kind in layout):
+        return None
+    idx = batch.uids.index(uid)
+    tokens = list(batch.tokens[idx])
+    rows: list[Any] = []
+    for c in batch.prompt_cache:
+        if getattr(c, "keys", None) is None:
+            return None
+        padding = int(c.left_padding[idx].item())
+        if c._idx - padding != len(tokens):
+            return None
+        rows.append(RowKV(c.keys[idx : idx + 1, :, padding : c._idx],
+                          c.values[idx : idx + 1, :, padding : c._idx]))
+    return tokens, rows
 
 
 def generation_rows_at_block_end(

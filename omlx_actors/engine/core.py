@@ -376,6 +376,8 @@ class EngineCore:
                 self._blocks.save_prompt(self._gen, live)
             elif r.end_of_segment:
                 self._blocks.snapshot_prefill_boundary(self._gen, live)
+            else:
+                self._blocks.save_prefilled(self._gen, live)
         return progress
 
     def _generated(self, responses: list) -> tuple[list[tuple[int, TokenChoice]], list[SlotFinished]]:

@@ -30,6 +30,9 @@ class LiveRequest:
     completion_tokens: int = 0
     prefill_started: bool = False
     cached_tokens: int = 0
+    # Blocks of its prompt already in the block store: its cached prefix, then those saved
+    # as its prefill completed them (attention-only models).
+    saved_blocks: int = 0
     # Block indexes whose end boundary the prefill stops at (hybrid models), in order.
     boundaries: list[int] = attrs.field(factory=list)
     # Its `GrammarProcessor` (also in its row's logits processors, where mlx-lm moves it

@@ -121,3 +121,58 @@ def test_decoding_rows_are_reported_where_their_cache_completes_a_block(seen):
 def test_a_smaller_prefill_step_applies_to_a_prompt_already_prefilling(seen):
     long_uid = seen["uids"][0]
     assert seen["progress_after_smaller_step"][long_uid] == (10 + 4, 20)
+
+
+def _row_views_scenario(path: Path) -> dict:
+    """Two prompts of different lengths (so mlx-lm pads them) prefilled in 8-token chunks
+    on an attention-only model: a row's KV views must equal mlx-lm's own `extract`."""
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.utils import load_model
+
+    mx = load_mlx()
+    stream = mx.new_stream(mx.default_device())
+    with mx.stream(stream):
+        model, _ = load_model(path)
+    layout = cache_layout(model)
+    gen = BatchGenerator(model, stream=stream, prefill_batch_size=2, completion_batch_size=4,
+                         prefill_step_size=8)
+    uids = gen.insert([list(range(5, 25)), list(range(30, 43))], max_tokens=[3, 3])
+    seen: dict = {"mid": [], "generation": []}
+
+    def same(views, batch, idx) -> bool:
+        return all(mx.array_equal(v.state[0], c.extract(idx).keys).item()
+                   and mx.array_equal(v.state[1], c.extract(idx).values).item()
+                   for v, c in zip(views, batch.prompt_cache))
+
+    for _ in range(6):
+        gen.next()
+        for uid in uids:
+            for reader, batch, key in ((batch_rows.prompt_row_kv, gen._prompt_batch, "mid"),
+                                       (batch_rows.generation_row_kv, gen._generation_batch,
+                                        "generation")):
+                row = reader(gen, uid, layout)
+                if row is not None:
+                    tokens, views = row
+                    idx = batch.uids.index(uid)
+                    seen[key].append((len(tokens), views[0].state[2], same(views, batch, idx)))
+    seen["hybrid_layout"] = batch_rows.generation_row_kv(gen, uids[0], ("ArraysCache",) * len(layout))
+    return seen
+
+
+def test_a_rows_kv_views_equal_mlx_lms_own_extract_in_both_batches(tiny_llama: Path):
+    answers: queue.Queue = queue.Queue()
+
+    def job() -> None:
+        try:
+            answers.put(_row_views_scenario(tiny_llama))
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
+            answers.put(exc)
+
+    acquire_worker().run_job(job)
+    seen = answers.get(timeout=120)
+    if isinstance(seen, BaseException):
+        raise seen
+    assert seen["mid"] and seen["generation"], seen
+    for key in ("mid", "generation"):
+        assert all(n_tokens == length and equal for n_tokens, length, equal in seen[key]), seen[key]
+    assert seen["hybrid_layout"] is None  # recurrent layers are never read as views
