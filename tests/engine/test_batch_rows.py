@@ -8,14 +8,12 @@ records what each function saw; each test checks one of those readings.
 
 from __future__ import annotations
 
-import queue
 from pathlib import Path
 
 import pytest
 
 from omlx_actors.engine import batch_rows
 from omlx_actors.engine.block_store import ARRAYS, cache_layout
-from omlx_actors.engine.mlx_thread import acquire_worker
 from omlx_actors.mlx_loader import load_mlx
 
 # Two prompts: 20 tokens cut at a block boundary after 10, and 3 tokens; token ids from the
@@ -64,20 +62,8 @@ def _scenario(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def seen(tiny_hybrid: Path) -> dict:
-    answers: queue.Queue = queue.Queue()
-
-    def job() -> None:
-        try:
-            answers.put(_scenario(tiny_hybrid))
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
-            answers.put(exc)
-
-    acquire_worker().run_job(job)
-    answer = answers.get(timeout=120)
-    if isinstance(answer, BaseException):
-        raise answer
-    return answer
+def seen(tiny_hybrid: Path, on_mlx_worker) -> dict:
+    return on_mlx_worker(_scenario, tiny_hybrid)
 
 
 def test_inserted_rows_are_queued_until_a_step_takes_them_into_the_prompt_batch(seen):
@@ -159,19 +145,8 @@ def _row_views_scenario(path: Path) -> dict:
     return seen
 
 
-def test_a_rows_kv_views_equal_mlx_lms_own_extract_in_both_batches(tiny_llama: Path):
-    answers: queue.Queue = queue.Queue()
-
-    def job() -> None:
-        try:
-            answers.put(_row_views_scenario(tiny_llama))
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
-            answers.put(exc)
-
-    acquire_worker().run_job(job)
-    seen = answers.get(timeout=120)
-    if isinstance(seen, BaseException):
-        raise seen
+def test_a_rows_kv_views_equal_mlx_lms_own_extract_in_both_batches(tiny_llama: Path, on_mlx_worker):
+    seen = on_mlx_worker(_row_views_scenario, tiny_llama)
     assert seen["mid"] and seen["generation"], seen
     for key in ("mid", "generation"):
         assert all(n_tokens == length and equal for n_tokens, length, equal in seen[key]), seen[key]

@@ -7,11 +7,9 @@ this checks the total against the blocks themselves through every way a block en
 
 from __future__ import annotations
 
-import queue
 from pathlib import Path
 
 from omlx_actors.engine.block_store import BlockStore, cache_layout
-from omlx_actors.engine.mlx_thread import acquire_worker
 from omlx_actors.mlx_loader import load_mlx
 
 
@@ -51,19 +49,8 @@ def _scenario(path: Path) -> list[tuple[str, int, int, int]]:
     return seen
 
 
-def test_the_running_byte_count_equals_the_sum_of_the_blocks(tiny_llama: Path) -> None:
-    answers: queue.Queue = queue.Queue()
-
-    def job() -> None:
-        try:
-            answers.put(_scenario(tiny_llama))
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
-            answers.put(exc)
-
-    acquire_worker().run_job(job)
-    seen = answers.get(timeout=120)
-    if isinstance(seen, BaseException):
-        raise seen
+def test_the_running_byte_count_equals_the_sum_of_the_blocks(tiny_llama: Path, on_mlx_worker) -> None:
+    seen = on_mlx_worker(_scenario, tiny_llama)
     counts = {what: (total, summed, blocks) for what, total, summed, blocks in seen}
     for what, (total, summed, _) in counts.items():
         assert total == summed, what
