@@ -130,7 +130,8 @@ class RuntimeConfig:
     # server, and the engine process): the MLX thread releases the GIL while the device
     # computes and must get it back the moment a step is done; with the default 5 ms a busy
     # event loop can hold it a whole interval each time, which costs most on fast steps
-    # (a GPU). None leaves Python's default.
+    # (a GPU). None: Python's 5 ms in the server and in an in-process runtime (a process-wide
+    # setting an embedder chooses), 0.2 ms in the engine process (`isolation.host`).
     gil_switch_interval_s: float | None = attrs.field(default=None, validator=_positive)
 
     # Caps any request's prompt + max_tokens below the model's context (the context check
