@@ -17,7 +17,7 @@ def __getattr__(name: str) -> Any:
 
         return open_runtime
     if name == "open_pool":
-        from omlx_actors.pool.actor import open_pool
+        from omlx_actors.pool.api import open_pool
 
         return open_pool
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

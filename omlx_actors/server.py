@@ -192,7 +192,7 @@ async def _open_models(server: RunningServer, config: RuntimeConfig,
             server.state.attach(runtime)
             yield
         return
-    from omlx_actors.pool.actor import open_pool
+    from omlx_actors.pool.api import open_pool
 
     async with open_pool(pool.specs, config, budget_bytes=pool.budget_bytes,
                          idle_ttl_s=pool.idle_ttl_s, pins=pool.pins) as models:

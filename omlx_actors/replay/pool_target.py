@@ -62,7 +62,7 @@ async def open_pool_target(kind: str, config: RuntimeConfig, options: PoolOption
             finally:
                 await target.aclose()
         return
-    from omlx_actors.pool.actor import open_pool
+    from omlx_actors.pool.api import open_pool
 
     async with open_pool(options.specs, config, budget_bytes=options.budget_bytes) as pool:
         yield PoolTarget(pool)

@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from omlx_actors.config import ConfigError
-from omlx_actors.pool.actor import open_pool
+from omlx_actors.pool.api import open_pool
 from omlx_actors.pool.catalog import PoolModelSpec, footprint_bytes
 from omlx_actors.refusals import ModelNotFound, RequestTooLarge
 from omlx_actors.config import RuntimeConfig
@@ -143,7 +143,7 @@ async def test_a_models_dir_serves_each_model_directory_in_it(tiny_llama, tiny_h
 
 
 async def test_requests_waiting_for_loads_are_bounded(tiny_llama, monkeypatch):
-    from omlx_actors.pool import actor
+    from omlx_actors.pool import actor  # the constant the actor reads
     from omlx_actors.refusals import QueueFull
 
     monkeypatch.setattr(actor, "MAX_WAITING_FOR_LOAD", 2)
