@@ -184,3 +184,29 @@ async def test_a_load_kept_out_by_a_busy_model_drains_it_after_a_while(tiny_llam
             pool.release_nowait(busy)  # its last request ends: it is evicted for the load
         assert hybrid.is_set()
         assert (await states(pool))["tiny-llama"] == "unloaded"
+
+
+async def test_each_model_gets_its_own_ssd_namespace(tiny_llama, tiny_hybrid, tmp_path):
+    async with open_pool([tiny_llama, tiny_hybrid], ssd_cache_dir=tmp_path / "kv") as pool:
+        for name in ("tiny-llama", "tiny-hybrid"):
+            async with pool.lease(name) as runtime:
+                assert runtime.config.ssd_cache_dir == tmp_path / "kv" / name
+                assert runtime.has_ssd
+
+
+async def test_a_model_that_fails_to_load_is_a_503_and_is_tried_again(tiny_llama, tmp_path):
+    import shutil
+
+    from omlx_actors.refusals import EngineUnavailable
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    async with open_pool([tiny_llama, broken]) as pool:
+        for _ in range(2):  # a failed load is not sticky: the next request tries again
+            with pytest.raises(EngineUnavailable, match="'broken' failed to load") as failed:
+                await pool.acquire("broken")
+            assert failed.value.status == 503
+        view = next(v for v in (await pool.snapshot()).models if v.name == "broken")
+        assert view.state == "failed" and view.error
+        assert (await pool.snapshot()).load_failures == 2
+        assert await greedy_text(pool.chat("tiny-llama", HELLO, max_tokens=2))
