@@ -278,18 +278,21 @@ def _install_model_routes(app: QuartTrio, state: ServerState) -> None:
 
 
 async def _pool_health(state: ServerState):
-    """/health of a model pool: each model's entry (`pool_views.model_health`); 200 while
-    every loaded model's engine is ready and steps, and no model's last load failed."""
+    """/health of a model pool: each model's entry (`pool_views.model_health`). "ok" (200)
+    while every loaded model's engine is ready and steps and no model's last load failed;
+    "degraded" (200) while some model is not healthy but others are (one broken model of a
+    directory must not get the whole server restarted); "unhealthy" (503) when none is."""
     settings = state.settings
     snap = await state.pool.snapshot()
-    models, healthy = {}, True
+    models, healthy = {}, []
     for view in snap.models:
         models[view.name], ok = await pool_views.model_health(
             view, settings.health_ping_timeout_s, settings.health_stall_s)
-        healthy &= ok
-    body = {"status": "ok" if healthy else "degraded", "models": models,
+        healthy.append(ok)
+    status = "ok" if all(healthy) else "degraded" if any(healthy) else "unhealthy"
+    body = {"status": status, "models": models,
             "memory": {"budget_bytes": snap.budget_bytes, "resident_bytes": snap.resident_bytes}}
-    return json_response(body, 200 if healthy else 503)
+    return json_response(body, 503 if status == "unhealthy" else 200)
 
 
 async def _observe_pool(state: ServerState) -> None:

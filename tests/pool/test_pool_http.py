@@ -144,3 +144,19 @@ async def test_sdk_streams_that_wait_for_a_load_read_as_usual(tiny_llama, tiny_h
         chunks = await openai_client(server).completions.create(
             model="tiny-hybrid", prompt="Hello", max_tokens=4, stream=True)
         assert [c.model async for c in chunks][0] == "tiny-hybrid"
+
+
+async def test_health_is_degraded_not_down_while_one_model_fails_to_load(tiny_llama, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    async with open_server(RuntimeConfig(), pool=pool_of(tiny_llama, broken)) as server:
+        async with http_client(server) as http:
+            refused = await http.post("/v1/chat/completions", json={
+                "model": "broken", "messages": HELLO, "max_tokens": 2})
+            assert refused.status_code == 503 and "failed to load" in refused.json()["error"]["message"]
+            health = await http.get("/health")
+            assert health.status_code == 200 and health.json()["status"] == "degraded"
+            assert health.json()["models"]["broken"]["state"] == "failed"
+            assert health.json()["models"]["tiny-llama"]["state"] == "unloaded"
