@@ -68,16 +68,54 @@ async def open_pool_target(kind: str, config: RuntimeConfig, options: PoolOption
         yield PoolTarget(pool)
 
 
+class ServingEngine:
+    """A pool model's engine as a fault sees it: `stats`, `ping` and `engine_pid` of the
+    model's runtime while it serves requests. The pool may evict an idle model and load it
+    again later, so each call waits until the model is loaded with a request in flight (it
+    cannot be evicted then) and asks that runtime; an engine that went away meanwhile is
+    asked again once the model serves again."""
+
+    def __init__(self, pool: Any, name: str):
+        self._pool = pool
+        self._name = name
+        self._runtime: Any = None
+
+    async def _serving(self) -> Any:
+        with trio.fail_after(MODEL_LOAD_WAIT_S):
+            while True:
+                view = next(v for v in (await self._pool.snapshot()).models
+                            if v.name == self._name)
+                if view.runtime is not None and view.inflight > 0:
+                    self._runtime = view.runtime
+                    return view.runtime
+                await trio.sleep(0.005)
+
+    async def _ask(self, what: str) -> Any:
+        while True:
+            runtime = await self._serving()
+            try:
+                return await getattr(runtime, what)()
+            except Exception:  # noqa: BLE001 - evicted or died meanwhile: ask the next one
+                await trio.sleep(0.01)
+
+    async def stats(self) -> Any:
+        return await self._ask("stats")
+
+    async def ping(self) -> Any:
+        return await self._ask("ping")
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine process of the runtime asked last (busy then)."""
+        return self._runtime.engine_pid
+
+
 class _PoolEngines:
     pool: Any
 
-    async def engine_for(self, model: str | None) -> Any:
-        """The runtime of `model` (None: the pool's first), once it is loaded."""
-        name = model or self.pool.names[0]
-        with trio.fail_after(MODEL_LOAD_WAIT_S):
-            while (runtime := await self.pool.runtime_of(name)) is None:
-                await trio.sleep(0.01)
-        return runtime
+    async def engine_for(self, model: str | None) -> ServingEngine:
+        """The engine of `model` (None: the pool's first) while it serves."""
+        return ServingEngine(self.pool, self.pool.lookup(model or self.pool.names[0]))
 
 
 class PoolTarget(_PoolEngines):
