@@ -336,6 +336,9 @@ def _add_servers_bench_parser(sub) -> None:
     full.add_argument("--client-processes", type=int, default=1,
                       help="HTTP client processes per run of (c) and (d), the streams split "
                            "over them (for very high concurrency)")
+    full.add_argument("--gil-switch-interval", type=float, default=None,
+                      help="seconds; passed to (c)'s server (and so its engine process); "
+                           "default: the server's own defaults")
     full.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
