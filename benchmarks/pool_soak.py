@@ -7,7 +7,7 @@ random models (streamed and not) for `--seconds`, and every output must equal th
 one. At the end: requests, mismatches, failures, the pool's loads, evictions, drains'
 effect (loads per model) and load/unload seconds.
 
-    python scripts/pool_soak.py --seconds 180 --clients 6
+    python benchmarks/pool_soak.py --seconds 180 --clients 6
 """
 
 from __future__ import annotations

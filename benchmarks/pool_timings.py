@@ -6,7 +6,7 @@ request for the model not loaded evicts the least recently used one and loads it
 request is streamed and its time to first token measured by the client (a cold one includes
 the load), then once more warm. The pool's own load/unload seconds come from its snapshot.
 
-    python scripts/pool_timings.py [--rounds 3]
+    python benchmarks/pool_timings.py [--rounds 3]
 """
 
 from __future__ import annotations
