@@ -101,6 +101,15 @@ class RowKV:
         self.state = (keys, values, keys.shape[2])
 
 
+def prompt_row_length(gen: Any, uid: int) -> int:
+    """Tokens `uid`'s row in the prompt batch holds so far (0 if it is not there): plain
+    Python, so the caller can tell whether a block was completed before reading any KV."""
+    batch = gen._prompt_batch
+    if batch is None or uid not in batch.uids:
+        return 0
+    return len(batch.tokens[batch.uids.index(uid)])
+
+
 def prompt_row_kv(gen: Any, uid: int, layout: Sequence[str]) -> tuple[list[int], list[Any]] | None:
     """The tokens `uid`'s row in the prompt batch holds so far and its KV per layer, as
     views (`RowKV`), between two steps of its prefill. None where that cannot be read
@@ -120,18 +129,20 @@ def generation_row_kv(gen: Any, uid: int, layout: Sequence[str]) -> tuple[list[i
 def _row_kv(batch: Any, uid: int, layout: Sequence[str]) -> tuple[list[int], list[Any]] | None:
     if batch is None or uid not in batch.uids or any(kind != KV for kind in layout):
         return None
+    caches = batch.prompt_cache
+    if not caches or any(getattr(c, "keys", None) is None for c in caches):
+        return None
     idx = batch.uids.index(uid)
     tokens = list(batch.tokens[idx])
-    rows: list[Any] = []
-    for c in batch.prompt_cache:
-        if getattr(c, "keys", None) is None:
-            return None
-        padding = int(c.left_padding[idx].item())
-        if c._idx - padding != len(tokens):
-            return None
-        rows.append(RowKV(c.keys[idx : idx + 1, :, padding : c._idx],
-                          c.values[idx : idx + 1, :, padding : c._idx]))
-    return tokens, rows
+    # Every layer's batch cache goes through the same prepare/finalize/filter/extend, so
+    # they share their padding and end: read the padding once (reading it waits for the
+    # stream), and refuse a batch whose layers disagree rather than slice it wrongly.
+    end = caches[0]._idx
+    padding = caches[0].left_padding.tolist()[idx]
+    if end - padding != len(tokens) or any(c._idx != end for c in caches):
+        return None
+    return tokens, [RowKV(c.keys[idx : idx + 1, :, padding:end], c.values[idx : idx + 1, :, padding:end])
+                    for c in caches]
 
 
 def generation_rows_at_block_end(

@@ -132,14 +132,14 @@ class PrefixBlocks:
         store = self.store
         if store is None or store.hybrid:
             return
+        full = batch_rows.prompt_row_length(gen, live.uid) // store.block_size
+        skip = self._saved(live)
+        if full <= skip:
+            return  # no block completed since the last save: nothing read, nothing built
         row = batch_rows.prompt_row_kv(gen, live.uid, store.layout)
         if row is None:
             return
         tokens, cache = row
-        full = len(tokens) // store.block_size
-        skip = self._saved(live)
-        if full <= skip:
-            return
         self._keep(live.cache_scope, store.save(
             live.slot, tokens[: full * store.block_size], cache, skip=skip, keep_snapshots=True))
         live.saved_blocks = full

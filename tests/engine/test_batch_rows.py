@@ -123,7 +123,7 @@ def _row_views_scenario(path: Path) -> dict:
     gen = BatchGenerator(model, stream=stream, prefill_batch_size=2, completion_batch_size=4,
                          prefill_step_size=8)
     uids = gen.insert([list(range(5, 25)), list(range(30, 43))], max_tokens=[3, 3])
-    seen: dict = {"mid": [], "generation": []}
+    seen: dict = {"mid": [], "generation": [], "lengths": []}
 
     def same(views, batch, idx) -> bool:
         return all(mx.array_equal(v.state[0], c.extract(idx).keys).item()
@@ -141,6 +141,9 @@ def _row_views_scenario(path: Path) -> dict:
                     tokens, views = row
                     idx = batch.uids.index(uid)
                     seen[key].append((len(tokens), views[0].state[2], same(views, batch, idx)))
+                    if key == "mid":
+                        seen["lengths"].append((batch_rows.prompt_row_length(gen, uid), len(tokens)))
+        seen["length_of_a_row_not_prefilling"] = batch_rows.prompt_row_length(gen, -1)
     seen["hybrid_layout"] = batch_rows.generation_row_kv(gen, uids[0], ("ArraysCache",) * len(layout))
     return seen
 
@@ -151,3 +154,5 @@ def test_a_rows_kv_views_equal_mlx_lms_own_extract_in_both_batches(tiny_llama: P
     for key in ("mid", "generation"):
         assert all(n_tokens == length and equal for n_tokens, length, equal in seen[key]), seen[key]
     assert seen["hybrid_layout"] is None  # recurrent layers are never read as views
+    assert seen["lengths"] and all(read == held for read, held in seen["lengths"])
+    assert seen["length_of_a_row_not_prefilling"] == 0
