@@ -44,20 +44,28 @@ async def ask(client: openai.AsyncOpenAI, model: str, prompt: str, stream: bool)
     return "".join(parts)
 
 
-async def budget_for_two(config: RuntimeConfig) -> int:
+async def model_sizes(config: RuntimeConfig) -> list[int]:
+    """Each of `MODELS`' pool footprint (bytes), as the pool prices it."""
     sizes = []
     for name in MODELS:
         probe = RuntimeConfig(model=None, demo_model=name) if name.startswith("tiny") else \
             RuntimeConfig(model=name)
         path, _ = await resolve_model(probe)
         sizes.append(footprint_bytes(path, config))
-    return sum(sizes) - 1
+    return sizes
+
+
+def print_load_summary(snap) -> None:
+    """The pool's loads and unloads (evictions) over the run, from its snapshot."""
+    lo, un = snap.load_seconds, snap.unload_seconds
+    print(f"  loads {lo.count} (mean {lo.total / max(lo.count, 1):.2f} s), unloads {un.count} "
+          f"(mean {un.total / max(un.count, 1):.3f} s), load failures {snap.load_failures}")
 
 
 async def main(seconds: float, clients: int, seed: int) -> None:
     config = RuntimeConfig(isolation="process")
     options = PoolOptions(specs=tuple(PoolModelSpec(source=m) for m in MODELS),
-                          budget_bytes=await budget_for_two(config))
+                          budget_bytes=sum(await model_sizes(config)) - 1)
     tally: Counter = Counter(mismatches=0)
     async with open_server(config, pool=options) as server:
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
@@ -88,9 +96,7 @@ async def main(seconds: float, clients: int, seed: int) -> None:
     for view in snap.models:
         print(f"  {view.name:<24} loads {view.loads:>3}  evictions {view.evictions:>3}  "
               f"last load {view.last_load_s or 0:.2f} s")
-    lo, un = snap.load_seconds, snap.unload_seconds
-    print(f"  loads {lo.count} (mean {lo.total / max(lo.count, 1):.2f} s), unloads {un.count} "
-          f"(mean {un.total / max(un.count, 1):.3f} s), load failures {snap.load_failures}")
+    print_load_summary(snap)
 
 
 if __name__ == "__main__":

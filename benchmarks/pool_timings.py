@@ -18,12 +18,11 @@ import time
 import httpx
 import trio
 
-from omlx_actors.config import RuntimeConfig
-from omlx_actors.models.download import resolve_model
-from omlx_actors.pool.catalog import PoolModelSpec, PoolOptions, footprint_bytes
-from omlx_actors.server import open_server
+from pool_soak import MODELS, model_sizes, print_load_summary  # this directory's, run as a script
 
-MODELS = ("tiny-llama", "tiny-hybrid", "smollm2-135m-instruct")
+from omlx_actors.config import RuntimeConfig
+from omlx_actors.pool.catalog import PoolModelSpec, PoolOptions
+from omlx_actors.server import open_server
 
 
 async def first_token_s(client: httpx.AsyncClient, model: str) -> float:
@@ -41,12 +40,7 @@ async def first_token_s(client: httpx.AsyncClient, model: str) -> float:
 
 async def main(rounds: int) -> None:
     config = RuntimeConfig(isolation="process")
-    sizes = []
-    for name in MODELS:
-        probe = RuntimeConfig(model=None, demo_model=name) if name.startswith("tiny") else \
-            RuntimeConfig(model=name)
-        path, _ = await resolve_model(probe)
-        sizes.append(footprint_bytes(path, config))
+    sizes = await model_sizes(config)
     options = PoolOptions(specs=tuple(PoolModelSpec(source=m) for m in MODELS),
                           budget_bytes=sum(sizes) - 1)
     cold: dict[str, list[float]] = {m: [] for m in MODELS}
@@ -66,9 +60,7 @@ async def main(rounds: int) -> None:
         print(f"{view.name:<24} {view.loads:>5} {view.evictions:>5} {view.last_load_s:>11.2f} "
               f"{statistics.median(cold[view.name]):>15.3f} "
               f"{statistics.median(warm[view.name]):>15.3f}")
-    lo, un = snap.load_seconds, snap.unload_seconds
-    print(f"loads: {lo.count}, mean {lo.total / lo.count:.2f} s; unloads (evictions): "
-          f"{un.count}, mean {un.total / max(un.count, 1):.3f} s")
+    print_load_summary(snap)
 
 
 if __name__ == "__main__":
